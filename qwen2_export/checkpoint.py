@@ -1,0 +1,222 @@
+"""Checkpoint reading: safetensors headers, a name table from hub names to our parameters, and a stream.
+
+Weights are read with plain file reads in bounded chunks rather than through a memory map, so the
+resident memory of an export follows the chunk size, not the shard size (mapped pages of a 4 GB
+shard would otherwise count towards RSS). The table is declarative: each checkpoint tensor lands in
+a contiguous element range of one parameter (per-expert hub tensors land in slices of the stacked
+expert tensors). `plan_placements` checks every tensor is consumed and every parameter filled before
+any data is read.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .config import Qwen2Config
+from .model import Qwen2ForCausalLM, build_model
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+CHUNK_BYTES = 64 << 20
+
+
+class CheckpointError(ValueError):
+    """The checkpoint folder is incomplete or does not match config.json; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor's bytes sit inside a safetensors file."""
+
+    name: str
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def numel(self) -> int:
+        return (self.end - self.start) // self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A checkpoint tensor's destination: elements [offset, offset + numel) of `parameter`, flattened."""
+
+    parameter: str
+    offset: int
+
+
+def safetensors_files(checkpoint_dir: Path) -> list[Path]:
+    """The weight files of a checkpoint: the shards named by the index, or model.safetensors."""
+    index = checkpoint_dir / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise CheckpointError(f"{index} is malformed ({error}); it needs a 'weight_map' object") from error
+        files = [checkpoint_dir / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(
+                f"{INDEX_FILE} names shards that are not in {checkpoint_dir}: {missing}; "
+                "download the missing files (the index lists every shard)"
+            )
+        return files
+    single = checkpoint_dir / SINGLE_FILE
+    if single.is_file():
+        return [single]
+    found = sorted(p.name for p in checkpoint_dir.glob("*.safetensors"))
+    if len(found) == 1:
+        return [checkpoint_dir / found[0]]
+    if found:
+        raise CheckpointError(f"{checkpoint_dir} has several .safetensors files {found} but no {INDEX_FILE}")
+    if list(checkpoint_dir.glob("*.bin")) or list(checkpoint_dir.glob("*.pt")):
+        raise CheckpointError(
+            f"{checkpoint_dir} has only pickle weights (*.bin / *.pt), which we never unpickle (they can run "
+            "code); convert them to safetensors first, e.g. save_pretrained(..., safe_serialization=True)"
+        )
+    raise CheckpointError(f"no weights in {checkpoint_dir}: expected {SINGLE_FILE} or {INDEX_FILE} with shards")
+
+
+def read_header(path: Path) -> list[TensorEntry]:
+    """Parse a safetensors header (8-byte little-endian length, then JSON) without touching the data."""
+    with path.open("rb") as f:
+        prefix = f.read(8)
+        if len(prefix) != 8:
+            raise CheckpointError(f"{path} is truncated: no safetensors header")
+        (length,) = struct.unpack("<Q", prefix)
+        try:
+            header = json.loads(f.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise CheckpointError(f"{path} has a corrupt safetensors header ({error})") from error
+    data_start, file_size = 8 + length, path.stat().st_size
+    entries = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise CheckpointError(
+                f"{path.name}: tensor {name} has dtype {info['dtype']}; supported source dtypes are "
+                f"{sorted(SAFETENSORS_DTYPES)} (quantized checkpoints are not supported yet)"
+            )
+        begin, end = info["data_offsets"]
+        if data_start + end > file_size:
+            raise CheckpointError(f"{path} is truncated: {name} ends past the end of the file; re-download it")
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        entries.append(TensorEntry(name, path, dtype, tuple(info["shape"]), data_start + begin, data_start + end))
+    return sorted(entries, key=lambda e: e.start)
+
+
+def list_tensors(checkpoint_dir: str | Path) -> list[TensorEntry]:
+    """Every tensor of the checkpoint, file by file in on-disk order (sequential reads)."""
+    return [entry for path in safetensors_files(Path(checkpoint_dir)) for entry in read_header(path)]
+
+
+def read_chunks(entry: TensorEntry, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (element offset, 1-D tensor) pieces of one tensor, never more than `chunk_bytes` at once."""
+    itemsize = entry.dtype.itemsize
+    step = max(itemsize, chunk_bytes // itemsize * itemsize)
+    with entry.file.open("rb") as f:
+        f.seek(entry.start)
+        for begin in range(entry.start, entry.end, step):
+            buffer = bytearray(min(step, entry.end - begin))
+            f.readinto(buffer)
+            yield (begin - entry.start) // itemsize, torch.frombuffer(buffer, dtype=entry.dtype)
+
+
+_EXPERT = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+
+
+def placement_of(name: str, config: Qwen2Config) -> Placement | None:
+    """Where a hub tensor goes; None for a tensor we deliberately drop (lm_head of a tied model)."""
+    if name == "lm_head.weight" and config.tie_word_embeddings:
+        return None
+    match = _EXPERT.fullmatch(name)
+    if match is None:
+        return Placement(name, 0)
+    experts, expert, projection = match.group(1), int(match.group(2)), match.group(3)
+    assert config.moe is not None
+    block = config.moe.moe_intermediate_size * config.hidden_size  # one [I, D] or [D, I] matrix
+    if projection == "down_proj":
+        return Placement(f"{experts}.down_proj", expert * block)
+    # gate_up_proj[e] holds gate rows then up rows, as transformers 5.x fuses them
+    return Placement(f"{experts}.gate_up_proj", (2 * expert + (projection == "up_proj")) * block)
+
+
+def plan_placements(
+    entries: list[TensorEntry], config: Qwen2Config, parameter_shapes: dict[str, tuple[int, ...]]
+) -> dict[str, Placement | None]:
+    """Map every checkpoint tensor to its destination; raise listing what is unknown, odd or unfilled."""
+    plan: dict[str, Placement | None] = {}
+    unknown, wrong_shape = [], []
+    filled = {name: 0 for name in parameter_shapes}
+    for entry in entries:
+        placement = placement_of(entry.name, config)
+        plan[entry.name] = placement
+        if placement is None:
+            continue
+        shape = parameter_shapes.get(placement.parameter)
+        if shape is None:
+            unknown.append(entry.name)
+            continue
+        whole = placement.parameter == entry.name
+        if (whole and tuple(entry.shape) != shape) or placement.offset + entry.numel > _numel(shape):
+            wrong_shape.append(f"{entry.name} {list(entry.shape)} (parameter {list(shape)})")
+            continue
+        filled[placement.parameter] += entry.numel
+    unfilled = [name for name, count in filled.items() if count != _numel(parameter_shapes[name])]
+    problems = []
+    if unknown:
+        problems.append(f"checkpoint tensors not used by {config.architecture}: {_listing(unknown)}")
+    if wrong_shape:
+        problems.append(f"tensors whose shape disagrees with config.json: {_listing(wrong_shape)}")
+    if unfilled:
+        problems.append(f"parameters missing from the checkpoint: {_listing(unfilled)}")
+    if problems:
+        raise CheckpointError(
+            "checkpoint does not match config.json:\n  " + "\n  ".join(problems)
+            + "\n(check that config.json belongs to these weights and that no shard is missing)"
+        )
+    return plan
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def _listing(names: list[str], limit: int = 12) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" ... and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def load_model(
+    checkpoint_dir: str | Path, config: Qwen2Config, dtype: torch.dtype = torch.float32
+) -> Qwen2ForCausalLM:
+    """Our torch model with the checkpoint's weights, streamed chunk by chunk and cast to `dtype`."""
+    model = build_model(config, dtype, "cpu")
+    parameters = dict(model.named_parameters())
+    entries = list_tensors(checkpoint_dir)
+    plan = plan_placements(entries, config, {name: tuple(p.shape) for name, p in parameters.items()})
+    with torch.no_grad():
+        for entry in entries:
+            placement = plan[entry.name]
+            if placement is None:
+                continue
+            flat = parameters[placement.parameter].view(-1)
+            for offset, chunk in read_chunks(entry):
+                start = placement.offset + offset
+                flat[start : start + chunk.numel()].copy_(chunk)
+    return model.eval()

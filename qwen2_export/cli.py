@@ -1,0 +1,54 @@
+"""`qwen2-onnx` command line. Each subcommand imports its stage lazily, so a command that does not
+export never pays for importing torch."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+
+def _export(args: argparse.Namespace) -> None:
+    import logging
+    import warnings
+
+    from .export import export_checkpoint
+
+    # The torch exporter logs notes (e.g. "torchvision is not installed") that are noise for a user.
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="torch")
+    warnings.filterwarnings("ignore", module="copyreg")
+    export_checkpoint(
+        args.checkpoint, args.output, dtype=args.dtype, force=args.force,
+        progress=lambda message: print(message, file=sys.stderr, flush=True),
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qwen2-onnx", description="Export and run Qwen2-family models with ONNX.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    export = commands.add_parser("export", help="turn a Hugging Face checkpoint folder into an ONNX artifact folder")
+    export.add_argument("checkpoint", help="folder with config.json, *.safetensors, tokenizer.json, ...")
+    export.add_argument("-o", "--output", required=True, help="artifact folder to create")
+    export.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="weights and activations")
+    export.add_argument("--force", action="store_true", help="replace an existing artifact folder")
+    export.set_defaults(run=_export)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .export import ExportError
+
+    try:
+        args.run(args)
+    except (ConfigError, CheckpointError, ExportError) as error:
+        print(f"qwen2-onnx {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""Qwen2 / Qwen2-MoE configuration: one frozen dataclass built by one function from config.json.
+
+Reads both the transformers 4.x layout published on the hub (`rope_theta` + `rope_scaling` with `type`)
+and the transformers 5.x layout (`rope_parameters` with `rope_type`, `layer_types`). Every value the
+model needs is resolved here once; anything missing, unknown or inconsistent raises ConfigError naming
+the key and what is supported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "Qwen2MoeForCausalLM": "qwen2_moe"}
+ROPE_TYPES = ("default", "linear", "yarn")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+class ConfigError(ValueError):
+    """config.json describes something we cannot export; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding parameters, normalised across transformers 4.x and 5.x spellings."""
+
+    rope_type: str
+    theta: float
+    factor: float = 1.0
+    original_max_position_embeddings: int | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """Sparse MLP parameters of Qwen2-MoE (routed experts plus a sigmoid-gated shared expert)."""
+
+    num_experts: int
+    num_experts_per_tok: int
+    moe_intermediate_size: int
+    shared_expert_intermediate_size: int
+    norm_topk_prob: bool
+    decoder_sparse_step: int
+    mlp_only_layers: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Qwen2Config:
+    """Everything the model definition, the loader and the exporter need to know about a checkpoint."""
+
+    architecture: str
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    rope: RopeConfig
+    layer_types: tuple[str, ...]
+    sliding_window: int | None
+    moe: MoeConfig | None = None
+    torch_dtype: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.moe is not None
+
+    def is_sparse_layer(self, layer: int) -> bool:
+        """True when layer `layer` has a routed MoE MLP (transformers' Qwen2MoeDecoderLayer rule)."""
+        moe = self.moe
+        if moe is None or moe.num_experts == 0:
+            return False
+        return layer not in moe.mlp_only_layers and (layer + 1) % moe.decoder_sparse_step == 0
+
+    def window_of_layer(self, layer: int) -> int | None:
+        """The sliding window of `layer`, or None for full attention."""
+        return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
+
+
+def load_config(checkpoint_dir: str | Path) -> Qwen2Config:
+    """Read `checkpoint_dir/config.json` into a Qwen2Config; raises ConfigError with the fix."""
+    path = Path(checkpoint_dir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: a Hugging Face checkpoint folder needs config.json")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path} is not valid JSON ({error}); fix or re-download config.json") from error
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a JSON object")
+    return parse_config(raw)
+
+
+def parse_config(raw: dict[str, Any]) -> Qwen2Config:
+    """Build a Qwen2Config from the parsed config.json dict."""
+    architecture = _architecture(raw)
+    _refuse_quantization(raw)
+    hidden_act = raw.get("hidden_act", "silu")
+    if hidden_act != "silu":
+        raise ConfigError(f"hidden_act={hidden_act!r} is not supported; Qwen2 uses 'silu'")
+
+    hidden_size = _positive_int(raw, "hidden_size")
+    num_heads = _positive_int(raw, "num_attention_heads")
+    num_kv_heads = _positive_int(raw, "num_key_value_heads") if "num_key_value_heads" in raw else num_heads
+    if num_heads % num_kv_heads:
+        raise ConfigError(
+            f"num_attention_heads={num_heads} is not a multiple of num_key_value_heads={num_kv_heads}; "
+            "grouped-query attention needs whole groups"
+        )
+    head_dim = _positive_int(raw, "head_dim") if raw.get("head_dim") is not None else hidden_size // num_heads
+    if raw.get("head_dim") is None and hidden_size % num_heads:
+        raise ConfigError(
+            f"hidden_size={hidden_size} is not divisible by num_attention_heads={num_heads}; set head_dim"
+        )
+    if head_dim % 2:
+        raise ConfigError(f"head_dim={head_dim} must be even for rotary embeddings")
+
+    num_layers = _positive_int(raw, "num_hidden_layers")
+    max_positions = _positive_int(raw, "max_position_embeddings")
+    layer_types, sliding_window = _attention_layout(raw, num_layers)
+    moe = _moe(raw, num_layers) if architecture == "Qwen2MoeForCausalLM" else None
+    return Qwen2Config(
+        architecture=architecture,
+        model_type=ARCHITECTURES[architecture],
+        vocab_size=_positive_int(raw, "vocab_size"),
+        hidden_size=hidden_size,
+        intermediate_size=_positive_int(raw, "intermediate_size"),
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=max_positions,
+        rms_norm_eps=_positive_float(raw, "rms_norm_eps", default=1e-6),
+        tie_word_embeddings=_bool(raw, "tie_word_embeddings", default=False),
+        qkv_bias=_bool(raw, "qkv_bias", default=True),
+        rope=_rope(raw, max_positions),
+        layer_types=layer_types,
+        sliding_window=sliding_window,
+        moe=moe,
+        torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
+        raw=raw,
+    )
+
+
+def _architecture(raw: dict[str, Any]) -> str:
+    architectures = raw.get("architectures")
+    if not isinstance(architectures, list) or len(architectures) != 1:
+        raise ConfigError(
+            f"architectures={architectures!r}: expected one of {sorted(ARCHITECTURES)} as a one-element list"
+        )
+    (architecture,) = architectures
+    if architecture not in ARCHITECTURES:
+        raise ConfigError(
+            f"architectures=[{architecture!r}] is not supported; supported: {sorted(ARCHITECTURES)}"
+        )
+    model_type = raw.get("model_type", ARCHITECTURES[architecture])
+    if model_type != ARCHITECTURES[architecture]:
+        raise ConfigError(
+            f"model_type={model_type!r} does not match architectures=[{architecture!r}] "
+            f"(expected {ARCHITECTURES[architecture]!r})"
+        )
+    return architecture
+
+
+def _refuse_quantization(raw: dict[str, Any]) -> None:
+    quantization = raw.get("quantization_config")
+    if quantization is None:
+        return
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+    if method == "awq":
+        raise ConfigError(
+            "quantization_config.quant_method='awq': AWQ int4 checkpoints are not supported yet; "
+            "export the unquantized checkpoint (e.g. Qwen2-7B-Instruct instead of Qwen2-7B-Instruct-AWQ)"
+        )
+    raise ConfigError(
+        f"quantization_config.quant_method={method!r} is not supported; export an unquantized checkpoint"
+    )
+
+
+def _rope(raw: dict[str, Any], max_positions: int) -> RopeConfig:
+    """Normalise `rope_parameters` (v5) or `rope_theta` + `rope_scaling` (v4) into a RopeConfig."""
+    if raw.get("rope_parameters") is not None:
+        key, params = "rope_parameters", dict(raw["rope_parameters"])
+        if "rope_theta" not in params and "rope_theta" in raw:
+            params["rope_theta"] = raw["rope_theta"]
+    else:
+        key, params = "rope_scaling", dict(raw.get("rope_scaling") or {})
+        params["rope_theta"] = raw.get("rope_theta", 10000.0)
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise ConfigError(f"{key}.rope_type={rope_type!r} is not supported; supported: {list(ROPE_TYPES)}")
+    theta = _positive_float(params, "rope_theta", where=key)
+    if rope_type == "default":
+        return RopeConfig(rope_type="default", theta=theta)
+
+    factor = params.get("factor")
+    if rope_type == "linear":
+        return RopeConfig(rope_type="linear", theta=theta, factor=_scaling_factor(key, factor))
+
+    original = params.get("original_max_position_embeddings", max_positions)
+    if not isinstance(original, int) or original <= 0:
+        raise ConfigError(f"{key}.original_max_position_embeddings={original!r} must be a positive integer")
+    if factor is None:  # transformers 5.x derives it; 4.x requires it
+        factor = max_positions / original
+    return RopeConfig(
+        rope_type="yarn",
+        theta=theta,
+        factor=_scaling_factor(key, factor),
+        original_max_position_embeddings=original,
+        # transformers uses `get(...) or default`, so 0 and null both mean the default
+        beta_fast=float(params.get("beta_fast") or 32.0),
+        beta_slow=float(params.get("beta_slow") or 1.0),
+        attention_factor=_optional_float(params, "attention_factor", key),
+        mscale=_optional_float(params, "mscale", key),
+        mscale_all_dim=_optional_float(params, "mscale_all_dim", key),
+        truncate=bool(params.get("truncate", True)),
+    )
+
+
+def _scaling_factor(key: str, factor: Any) -> float:
+    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not math.isfinite(factor) or factor < 1:
+        raise ConfigError(f"{key}.factor={factor!r} must be a number >= 1 (e.g. 2.0 or 4.0 for YaRN)")
+    return float(factor)
+
+
+def _attention_layout(raw: dict[str, Any], num_layers: int) -> tuple[tuple[str, ...], int | None]:
+    """Per-layer attention type and the window, following transformers' Qwen2Config.
+
+    Published configs set `sliding_window` while `use_sliding_window` is false: the window is then inert.
+    Without `layer_types`, layer i slides iff use_sliding_window and i >= max_window_layers.
+    """
+    use_sliding = _bool(raw, "use_sliding_window", default=False)
+    window = raw.get("sliding_window") if use_sliding else None
+    if use_sliding and (not isinstance(window, int) or isinstance(window, bool) or window <= 0):
+        raise ConfigError(
+            f"use_sliding_window is true but sliding_window={window!r}; set a positive window or turn it off"
+        )
+    layer_types = raw.get("layer_types")
+    if layer_types is None:
+        first_sliding = raw.get("max_window_layers", num_layers) if use_sliding else num_layers
+        if not isinstance(first_sliding, int) or first_sliding < 0:
+            raise ConfigError(f"max_window_layers={first_sliding!r} must be a non-negative integer")
+        return tuple(
+            "sliding_attention" if i >= first_sliding else "full_attention" for i in range(num_layers)
+        ), window
+    if not isinstance(layer_types, list) or len(layer_types) != num_layers:
+        raise ConfigError(f"layer_types must list {num_layers} entries (num_hidden_layers), got {layer_types!r}")
+    unknown = sorted({t for t in layer_types if t not in LAYER_TYPES})
+    if unknown:
+        raise ConfigError(f"layer_types has {unknown}; supported: {list(LAYER_TYPES)}")
+    if "sliding_attention" in layer_types and not use_sliding:
+        raise ConfigError(
+            "layer_types marks sliding_attention layers but use_sliding_window is false; "
+            "set use_sliding_window true with a sliding_window, or mark every layer full_attention"
+        )
+    return tuple(layer_types), window if "sliding_attention" in layer_types else None
+
+
+def _moe(raw: dict[str, Any], num_layers: int) -> MoeConfig:
+    num_experts = _positive_int(raw, "num_experts")
+    top_k = _positive_int(raw, "num_experts_per_tok")
+    if top_k > num_experts:
+        raise ConfigError(f"num_experts_per_tok={top_k} exceeds num_experts={num_experts}")
+    mlp_only = raw.get("mlp_only_layers") or []
+    if not isinstance(mlp_only, list) or any(not isinstance(i, int) or not 0 <= i < num_layers for i in mlp_only):
+        raise ConfigError(f"mlp_only_layers={mlp_only!r} must list layer indices in [0, {num_layers})")
+    return MoeConfig(
+        num_experts=num_experts,
+        num_experts_per_tok=top_k,
+        moe_intermediate_size=_positive_int(raw, "moe_intermediate_size"),
+        shared_expert_intermediate_size=_positive_int(raw, "shared_expert_intermediate_size"),
+        norm_topk_prob=_bool(raw, "norm_topk_prob", default=False),
+        decoder_sparse_step=_positive_int(raw, "decoder_sparse_step") if "decoder_sparse_step" in raw else 1,
+        mlp_only_layers=tuple(sorted(mlp_only)),
+    )
+
+
+def _positive_int(raw: dict[str, Any], key: str, where: str = "config.json") -> int:
+    value = raw.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{where}: {key}={value!r} must be a positive integer")
+    return value
+
+
+def _positive_float(raw: dict[str, Any], key: str, where: str = "config.json", default: float | None = None) -> float:
+    value = raw.get(key, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{where}: {key}={value!r} must be a positive number")
+    return float(value)
+
+
+def _optional_float(raw: dict[str, Any], key: str, where: str) -> float | None:
+    value = raw.get(key)
+    return None if value is None else _positive_float(raw, key, where)
+
+
+def _bool(raw: dict[str, Any], key: str, default: bool) -> bool:
+    value = raw.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"config.json: {key}={value!r} must be true or false")
+    return value

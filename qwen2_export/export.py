@@ -1,0 +1,294 @@
+"""Checkpoint folder -> self-describing artifact folder with a portable ONNX graph.
+
+    trace the model on `meta` (no weights in memory)  ->  onnx_ir graph whose initializers are empty
+    lay out one external-data file                    ->  stream every checkpoint tensor into its slot
+    point each initializer at its slot                ->  save model.onnx, copy tokenizer files, manifest
+
+Everything is written into a hidden sibling folder and renamed into place only when complete, so an
+interrupted export never leaves something that looks finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import onnx
+import onnx_ir as ir
+import onnxscript.optimizer
+import torch
+
+from . import io_spec
+from .checkpoint import CHUNK_BYTES, CheckpointError, TensorEntry, list_tensors, plan_placements, read_chunks
+from .config import Qwen2Config, load_config
+from .manifest import write_manifest
+from .model import build_model
+from .rope import rope_parameters
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+IR_DTYPES = {torch.float32: ir.DataType.FLOAT, torch.float16: ir.DataType.FLOAT16, torch.bfloat16: ir.DataType.BFLOAT16}
+OPSET = 23
+GRAPH_FILE = "onnx/model.onnx"
+DATA_FILE = "model.onnx_data"  # relative to the graph, as ONNX external data locations are
+REQUIRED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
+OPTIONAL_FILES = ("generation_config.json",)
+# Large tensors start on 64 KiB boundaries so onnxruntime can memory-map them on every OS.
+LARGE_TENSOR_BYTES, LARGE_ALIGNMENT, SMALL_ALIGNMENT = 1 << 20, 1 << 16, 64
+
+Progress = Callable[[str], None]
+
+
+class ExportError(RuntimeError):
+    """The export cannot proceed; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one initializer's bytes sit in the external-data file."""
+
+    offset: int
+    length: int
+
+
+def export_checkpoint(
+    checkpoint_dir: str | Path,
+    output_dir: str | Path,
+    dtype: str = "fp32",
+    force: bool = False,
+    progress: Progress = lambda message: None,
+) -> Path:
+    """Export `checkpoint_dir` to the artifact folder `output_dir`; returns its path.
+
+    Raises ConfigError / CheckpointError for a bad checkpoint and ExportError for an existing output
+    without `force`. Peak memory follows one 64 MiB chunk plus the traced graph, not the model size.
+    """
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype {dtype!r} is not supported; choose one of {sorted(DTYPES)}")
+    source, target = Path(checkpoint_dir), Path(output_dir)
+    if target.exists() and not force:
+        raise ExportError(f"{target} already exists; pass --force to replace it")
+    missing = [name for name in REQUIRED_FILES if not (source / name).is_file()]
+    config = load_config(source)
+    if missing:
+        raise CheckpointError(f"{source} lacks {missing}; an artifact carries the tokenizer, copy those files in")
+    torch_dtype = DTYPES[dtype]
+    entries = list_tensors(source)
+    model = build_model(config, torch_dtype, "meta")
+    parameters = dict(model.named_parameters())
+    plan = plan_placements(entries, config, {name: tuple(p.shape) for name, p in parameters.items()})
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        (staging / "onnx").mkdir()
+        started = time.monotonic()
+        progress(f"tracing {config.architecture} ({config.num_hidden_layers} layers, {dtype})")
+        graph = trace_to_onnx(model, config, torch_dtype)
+        progress(f"traced in {time.monotonic() - started:.1f}s; writing weights")
+        aliases = _parameter_aliases(model)
+        transposed = fold_weight_transposes(graph, _whole_parameters(plan, entries, aliases))
+        slots = lay_out(graph)
+        data_path = staging / "onnx" / DATA_FILE
+        write_weights(data_path, graph, slots, transposed, aliases, entries, plan, config, progress)
+        attach_external_data(graph, slots, data_path.parent)
+        optimize_graph(graph, slots)
+        onnx.save_model(ir.serde.serialize_model(graph), staging / GRAPH_FILE)
+        onnx.checker.check_model(str(staging / GRAPH_FILE))
+        for name in REQUIRED_FILES + OPTIONAL_FILES:
+            if (source / name).is_file():
+                shutil.copy2(source / name, staging / name)
+        write_manifest(staging, config, torch_dtype, GRAPH_FILE, DATA_FILE)
+        _move_into_place(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    progress(f"wrote {target} in {time.monotonic() - started:.1f}s")
+    return target
+
+
+def trace_to_onnx(model: torch.nn.Module, config: Qwen2Config, dtype: torch.dtype) -> ir.Model:
+    """torch.export-based ONNX export of the meta model, with the io_spec names and symbolic dims."""
+    inputs, outputs = io_spec.graph_inputs(config, dtype), io_spec.graph_outputs(config, dtype)
+    dynamic = {spec.name: {i: d for i, d in enumerate(spec.dims) if isinstance(d, str)} for spec in inputs}
+    example = io_spec.example_inputs(config, dtype, "meta")
+    # The exporter narrates every step on stdout; keep library output quiet.
+    with contextlib.redirect_stdout(io.StringIO()):
+        program = torch.onnx.export(
+            model,
+            example,
+            dynamo=True,
+            optimize=False,  # constant folding would need the weights we deliberately do not load
+            opset_version=OPSET,
+            input_names=[spec.name for spec in inputs],
+            output_names=[spec.name for spec in outputs],
+            # forward(input_ids, attention_mask, position_ids, *past): the varargs form one tuple
+            dynamic_shapes=(*(dynamic[spec.name] for spec in inputs[:3]), tuple(dynamic[spec.name] for spec in inputs[3:])),
+            verbose=False,
+        )
+    graph = program.model
+    for value, spec in zip([*graph.graph.inputs, *graph.graph.outputs], [*inputs, *outputs]):
+        if value.name != spec.name:
+            raise ExportError(f"exported graph has {value.name!r} where {spec.name!r} was expected")
+        value.shape = ir.Shape([ir.SymbolicDim(d) if isinstance(d, str) else d for d in spec.dims])
+    graph.producer_name = "qwen2-onnx"
+    return graph
+
+
+def fold_weight_transposes(graph: ir.Model, whole_parameters: set[str]) -> set[str]:
+    """Drop `Transpose(perm=[1, 0])` of 2-D weights by storing them as [in, out]; returns those names.
+
+    transformers keeps Linear weights as [out, in] and the exporter emits MatMul(x, Transpose(W)).
+    Writing W transposed into the data file spares onnxruntime a transposed copy of every weight at
+    load time. Only weights filled by one whole checkpoint tensor are folded; a tied embedding (also
+    read by Gather) and the stacked experts (whose [E, 2I, D] layout the MoE op wants) keep theirs.
+    """
+    folded = set()
+    for node in list(graph.graph):
+        weight = node.inputs[0] if node.op_type == "Transpose" and node.inputs else None
+        if weight is None or not weight.is_initializer() or weight.name not in whole_parameters:
+            continue
+        perm = node.attributes.get("perm")
+        if len(weight.shape) != 2 or perm is None or list(perm.as_ints()) != [1, 0] or len(weight.uses()) != 1:
+            continue
+        rows, columns = weight.shape
+        weight.shape = ir.Shape([columns, rows])
+        weight.doc_string = "stored transposed: [in_features, out_features]"
+        node.outputs[0].replace_all_uses_with(weight)
+        graph.graph.remove(node, safe=True)
+        folded.add(weight.name)
+    return folded
+
+
+def optimize_graph(graph: ir.Model, slots: dict[str, Slot]) -> None:
+    """onnxscript's cleanup (constant folding of shape arithmetic, dead code), never touching weights:
+    folding a node that reads a weight would load it into memory and inline it into model.onnx."""
+
+    def reads_weight(node: ir.Node) -> bool | None:
+        return False if any(v is not None and v.is_initializer() and v.name in slots for v in node.inputs) else None
+
+    onnxscript.optimizer.optimize_ir(graph, should_fold=reads_weight)
+
+
+def lay_out(graph: ir.Model) -> dict[str, Slot]:
+    """Assign every initializer a byte range in the data file, in graph order."""
+    slots, offset = {}, 0
+    for name, value in graph.graph.initializers.items():
+        length = value.const_value.nbytes
+        alignment = LARGE_ALIGNMENT if length >= LARGE_TENSOR_BYTES else SMALL_ALIGNMENT
+        offset += -offset % alignment
+        slots[name] = Slot(offset, length)
+        offset += length
+    return slots
+
+
+def write_weights(
+    data_path: Path,
+    graph: ir.Model,
+    slots: dict[str, Slot],
+    transposed: set[str],
+    aliases: dict[str, str],
+    entries: list[TensorEntry],
+    plan: dict,
+    config: Qwen2Config,
+    progress: Progress,
+) -> None:
+    """Stream every checkpoint tensor, cast, into its initializer's slot; derived tables are computed."""
+    initializer_of = {aliases.get(name, name): name for name in graph.graph.initializers}
+    dtype_of = {name: _torch_dtype(value) for name, value in graph.graph.initializers.items()}
+    total = sum(entry.end - entry.start for entry in entries)
+    done, last_report, written = 0, time.monotonic(), set()
+    with data_path.open("wb") as f:
+        f.truncate(max((s.offset + s.length for s in slots.values()), default=0))
+        for entry in entries:
+            placement = plan[entry.name]
+            if placement is not None:
+                name = initializer_of.get(placement.parameter)
+                if name is None:
+                    raise ExportError(f"traced graph has no initializer for parameter {placement.parameter}")
+                base = slots[name].offset
+                if name in transposed:
+                    _write_transposed(f, base, entry, dtype_of[name])
+                else:
+                    itemsize = dtype_of[name].itemsize
+                    for offset, chunk in read_chunks(entry):
+                        f.seek(base + (placement.offset + offset) * itemsize)
+                        f.write(chunk.to(dtype_of[name]).view(torch.uint8).numpy().data)
+                written.add(name)
+            done += entry.end - entry.start
+            if time.monotonic() - last_report > 5:
+                progress(f"weights {100 * done / total:.0f}% ({done / 1e9:.1f} of {total / 1e9:.1f} GB read)")
+                last_report = time.monotonic()
+        for name, values in derived_tensors(config).items():
+            if name in slots:
+                f.seek(slots[name].offset)
+                f.write(values.to(dtype_of[name]).contiguous().view(torch.uint8).numpy().data)
+                written.add(name)
+    unfilled = set(slots) - written
+    if unfilled:
+        raise ExportError(f"initializers with no source (an exporter change?): {sorted(unfilled)}")
+
+
+def _write_transposed(f, base: int, entry: TensorEntry, dtype: torch.dtype) -> None:
+    """Write a [rows, columns] tensor as [columns, rows], a band of whole rows at a time."""
+    rows, columns = entry.shape
+    row_bytes = columns * entry.dtype.itemsize
+    band_bytes = max(row_bytes, CHUNK_BYTES // row_bytes * row_bytes)
+    for offset, chunk in read_chunks(entry, band_bytes):
+        first_row = offset // columns
+        band = chunk.view(-1, columns).t().to(dtype).contiguous()  # [columns, band rows]
+        data = band.view(torch.uint8).numpy()
+        for column in range(columns):
+            f.seek(base + (column * rows + first_row) * dtype.itemsize)
+            f.write(data[column].data)
+
+
+def derived_tensors(config: Qwen2Config) -> dict[str, torch.Tensor]:
+    """Initializers computed from config.json rather than read from the checkpoint."""
+    return {"model.rotary_emb.inv_freq": rope_parameters(config.rope, config.head_dim)[0]}
+
+
+def attach_external_data(graph: ir.Model, slots: dict[str, Slot], base_dir: Path) -> None:
+    """Point every initializer at its slot in the data file (shape as stored, transposed or not)."""
+    for name, value in graph.graph.initializers.items():
+        value.const_value = ir.ExternalTensor(
+            DATA_FILE, slots[name].offset, slots[name].length, value.const_value.dtype,
+            shape=value.shape, name=name, base_dir=base_dir,
+        )
+
+
+def _whole_parameters(plan: dict, entries: list[TensorEntry], aliases: dict[str, str]) -> set[str]:
+    """Initializer names whose parameter is exactly one checkpoint tensor (not a slice of a stack),
+    and not shared with another module."""
+    shared = {canonical for name, canonical in aliases.items() if name != canonical}
+    return {
+        entry.name for entry in entries
+        if (p := plan[entry.name]) is not None and p.parameter == entry.name and entry.name not in shared
+    }
+
+
+def _parameter_aliases(model: torch.nn.Module) -> dict[str, str]:
+    """Every name of a shared parameter -> its canonical name (tied lm_head -> embed_tokens)."""
+    canonical = {id(p): name for name, p in model.named_parameters()}
+    return {name: canonical[id(p)] for name, p in model.named_parameters(remove_duplicate=False)}
+
+
+def _torch_dtype(value: ir.Value) -> torch.dtype:
+    by_ir = {v: k for k, v in IR_DTYPES.items()}
+    return by_ir[value.const_value.dtype]
+
+
+def _move_into_place(staging: Path, target: Path) -> None:
+    """Rename the finished folder over `target`; an old artifact is removed only after the swap."""
+    if not target.exists():
+        staging.rename(target)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    target.rename(retired / "artifact")
+    staging.rename(target)
+    shutil.rmtree(retired, ignore_errors=True)
