@@ -258,7 +258,7 @@ def attach_external_data(graph: ir.Model, slots: dict[str, Slot], base_dir: Path
     for name, value in graph.graph.initializers.items():
         value.const_value = ir.ExternalTensor(
             DATA_FILE, slots[name].offset, slots[name].length, value.const_value.dtype,
-            shape=value.shape, name=name, base_dir=base_dir,
+            shape=value.shape, name=name, base_dir=base_dir, doc_string=value.doc_string,
         )
 
 

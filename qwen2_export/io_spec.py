@@ -51,10 +51,11 @@ def graph_outputs(config: Qwen2Config, dtype: torch.dtype) -> list[TensorSpec]:
 def example_inputs(config: Qwen2Config, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, ...]:
     """Tracing inputs with distinct sizes > 1 (B=2, S=3, P=4) so no dim gets specialised."""
     batch, new, past = 2, 3, 4
-    kv = torch.zeros(batch, config.num_key_value_heads, past, config.head_dim, dtype=dtype, device=device)
+    kv_shape = (batch, config.num_key_value_heads, past, config.head_dim)
     return (
         torch.zeros(batch, new, dtype=torch.int64, device=device),
         torch.ones(batch, past + new, dtype=torch.int64, device=device),
         torch.arange(past, past + new, device=device)[None].expand(batch, new).contiguous(),
-        *(kv for _ in range(2 * config.num_hidden_layers)),
+        # one tensor object per input: torch.export treats a repeated object as one aliased input
+        *(torch.zeros(kv_shape, dtype=dtype, device=device) for _ in range(2 * config.num_hidden_layers)),
     )

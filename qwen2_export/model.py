@@ -262,4 +262,4 @@ def build_model(config: Qwen2Config, dtype: torch.dtype = torch.float32, device:
             model.lm_head.weight = model.model.embed_tokens.weight
         # to_empty leaves buffers uninitialised; the rope table is derived, not loaded
         model.model.rotary_emb.inv_freq = rope_parameters(config.rope, config.head_dim)[0].to(device)
-    return model
+    return model.eval()

@@ -15,9 +15,12 @@ def load_reference(checkpoint) -> torch.nn.Module:
 
 @torch.no_grad()
 def reference_greedy(model, prompt: list[int], steps: int) -> list[int]:
-    """transformers' generate, greedy, never stopping early."""
-    config = transformers.GenerationConfig(do_sample=False, max_new_tokens=steps, min_new_tokens=0, eos_token_id=None, pad_token_id=0)
-    output = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), generation_config=config)
+    """transformers' generate, plain greedy (the checkpoint's sampling defaults and repetition
+    penalty would otherwise be merged in), never stopping early."""
+    model.generation_config = transformers.GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=0)
+    output = model.generate(
+        torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), max_new_tokens=steps
+    )
     return output[0, len(prompt):].tolist()
 
 
