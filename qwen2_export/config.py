@@ -87,6 +87,15 @@ class Qwen2Config:
             return False
         return layer not in moe.mlp_only_layers and (layer + 1) % moe.decoder_sparse_step == 0
 
+    @property
+    def context_length(self) -> int:
+        """Longest sequence the model is meant for: YaRN stretches the original context by `factor`
+        (Qwen's recipe keeps max_position_embeddings at 32768 and reaches 131072 with factor 4)."""
+        rope = self.rope
+        if rope.rope_type == "yarn" and rope.original_max_position_embeddings:
+            return max(self.max_position_embeddings, int(rope.factor * rope.original_max_position_embeddings))
+        return self.max_position_embeddings
+
     def window_of_layer(self, layer: int) -> int | None:
         """The sliding window of `layer`, or None for full attention."""
         return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None

@@ -43,6 +43,8 @@ def test_model_card_yarn_block_without_beta_fast_uses_defaults():
         {**QWEN2_7B, "rope_scaling": {"factor": 4.0, "original_max_position_embeddings": 32768, "type": "yarn"}}
     )
     assert (config.rope.rope_type, config.rope.factor, config.rope.beta_fast, config.rope.beta_slow) == ("yarn", 4.0, 32.0, 1.0)
+    assert (config.max_position_embeddings, config.context_length) == (32768, 131072)
+    assert parse_config(QWEN2_7B).context_length == 32768
 
 
 @pytest.mark.parametrize(
