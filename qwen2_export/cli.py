@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Sequence
 
 
@@ -24,6 +25,18 @@ def _export(args: argparse.Namespace) -> None:
     )
 
 
+def _demo(args: argparse.Namespace) -> None:
+    import logging
+    import warnings
+
+    from .demo import run_demo
+
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    if not run_demo(args.workdir):
+        raise SystemExit(1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen2-onnx", description="Export and run Qwen2-family models with ONNX.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -33,11 +46,22 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="weights and activations")
     export.add_argument("--force", action="store_true", help="replace an existing artifact folder")
     export.set_defaults(run=_export)
+    demo = commands.add_parser("demo", help="build a tiny checkpoint, export it, generate, check parity (offline)")
+    demo.add_argument("--workdir", type=Path, help="keep the checkpoint and artifact here (default: a temporary folder)")
+    demo.set_defaults(run=_demo)
+    # generate and chat live in runtime/, which never imports torch or this package
+    from runtime.cli import add_runtime_commands
+
+    add_runtime_commands(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("generate", "chat"):
+        from runtime.cli import run_command
+
+        return run_command(args)  # without importing the export stage (and torch)
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .export import ExportError

@@ -37,7 +37,7 @@ OPSET = 23
 GRAPH_FILE = "onnx/model.onnx"
 DATA_FILE = "model.onnx_data"  # relative to the graph, as ONNX external data locations are
 REQUIRED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
-OPTIONAL_FILES = ("generation_config.json",)
+OPTIONAL_FILES = ("generation_config.json", "chat_template.jinja")
 # Large tensors start on 64 KiB boundaries so onnxruntime can memory-map them on every OS.
 LARGE_TENSOR_BYTES, LARGE_ALIGNMENT, SMALL_ALIGNMENT = 1 << 20, 1 << 16, 64
 

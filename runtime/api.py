@@ -1,0 +1,152 @@
+"""The Python API: load an artifact, generate, stream, chat.
+
+    from runtime import Model
+    model = Model.load("qwen2-7b-onnx", device="cpu")
+    print(model.generate("Tell me a story", max_new_tokens=64).text)
+    for piece in model.stream([{"role": "user", "content": "Hi"}], max_new_tokens=64):
+        print(piece, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Union
+
+from .chat import ChatTemplate, Message, load_chat_template
+from .errors import RuntimeInputError
+from .generate import DecodeLoop, Generation, Timings
+from .kv_cache import KVCache
+from .manifest import Manifest, load_manifest
+from .sampling import SamplingConfig, sampling_from_generation_config
+from .session import GraphSession
+from .stream import TextStream
+from .tokenizer import TextTokenizer
+
+Prompt = Union[str, list[Message], list[int]]  # raw text, chat messages, or token ids
+
+
+@dataclass
+class Model:
+    manifest: Manifest
+    session: GraphSession
+    tokenizer: TextTokenizer
+    chat_template: ChatTemplate | None
+    generation_config: dict[str, Any] = field(default_factory=dict)
+    last_timings: Timings = field(default_factory=Timings)
+
+    @classmethod
+    def load(cls, artifact: str | Path, device: str = "cpu", chat_template: str | Path | None = None, optimize: bool = True) -> "Model":
+        """Open an exported artifact on `device` ("cpu" or "cuda"); `chat_template` overrides the checkpoint's."""
+        manifest = load_manifest(artifact)
+        generation_path = manifest.artifact / "generation_config.json"
+        return cls(
+            manifest=manifest,
+            session=GraphSession(manifest.graph_for(device), device, optimize=optimize),
+            tokenizer=TextTokenizer(manifest.artifact / "tokenizer.json"),
+            chat_template=load_chat_template(manifest.artifact, chat_template),
+            generation_config=json.loads(generation_path.read_text()) if generation_path.is_file() else {},
+        )
+
+    def sampling(self, greedy: bool = False, **overrides: Any) -> SamplingConfig:
+        """generation_config.json's defaults with `overrides` (temperature, top_k, top_p, min_p,
+        repetition_penalty, seed, do_sample) applied; `greedy` turns sampling off."""
+        if greedy:
+            overrides["do_sample"] = False
+        return sampling_from_generation_config(self.generation_config, **overrides)
+
+    def encode(self, prompt: Prompt, tools: list[dict] | None = None) -> list[int]:
+        """Token ids of a prompt: ids as given, text tokenized, messages rendered with the chat template."""
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if prompt and all(isinstance(item, int) for item in prompt):
+            return list(prompt)
+        if self.chat_template is None:
+            raise RuntimeInputError(
+                "this checkpoint has no chat template (tokenizer_config.json has no chat_template); "
+                "pass one with --chat-template FILE (Model.load(..., chat_template=FILE))"
+            )
+        text = self.chat_template.render(prompt, tools=tools, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode_loop(self, prompts: list[Prompt], max_new_tokens: int = 128, stop_strings: tuple[str, ...] = (),
+                    cache: KVCache | None = None, greedy: bool = False, **sampling: Any) -> DecodeLoop:
+        return DecodeLoop(self.session, self.manifest, self.tokenizer, [self.encode(p) for p in prompts],
+                          self.sampling(greedy, **sampling), max_new_tokens, stop_strings, cache)
+
+    def generate_batch(self, prompts: list[Prompt], **options: Any) -> list[Generation]:
+        """Generate for several prompts at once (left-padded batch)."""
+        loop = self.decode_loop(prompts, **options)
+        for _ in loop:
+            pass
+        self.last_timings = loop.timings
+        return loop.generations
+
+    def generate(self, prompt: Prompt, **options: Any) -> Generation:
+        """One prompt; options: max_new_tokens, stop_strings, greedy, temperature, top_k, top_p, min_p,
+        repetition_penalty, seed."""
+        return self.generate_batch([prompt], **options)[0]
+
+    def stream(self, prompt: Prompt, **options: Any) -> Iterator[str]:
+        """Text pieces as they become final; they add up to generate(...).text."""
+        loop = self.decode_loop([prompt], **options)
+        yield from stream_text(loop, self.tokenizer)
+        self.last_timings = loop.timings
+
+    def chat(self, system: str | None = None) -> "ChatSession":
+        return ChatSession(self, [{"role": "system", "content": system}] if system else [])
+
+
+def stream_text(loop: DecodeLoop, tokenizer: TextTokenizer) -> Iterator[str]:
+    """Stream row 0 of a decode loop as text; special tokens (the stop token) are not shown."""
+    stream = TextStream(tokenizer)
+    for tokens in loop:
+        if tokens[0] is not None and (piece := stream.push(tokens[0])):
+            yield piece
+    if tail := stream.finish():
+        yield tail
+
+
+@dataclass
+class ChatSession:
+    """A multi-turn conversation that reuses the KV cache across turns.
+
+    The next prompt is built from the exact ids the model already saw (the last prompt and its reply,
+    stop token included) plus the tokenized rest of the rendered conversation, so it extends the
+    cached ids whenever the template renders earlier turns unchanged (ChatML does). Otherwise it is
+    tokenized afresh and the cache is rebuilt.
+    """
+
+    model: Model
+    messages: list[Message]
+    cache: KVCache | None = None
+    _seen_text: str = ""
+    _seen_ids: list[int] = field(default_factory=list)
+
+    def prompt_ids(self) -> list[int]:
+        model = self.model
+        if model.chat_template is None:
+            return model.encode(self.messages)  # raises the missing-template error
+        text = model.chat_template.render(self.messages, add_generation_prompt=True)
+        if self._seen_text and text.startswith(self._seen_text):
+            return self._seen_ids + model.tokenizer.encode(text[len(self._seen_text):], add_special_tokens=False)
+        return model.tokenizer.encode(text, add_special_tokens=False)
+
+    def send(self, text: str, **options: Any) -> Iterator[str]:
+        """Add a user turn and stream the assistant's reply; the reply joins the history at the end."""
+        self.messages.append({"role": "user", "content": text})
+        ids = self.prompt_ids()
+        loop = self.model.decode_loop([ids], cache=self.cache, **options)
+        yield from stream_text(loop, self.model.tokenizer)
+        self.model.last_timings = loop.timings
+        reply = loop.generations[0]
+        self.cache = loop.cache
+        self.messages.append({"role": "assistant", "content": reply.text})
+        self._seen_ids = ids + reply.output_ids
+        self._seen_text = self.model.tokenizer.decode(self._seen_ids, skip_special_tokens=False)
+
+    def reset(self) -> None:
+        """Forget every turn but the system prompt, and the cache."""
+        self.messages = [m for m in self.messages[:1] if m["role"] == "system"]
+        self.cache, self._seen_text, self._seen_ids = None, "", []

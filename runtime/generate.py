@@ -1,0 +1,147 @@
+"""The generation loop: prefill, then decode token by token, sample, stop.
+
+Prompts of different lengths are left-padded (the portable graph's contract in the manifest): mask 0
+on the pads and position ids counting real tokens only, as transformers does. Finished rows keep
+stepping with the pad token until every row is done.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from .errors import RuntimeInputError
+from .kv_cache import KVCache, empty_cache
+from .manifest import Manifest
+from .sampling import SamplingConfig, choose_tokens
+from .session import GraphSession
+from .tokenizer import TextTokenizer
+
+
+@dataclass
+class Generation:
+    prompt_ids: list[int]
+    output_ids: list[int] = field(default_factory=list)  # includes the stop token when one ended it
+    text: str = ""
+    finish_reason: str = ""  # "stop_token", "stop_string" or "length"
+
+
+@dataclass
+class Timings:
+    time_to_first_token_s: float = 0.0
+    decode_s: float = 0.0
+    decode_tokens: int = 0  # tokens after the first, over all rows
+    reused_prompt_tokens: int = 0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+
+class DecodeLoop:
+    """Iterate to run the steps: each item is the new token of every row (None once a row is done).
+    Afterwards `generations`, `timings` and `cache` hold the results."""
+
+    def __init__(
+        self,
+        session: GraphSession,
+        manifest: Manifest,
+        tokenizer: TextTokenizer,
+        prompts: list[list[int]],
+        sampling: SamplingConfig,
+        max_new_tokens: int,
+        stop_strings: tuple[str, ...] = (),
+        cache: KVCache | None = None,
+    ):
+        check_request(manifest, prompts, max_new_tokens)
+        self.session, self.manifest, self.tokenizer = session, manifest, tokenizer
+        self.prompts, self.sampling, self.max_new_tokens = prompts, sampling, max_new_tokens
+        self.stop_strings = tuple(stop_strings)
+        self.generations = [Generation(list(prompt)) for prompt in prompts]
+        self.timings = Timings()
+        reuse = cache.reusable_prefix(prompts[0]) if cache is not None and len(prompts) == 1 else 0
+        self.cache = cache if reuse else empty_cache(manifest, len(prompts), session.device)
+        self.timings.reused_prompt_tokens = reuse
+
+    def __iter__(self) -> Iterator[list[int | None]]:
+        rng = np.random.default_rng(self.sampling.seed)
+        started = time.perf_counter()
+        ids, mask, positions = self._prefill_inputs()
+        seen = [np.array(prompt, dtype=np.int64) for prompt in self.prompts]
+        done = [False] * len(self.prompts)
+        for step in range(self.max_new_tokens):
+            logits = self.session.step(ids, mask, positions, self.cache)
+            logits[:, self.manifest.tokenizer_vocab_size :] = -np.inf  # padding rows of the embedding
+            tokens = choose_tokens(logits, self.sampling, seen, rng)
+            new: list[int | None] = []
+            for row, token in enumerate(tokens.tolist()):
+                if done[row]:
+                    new.append(None)
+                    continue
+                new.append(token)
+                seen[row] = np.append(seen[row], token)
+                done[row] = self._record(self.generations[row], token)
+            if step == 0:
+                self.timings.time_to_first_token_s = time.perf_counter() - started
+            else:
+                self.timings.decode_tokens += sum(token is not None for token in new)
+            yield new
+            if all(done):
+                break
+            next_tokens = [self.manifest.pad_token_id if t is None else t for t in new]
+            ids = np.array(next_tokens, dtype=np.int64)[:, None]
+            mask = np.concatenate([mask, np.ones((len(mask), 1), np.int64)], axis=1)
+            positions = positions[:, -1:] + 1
+        for generation in self.generations:
+            generation.finish_reason = generation.finish_reason or "length"
+            generation.text = self.tokenizer.decode(generation.output_ids)
+        self.timings.decode_s = time.perf_counter() - started - self.timings.time_to_first_token_s
+        # the last sampled token was never fed, so the cache holds everything before it
+        self.cache.tokens = [g.prompt_ids + g.output_ids[:-1] for g in self.generations]
+
+    def _prefill_inputs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        reused = self.timings.reused_prompt_tokens
+        if reused:  # batch 1 continuing a cached conversation
+            prompt = self.prompts[0]
+            ids = np.array([prompt[reused:]], dtype=np.int64)
+            return ids, np.ones((1, len(prompt)), np.int64), np.arange(reused, len(prompt), dtype=np.int64)[None]
+        longest = max(len(prompt) for prompt in self.prompts)
+        ids = np.full((len(self.prompts), longest), self.manifest.pad_token_id, dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for row, prompt in enumerate(self.prompts):
+            ids[row, longest - len(prompt) :] = prompt
+            mask[row, longest - len(prompt) :] = 1
+        return ids, mask, np.maximum(mask.cumsum(axis=1) - 1, 0)
+
+    def _record(self, generation: Generation, token: int) -> bool:
+        """Append `token`; True when the row is finished."""
+        generation.output_ids.append(token)
+        if token in self.manifest.stop_token_ids:
+            generation.finish_reason = "stop_token"
+            return True
+        if self.stop_strings:
+            text = self.tokenizer.decode(generation.output_ids)
+            if any(stop in text for stop in self.stop_strings):
+                generation.finish_reason = "stop_string"
+                return True
+        return len(generation.output_ids) >= self.max_new_tokens
+
+
+def check_request(manifest: Manifest, prompts: list[list[int]], max_new_tokens: int) -> None:
+    """Refuse impossible requests before any work, with the numbers."""
+    if not prompts or any(not prompt for prompt in prompts):
+        raise RuntimeInputError("every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise RuntimeInputError(f"max_new_tokens={max_new_tokens} must be at least 1")
+    longest = max(len(prompt) for prompt in prompts)
+    if longest + max_new_tokens > manifest.context_length:
+        raise RuntimeInputError(
+            f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} = {longest + max_new_tokens} exceeds the "
+            f"model's context length {manifest.context_length}; shorten the prompt or lower --max-new-tokens"
+        )
+    vocab = manifest.tokenizer_vocab_size
+    if any(not 0 <= token < vocab for prompt in prompts for token in prompt):
+        raise RuntimeInputError(f"prompt ids must lie in [0, {vocab}) (the tokenizer's vocabulary)")

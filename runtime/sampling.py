@@ -1,0 +1,116 @@
+"""Token choice: pure functions over a logits batch [B, V] (numpy), in transformers' order.
+
+repetition penalty -> (sampling only) temperature -> top-k -> top-p -> min-p -> draw; greedy takes the
+argmax after the repetition penalty, as transformers' generate does. Filters set removed entries to
+-inf and always keep at least one token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from .errors import RuntimeInputError
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    min_p: float = 0.0  # 0 = off
+    repetition_penalty: float = 1.0  # 1 = off
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.temperature > 0, f"temperature={self.temperature} must be > 0 (use greedy decoding for 0)"),
+            (isinstance(self.top_k, int) and self.top_k >= 0, f"top_k={self.top_k} must be an integer >= 0 (0 turns it off)"),
+            (0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1]"),
+            (0 <= self.min_p <= 1, f"min_p={self.min_p} must be in [0, 1]"),
+            (self.repetition_penalty > 0, f"repetition_penalty={self.repetition_penalty} must be > 0 (1 turns it off)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise RuntimeInputError(message)
+
+
+def sampling_from_generation_config(generation_config: dict[str, Any], **overrides: Any) -> SamplingConfig:
+    """Defaults from generation_config.json, then every override that is not None."""
+    keys = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+    defaults = {key: generation_config[key] for key in keys if generation_config.get(key) is not None}
+    config = SamplingConfig(**defaults)
+    return replace(config, **{key: value for key, value in overrides.items() if value is not None})
+
+
+def apply_repetition_penalty(logits: np.ndarray, seen: list[np.ndarray], penalty: float) -> np.ndarray:
+    """Each id seen in a row (prompt and output): positive logits divided by `penalty`, negative multiplied."""
+    if penalty == 1.0:
+        return logits
+    out = logits.copy()
+    for row, ids in enumerate(seen):
+        ids = np.unique(ids)
+        values = out[row, ids]
+        out[row, ids] = np.where(values < 0, values * penalty, values / penalty)
+    return out
+
+
+def top_k_filter(logits: np.ndarray, k: int) -> np.ndarray:
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    threshold = np.partition(logits, -k, axis=-1)[:, -k, None]
+    return np.where(logits < threshold, -np.inf, logits)
+
+
+def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
+    """Keep the smallest set of top tokens whose probability reaches `p` (transformers' TopPLogitsWarper)."""
+    if p >= 1.0:
+        return logits
+    order = np.argsort(logits, axis=-1, kind="stable")  # ascending
+    cumulative = np.cumsum(softmax(np.take_along_axis(logits, order, axis=-1)), axis=-1)
+    remove_sorted = cumulative <= 1 - p
+    remove_sorted[:, -1] = False
+    remove = np.zeros_like(remove_sorted)
+    np.put_along_axis(remove, order, remove_sorted, axis=-1)
+    return np.where(remove, -np.inf, logits)
+
+
+def min_p_filter(logits: np.ndarray, min_p: float) -> np.ndarray:
+    """Drop tokens less likely than min_p times the top token's probability."""
+    if min_p <= 0:
+        return logits
+    probs = softmax(logits)
+    remove = probs < min_p * probs.max(axis=-1, keepdims=True)
+    remove[np.arange(len(logits)), probs.argmax(axis=-1)] = False
+    return np.where(remove, -np.inf, logits)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def filtered_logits(logits: np.ndarray, config: SamplingConfig, seen: list[np.ndarray]) -> np.ndarray:
+    """The logits that the draw (or argmax) sees, after every processor in transformers' order."""
+    logits = apply_repetition_penalty(logits.astype(np.float32), seen, config.repetition_penalty)
+    if not config.do_sample:
+        return logits
+    logits = logits / config.temperature
+    logits = top_k_filter(logits, config.top_k)
+    logits = top_p_filter(logits, config.top_p)
+    return min_p_filter(logits, config.min_p)
+
+
+def choose_tokens(logits: np.ndarray, config: SamplingConfig, seen: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """Next token per row [B] from logits [B, V]."""
+    scores = filtered_logits(logits, config, seen)
+    if not config.do_sample:
+        return scores.argmax(axis=-1)
+    probs = softmax(scores)
+    # inverse-CDF draw: one uniform number per row keeps a seeded run reproducible
+    cumulative = np.cumsum(probs, axis=-1)
+    draws = rng.random(len(probs))[:, None] * cumulative[:, -1:]
+    return np.minimum((cumulative < draws).sum(axis=-1), probs.shape[-1] - 1)

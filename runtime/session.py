@@ -1,0 +1,54 @@
+"""An onnxruntime session for one graph and the IOBinding call that runs one step.
+
+Token inputs are small host arrays; past_key_values.* are the cache's device OrtValues; present.* are
+bound on the device and handed back to the cache, so on CUDA the cache never crosses to the host.
+Only the last position's logits come back to the host.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import RuntimeInputError
+from .kv_cache import KVCache
+from .manifest import GraphInfo
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+class GraphSession:
+    def __init__(self, graph: GraphInfo, device: str = "cpu", optimize: bool = True):
+        if device not in PROVIDERS:
+            raise RuntimeInputError(f"--device {device!r} is not supported; choose one of {sorted(PROVIDERS)}")
+        if PROVIDERS[device] not in ort.get_available_providers():
+            raise RuntimeInputError(
+                f"onnxruntime here has no {PROVIDERS[device]}; for --device cuda install onnxruntime-gpu "
+                "(pip install 'qwen2-onnx[cuda]') instead of onnxruntime"
+            )
+        if graph.kv_layout != "concat":
+            raise RuntimeInputError(f"graph {graph.name!r} uses KV layout {graph.kv_layout!r}, which this runtime does not drive yet")
+        options = ort.SessionOptions()
+        if not optimize:  # tests switch onnxruntime's own rewrites off so they cannot hide ours
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        providers = [PROVIDERS[device]] if device == "cpu" else [PROVIDERS[device], PROVIDERS["cpu"]]
+        self.device = device
+        self.graph = graph
+        self.session = ort.InferenceSession(str(graph.path), options, providers=providers)
+        self._present_names = [name for name in graph.output_names if name != "logits"]
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: KVCache) -> np.ndarray:
+        """Run one call; returns the last position's logits [B, V] (float32, host) and advances `cache`."""
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        for name, value in zip(cache.past_names(), cache.values):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
+        for name in self._present_names:
+            binding.bind_output(name, self.device, 0)
+        self.session.run_with_iobinding(binding)
+        logits, *presents = binding.get_outputs()
+        cache.values = presents
+        return logits.numpy()[:, -1, :].astype(np.float32)
