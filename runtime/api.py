@@ -121,6 +121,7 @@ class ChatSession:
     model: Model
     messages: list[Message]
     cache: KVCache | None = None
+    last_reply: Generation | None = None
     _seen_text: str = ""
     _seen_ids: list[int] = field(default_factory=list)
 
@@ -140,7 +141,7 @@ class ChatSession:
         loop = self.model.decode_loop([ids], cache=self.cache, **options)
         yield from stream_text(loop, self.model.tokenizer)
         self.model.last_timings = loop.timings
-        reply = loop.generations[0]
+        reply = self.last_reply = loop.generations[0]
         self.cache = loop.cache
         self.messages.append({"role": "assistant", "content": reply.text})
         self._seen_ids = ids + reply.output_ids

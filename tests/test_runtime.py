@@ -1,0 +1,159 @@
+"""The session loop against transformers' generate, plus its contracts and errors."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+from runtime import Model, RuntimeInputError
+from runtime.cli import main as runtime_main
+
+from conftest import VARIANTS
+from reference import load_reference
+
+PROMPTS = [[456, 40, 300, 17, 250, 99, 3], [12, 7, 310], [5, 80, 300, 41, 7]]
+
+
+@torch.no_grad()
+def transformers_generate(checkpoint, prompts, steps, generation_config, tokenizer_vocab):
+    """transformers' greedy generate on a left-padded batch, ids past the tokenizer suppressed as we do."""
+    reference = load_reference(checkpoint)
+    pad = generation_config["pad_token_id"]
+    longest = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+    reference.generation_config = transformers.GenerationConfig(
+        **{**generation_config, "do_sample": False},
+        suppress_tokens=list(range(tokenizer_vocab, reference.config.vocab_size)),
+    )
+    out = reference.generate(ids, attention_mask=mask, max_new_tokens=steps)[:, longest:].tolist()
+    stops = set(generation_config["eos_token_id"])
+    return [row[: next((i + 1 for i, t in enumerate(row) if t in stops), len(row))] for row in out]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_32_greedy_tokens_equal_transformers_generate(tiny_checkpoint, tiny_artifact, variant):
+    """Batch 1 with the checkpoint's own defaults (repetition penalty 1.05 included, as generate applies it)."""
+    model = Model.load(tiny_artifact(variant))
+    ours = model.generate(PROMPTS[0], max_new_tokens=32, greedy=True)
+    expected = transformers_generate(tiny_checkpoint(variant), PROMPTS[:1], 32, model.generation_config,
+                                     model.manifest.tokenizer_vocab_size)
+    assert ours.output_ids == expected[0] and len(expected[0]) > 1
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_batch_of_three_prompts_of_different_lengths(tiny_checkpoint, tiny_artifact, variant):
+    """Left-padded batch. No repetition penalty here: transformers counts the pad ids of a padded row
+    as seen tokens, which we deliberately do not."""
+    model = Model.load(tiny_artifact(variant))
+    batch = model.generate_batch(PROMPTS, max_new_tokens=32, greedy=True, repetition_penalty=1.0)
+    config = {**model.generation_config, "repetition_penalty": 1.0}
+    expected = transformers_generate(tiny_checkpoint(variant), PROMPTS, 32, config, model.manifest.tokenizer_vocab_size)
+    assert [g.output_ids for g in batch] == expected
+    alone = [model.generate(p, max_new_tokens=32, greedy=True, repetition_penalty=1.0).output_ids for p in PROMPTS]
+    assert [g.output_ids for g in batch] == alone
+
+
+def test_runtime_never_imports_torch(tiny_artifact):
+    artifact = tiny_artifact("moe_shared")
+    script = (
+        "import sys, json\n"
+        "from runtime import Model\n"
+        "from runtime.cli import main\n"
+        f"main(['generate', {str(artifact)!r}, '--prompt', 'Hi', '--max-new-tokens', '4', '--json'])\n"
+        f"list(Model.load({str(artifact)!r}).stream([{{'role': 'user', 'content': 'Hi'}}], max_new_tokens=4))\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'qwen2_export', 'transformers'))))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+    cli = subprocess.run(
+        [sys.executable, "-c", "import sys; from qwen2_export.cli import main; "
+         f"main(['generate', {str(artifact)!r}, '--input-ids', '1,2,3', '--max-new-tokens', '2']); "
+         "assert 'torch' not in sys.modules, 'torch imported'"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert cli.returncode == 0, cli.stderr
+
+
+def test_sampling_is_reproducible_with_a_seed_and_streams_the_same_text(tiny_artifact):
+    model = Model.load(tiny_artifact("yarn"))
+    options = dict(max_new_tokens=24, temperature=1.3, top_k=0, top_p=0.95, seed=11)
+    first, second = model.generate(PROMPTS[0], **options), model.generate(PROMPTS[0], **options)
+    assert first.output_ids == second.output_ids
+    assert model.generate(PROMPTS[0], **{**options, "seed": 12}).output_ids != first.output_ids
+    assert "".join(model.stream(PROMPTS[0], **options)) == first.text
+
+
+def test_chat_turn_with_reused_cache_equals_a_fresh_run(tiny_artifact):
+    model = Model.load(tiny_artifact("moe_shared"))
+    session = model.chat(system="Be brief.")
+    "".join(session.send("Hello", max_new_tokens=5, greedy=True))
+    first_turn_ids = len(session._seen_ids)
+    reply = "".join(session.send("More please", max_new_tokens=5, greedy=True))
+    assert model.last_timings.reused_prompt_tokens == first_turn_ids - 1  # all but the last sampled token
+    second_prompt = session._seen_ids[: len(session._seen_ids) - len(session.last_reply.output_ids)]
+    fresh = model.generate(second_prompt, max_new_tokens=5, greedy=True)
+    assert model.last_timings.reused_prompt_tokens == 0
+    assert fresh.output_ids == session.last_reply.output_ids and fresh.text == reply == session.messages[-1]["content"]
+
+
+def test_stop_token_and_stop_string(tiny_artifact):
+    model = Model.load(tiny_artifact("dense_untied_sharded"))
+    free = model.generate(PROMPTS[1], max_new_tokens=12, greedy=True)
+    assert not set(free.output_ids) & set(model.manifest.stop_token_ids)
+    assert free.finish_reason == "length" and len(free.output_ids) == 12
+    third = free.output_ids[2]
+    stop_text = model.tokenizer.decode(free.output_ids[3:5])
+    original = model.manifest
+    model.manifest = dataclasses.replace(original, stop_token_ids=(third,))
+    stopped = model.generate(PROMPTS[1], max_new_tokens=12, greedy=True)
+    assert stopped.finish_reason == "stop_token" and stopped.output_ids == free.output_ids[: free.output_ids.index(third) + 1]
+    model.manifest = original
+    by_string = model.generate(PROMPTS[1], max_new_tokens=12, greedy=True, stop_strings=(stop_text,))
+    assert by_string.finish_reason == "stop_string" and stop_text in by_string.text
+
+
+def test_prompt_past_the_context_is_refused_before_any_work(tiny_artifact, monkeypatch):
+    model = Model.load(tiny_artifact("dense_tied"))
+    monkeypatch.setattr(model.session, "step", lambda *a: pytest.fail("ran a step"))
+    with pytest.raises(RuntimeInputError, match=r"prompt of 200 tokens \+ max_new_tokens 100 = 300 exceeds the model's context length 256"):
+        model.generate([1] * 200, max_new_tokens=100)
+    with pytest.raises(RuntimeInputError, match="max_new_tokens=0"):
+        model.generate([1], max_new_tokens=0)
+    with pytest.raises(RuntimeInputError, match="vocabulary"):
+        model.generate([100000], max_new_tokens=1)
+
+
+def test_cli_generate_json_and_errors(tiny_artifact, capsys):
+    artifact = str(tiny_artifact("dense_tied"))
+    assert runtime_main(["generate", artifact, "--prompt", "Hello", "--chat", "--system", "Be kind.", "--max-new-tokens", "5", "--greedy", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert len(result["output_ids"]) == 5 and result["timings"]["time_to_first_token_s"] > 0
+    assert result["prompt_ids"][:1] == [457]  # <|im_start|>: the chat template was applied
+    assert runtime_main(["generate", artifact, "--prompt", "x", "--top-p", "1.5"]) == 2
+    assert "top_p=1.5" in capsys.readouterr().err
+    assert runtime_main(["generate", artifact, "--input-ids", "1,x"]) == 2
+    assert runtime_main(["generate", "/nonexistent", "--prompt", "x"]) == 2
+    assert "manifest.json not found" in capsys.readouterr().err
+
+
+def test_cli_chat_session(tiny_artifact):
+    script = "Hello\n/reset\nHi again\nAnd more\n/exit\n"
+    result = subprocess.run([sys.executable, "-m", "runtime", "chat", str(tiny_artifact("moe_shared")), "--greedy", "--max-new-tokens", "4"],
+                            input=script, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("assistant> ") == 3 and "(conversation reset)" in result.stdout
+
+
+def test_cuda_without_onnxruntime_gpu_is_a_clear_error(tiny_artifact):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this machine has CUDA; the error path cannot be shown here")
+    with pytest.raises(RuntimeInputError, match="onnxruntime-gpu"):
+        Model.load(tiny_artifact("dense_tied"), device="cuda")
