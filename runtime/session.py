@@ -26,8 +26,11 @@ class GraphSession:
                 f"onnxruntime here has no {PROVIDERS[device]}; for --device cuda install onnxruntime-gpu "
                 "(pip install 'qwen2-onnx[cuda]') instead of onnxruntime"
             )
-        if graph.kv_layout != "concat":
-            raise RuntimeInputError(f"graph {graph.name!r} uses KV layout {graph.kv_layout!r}, which this runtime does not drive yet")
+        if (graph.kv_layout, graph.padding) != ("concat", "left"):
+            raise RuntimeInputError(
+                f"graph {graph.name!r} uses KV layout {graph.kv_layout!r} with {graph.padding!r} padding; this runtime "
+                "drives the concat layout with left padding (update qwen2-onnx to run this artifact)"
+            )
         options = ort.SessionOptions()
         if not optimize:  # tests switch onnxruntime's own rewrites off so they cannot hide ours
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

@@ -157,3 +157,13 @@ def test_cuda_without_onnxruntime_gpu_is_a_clear_error(tiny_artifact):
         pytest.skip("this machine has CUDA; the error path cannot be shown here")
     with pytest.raises(RuntimeInputError, match="onnxruntime-gpu"):
         Model.load(tiny_artifact("dense_tied"), device="cuda")
+
+
+def test_demo_runs_offline_and_reports_parity(tmp_path):
+    from qwen2_export.demo import run_demo
+
+    lines = []
+    assert run_demo(tmp_path, say=lines.append)
+    report = "\n".join(lines)
+    assert "greedy tokens identical (32 tokens)" in report and "tokens/s" in report
+    assert (tmp_path / "artifact" / "manifest.json").is_file()
