@@ -19,10 +19,27 @@ def _export(args: argparse.Namespace) -> None:
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="torch")
     warnings.filterwarnings("ignore", module="copyreg")
-    export_checkpoint(
-        args.checkpoint, args.output, dtype=args.dtype, force=args.force,
-        progress=lambda message: print(message, file=sys.stderr, flush=True),
-    )
+    say = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    artifact = export_checkpoint(args.checkpoint, args.output, dtype=args.dtype, force=args.force, progress=say)
+    for target in args.target:
+        _optimize_artifact(artifact, target, None, say)
+
+
+def _optimize_artifact(artifact, target: str, dtype: str | None, say) -> None:
+    from graphs.artifact import optimize_artifact
+
+    entry = optimize_artifact(artifact, target, dtype)
+    say(f"optimized for {target}: {entry['file']} (" + ", ".join(f"{p['pass']} x{p['fired']}" for p in entry["passes"]) + ")")
+
+
+def _optimize(args: argparse.Namespace) -> None:
+    _optimize_artifact(args.artifact, args.target, args.dtype, lambda message: print(message, file=sys.stderr))
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from graphs.inspect import describe_artifact
+
+    print(describe_artifact(args.artifact))
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -45,7 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("-o", "--output", required=True, help="artifact folder to create")
     export.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="weights and activations")
     export.add_argument("--force", action="store_true", help="replace an existing artifact folder")
+    export.add_argument("--target", action="append", choices=["cpu", "cuda"], default=[],
+                        help="also write the graph optimized for this device (repeatable)")
     export.set_defaults(run=_export)
+    optimize = commands.add_parser("optimize", help="add the graph optimized for a device to an artifact")
+    optimize.add_argument("artifact")
+    optimize.add_argument("--target", choices=["cpu", "cuda"], required=True)
+    optimize.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                          help="cpu: float32; cuda: float16 (default) or bfloat16")
+    optimize.set_defaults(run=_optimize)
+    inspect = commands.add_parser("inspect", help="print each graph's op histogram, inputs and outputs")
+    inspect.add_argument("artifact")
+    inspect.set_defaults(run=_inspect)
     demo = commands.add_parser("demo", help="build a tiny checkpoint, export it, generate, check parity (offline)")
     demo.add_argument("--workdir", type=Path, help="keep the checkpoint and artifact here (default: a temporary folder)")
     demo.set_defaults(run=_demo)
@@ -62,13 +90,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         from runtime.cli import run_command
 
         return run_command(args)  # without importing the export stage (and torch)
+    from graphs.pipeline import PipelineError
+
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .export import ExportError
 
     try:
         args.run(args)
-    except (ConfigError, CheckpointError, ExportError) as error:
+    except (ConfigError, CheckpointError, ExportError, PipelineError, FileNotFoundError) as error:
         print(f"qwen2-onnx {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

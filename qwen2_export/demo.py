@@ -45,6 +45,7 @@ def torch_greedy(model: torch.nn.Module, prompt: list[int], steps: int, repetiti
 def run_demo(workdir: Path | None = None, steps: int = 32, say: Callable[[str], None] = print) -> bool:
     """Run the demo in `workdir` (a temporary folder by default); True when the parity checks pass."""
     from runtime import Model  # the session loop, exactly as a deployment uses it
+    from runtime.kv_cache import new_cache
 
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(workdir or scratch)
@@ -66,8 +67,9 @@ def run_demo(workdir: Path | None = None, steps: int = 32, say: Callable[[str], 
         reference = load_model(checkpoint, load_config(checkpoint))
         penalty = model.sampling(greedy=True).repetition_penalty
         expected, first_row = torch_greedy(reference, prompt, len(result.output_ids), penalty, model.manifest.tokenizer_vocab_size)
+        cache = new_cache(model.manifest, model.session.graph, 1, "cpu", len(prompt))
         session_row = model.session.step(np.array([prompt]), np.ones((1, len(prompt)), np.int64),
-                                         np.arange(len(prompt))[None], _empty(model, 1))[0]
+                                         np.arange(len(prompt))[None], cache)[0]
         vocab = model.manifest.tokenizer_vocab_size
         difference = float(np.abs(session_row[:vocab] - first_row[:vocab]).max())
         same = expected == result.output_ids
@@ -75,9 +77,3 @@ def run_demo(workdir: Path | None = None, steps: int = 32, say: Callable[[str], 
             f"({len(expected)} tokens), max |logit difference| {difference:.2e}")
         say(f"done in {time.perf_counter() - started:.1f}s")
         return same and difference < 1e-4
-
-
-def _empty(model, batch: int):
-    from runtime.kv_cache import empty_cache
-
-    return empty_cache(model.manifest, batch, "cpu")

@@ -89,6 +89,17 @@ QWEN2_7B = {
     "max_window_layers": 28,
     "torch_dtype": "bfloat16",
 }
+QWEN2_0_5B = {
+    **QWEN2_7B,
+    "vocab_size": 151936,
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "max_window_layers": 24,
+    "tie_word_embeddings": True,
+}
 QWEN2_57B_A14B = {
     **QWEN2_7B,
     **_MOE,

@@ -37,13 +37,16 @@ class Model:
     last_timings: Timings = field(default_factory=Timings)
 
     @classmethod
-    def load(cls, artifact: str | Path, device: str = "cpu", chat_template: str | Path | None = None, optimize: bool = True) -> "Model":
-        """Open an exported artifact on `device` ("cpu" or "cuda"); `chat_template` overrides the checkpoint's."""
+    def load(cls, artifact: str | Path, device: str = "cpu", chat_template: str | Path | None = None,
+             optimize: bool = True, graph: str | None = None) -> "Model":
+        """Open an exported artifact on `device` ("cpu" or "cuda"), using the graph optimized for that device
+        when the artifact has one (`graph` names another, e.g. "portable"); `chat_template` overrides the
+        checkpoint's; `optimize=False` switches onnxruntime's own graph rewrites off."""
         manifest = load_manifest(artifact)
         generation_path = manifest.artifact / "generation_config.json"
         return cls(
             manifest=manifest,
-            session=GraphSession(manifest.graph_for(device), device, optimize=optimize),
+            session=GraphSession(manifest.graph_for(device, graph), device, optimize=optimize),
             tokenizer=TextTokenizer(manifest.artifact / "tokenizer.json"),
             chat_template=load_chat_template(manifest.artifact, chat_template),
             generation_config=json.loads(generation_path.read_text()) if generation_path.is_file() else {},

@@ -1,8 +1,7 @@
 """The generation loop: prefill, then decode token by token, sample, stop.
 
-Prompts of different lengths are left-padded (the portable graph's contract in the manifest): mask 0
-on the pads and position ids counting real tokens only, as transformers does. Finished rows keep
-stepping with the pad token until every row is done.
+Prompts of different lengths are padded as the graph's manifest entry says (padding.py); finished rows
+keep stepping with the pad token until every row is done.
 """
 
 from __future__ import annotations
@@ -14,11 +13,15 @@ from typing import Iterator
 import numpy as np
 
 from .errors import RuntimeInputError
-from .kv_cache import KVCache, empty_cache
+from .kv_cache import KVCache, new_cache
 from .manifest import Manifest
+from .padding import PADDINGS
 from .sampling import SamplingConfig, choose_tokens
 from .session import GraphSession
 from .tokenizer import TextTokenizer
+
+
+CAPACITY_STEP = 512  # shared KV buffers are allocated in multiples of this many positions
 
 
 @dataclass
@@ -62,14 +65,18 @@ class DecodeLoop:
         self.stop_strings = tuple(stop_strings)
         self.generations = [Generation(list(prompt)) for prompt in prompts]
         self.timings = Timings()
-        reuse = cache.reusable_prefix(prompts[0]) if cache is not None and len(prompts) == 1 else 0
-        self.cache = cache if reuse else empty_cache(manifest, len(prompts), session.device)
+        needed = max(len(prompt) for prompt in prompts) + max_new_tokens
+        # shared buffers get headroom, so a chat's next turns usually fit and reuse them
+        capacity = min(manifest.context_length, -(-needed // CAPACITY_STEP) * CAPACITY_STEP)
+        reuse = cache.reusable_prefix(prompts[0], needed) if cache is not None and len(prompts) == 1 else 0
+        self.cache = cache if reuse else new_cache(manifest, session.graph, len(prompts), session.device, capacity)
         self.timings.reused_prompt_tokens = reuse
+        self.padding = PADDINGS[session.graph.padding](manifest.pad_token_id)
 
     def __iter__(self) -> Iterator[list[int | None]]:
         rng = np.random.default_rng(self.sampling.seed)
         started = time.perf_counter()
-        ids, mask, positions = self._prefill_inputs()
+        ids, mask, positions = self.padding.prefill(self.prompts, self.timings.reused_prompt_tokens)
         seen = [np.array(prompt, dtype=np.int64) for prompt in self.prompts]
         done = [False] * len(self.prompts)
         for step in range(self.max_new_tokens):
@@ -91,30 +98,13 @@ class DecodeLoop:
             yield new
             if all(done):
                 break
-            next_tokens = [self.manifest.pad_token_id if t is None else t for t in new]
-            ids = np.array(next_tokens, dtype=np.int64)[:, None]
-            mask = np.concatenate([mask, np.ones((len(mask), 1), np.int64)], axis=1)
-            positions = positions[:, -1:] + 1
+            ids, mask, positions = self.padding.decode([self.manifest.pad_token_id if t is None else t for t in new])
         for generation in self.generations:
             generation.finish_reason = generation.finish_reason or "length"
             generation.text = self.tokenizer.decode(generation.output_ids)
         self.timings.decode_s = time.perf_counter() - started - self.timings.time_to_first_token_s
         # the last sampled token was never fed, so the cache holds everything before it
         self.cache.tokens = [g.prompt_ids + g.output_ids[:-1] for g in self.generations]
-
-    def _prefill_inputs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        reused = self.timings.reused_prompt_tokens
-        if reused:  # batch 1 continuing a cached conversation
-            prompt = self.prompts[0]
-            ids = np.array([prompt[reused:]], dtype=np.int64)
-            return ids, np.ones((1, len(prompt)), np.int64), np.arange(reused, len(prompt), dtype=np.int64)[None]
-        longest = max(len(prompt) for prompt in self.prompts)
-        ids = np.full((len(self.prompts), longest), self.manifest.pad_token_id, dtype=np.int64)
-        mask = np.zeros_like(ids)
-        for row, prompt in enumerate(self.prompts):
-            ids[row, longest - len(prompt) :] = prompt
-            mask[row, longest - len(prompt) :] = 1
-        return ids, mask, np.maximum(mask.cumsum(axis=1) - 1, 0)
 
     def _record(self, generation: Generation, token: int) -> bool:
         """Append `token`; True when the row is finished."""

@@ -24,6 +24,7 @@ class GraphInfo:
     padding: str
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
+    activation_dtype: str | None = None  # KV and activations, when it differs from the artifact's dtype
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,13 @@ class Manifest:
     tokenizer_vocab_size: int
     raw: dict[str, Any]
 
-    def graph_for(self, device: str) -> GraphInfo:
-        """The graph made for `device`, else the portable one."""
+    def graph_for(self, device: str, name: str | None = None) -> GraphInfo:
+        """The graph called `name`, else the one made for `device`, else the portable one."""
+        if name is not None:
+            for graph in self.graphs:
+                if graph.name == name:
+                    return graph
+            raise RuntimeInputError(f"{self.artifact} has no graph {name!r}; it has {[g.name for g in self.graphs]}")
         for graph in self.graphs:
             if graph.target == device:
                 return graph
@@ -74,6 +80,7 @@ def load_manifest(artifact: str | Path) -> Manifest:
             padding=g["padding"],
             input_names=tuple(spec["name"] for spec in g["inputs"]),
             output_names=tuple(spec["name"] for spec in g["outputs"]),
+            activation_dtype=g.get("activation_dtype"),
         )
         for g in raw["graphs"]
     )

@@ -15,6 +15,7 @@ from .kv_cache import KVCache
 from .manifest import GraphInfo
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+SUPPORTED_CONTRACTS = {("concat", "left"), ("shared_buffer", "right")}
 
 
 class GraphSession:
@@ -26,10 +27,10 @@ class GraphSession:
                 f"onnxruntime here has no {PROVIDERS[device]}; for --device cuda install onnxruntime-gpu "
                 "(pip install 'qwen2-onnx[cuda]') instead of onnxruntime"
             )
-        if (graph.kv_layout, graph.padding) != ("concat", "left"):
+        if (graph.kv_layout, graph.padding) not in SUPPORTED_CONTRACTS:
             raise RuntimeInputError(
-                f"graph {graph.name!r} uses KV layout {graph.kv_layout!r} with {graph.padding!r} padding; this runtime "
-                "drives the concat layout with left padding (update qwen2-onnx to run this artifact)"
+                f"graph {graph.name!r} uses KV layout {graph.kv_layout!r} with {graph.padding!r} padding, which this "
+                f"runtime does not drive (it knows {sorted(SUPPORTED_CONTRACTS)}); update qwen2-onnx"
             )
         options = ort.SessionOptions()
         if not optimize:  # tests switch onnxruntime's own rewrites off so they cannot hide ours
@@ -38,20 +39,26 @@ class GraphSession:
         self.device = device
         self.graph = graph
         self.session = ort.InferenceSession(str(graph.path), options, providers=providers)
-        self._present_names = [name for name in graph.output_names if name != "logits"]
 
-    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: KVCache) -> np.ndarray:
-        """Run one call; returns the last position's logits [B, V] (float32, host) and advances `cache`."""
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray | None,
+             cache: KVCache) -> np.ndarray:
+        """Run one call; returns the logits of each row's last token [B, V] (float32, host) and advances `cache`."""
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
-        binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        if "position_ids" in self.graph.input_names:
+            binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
         for name, value in zip(cache.past_names(), cache.values):
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")
-        for name in self._present_names:
-            binding.bind_output(name, self.device, 0)
+        shared = cache.layout == "shared_buffer"
+        for name, value in zip(cache.present_names(), cache.values):
+            if shared:  # the op writes the new keys and values into the past buffer itself
+                binding.bind_ortvalue_output(name, value)
+            else:
+                binding.bind_output(name, self.device, 0)
         self.session.run_with_iobinding(binding)
         logits, *presents = binding.get_outputs()
-        cache.values = presents
+        if not shared:
+            cache.values = presents
         return logits.numpy()[:, -1, :].astype(np.float32)

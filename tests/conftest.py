@@ -46,3 +46,23 @@ def tiny_artifact(tmp_path_factory, tiny_checkpoint) -> Callable[..., Path]:
         return built[variant, dtype]
 
     return build
+
+
+@pytest.fixture(scope="session")
+def tiny_optimized(tmp_path_factory, tiny_artifact) -> Callable[..., Path]:
+    """tiny_optimized(variant, target="cpu") -> a copy of the fp32 artifact with onnx/model_{target}.onnx."""
+    import shutil
+
+    from graphs.artifact import optimize_artifact
+
+    built: dict[tuple[str, str], Path] = {}
+
+    def build(variant: str, target: str = "cpu") -> Path:
+        if (variant, target) not in built:
+            folder = tmp_path_factory.mktemp("optimized") / f"{variant}-{target}"
+            shutil.copytree(tiny_artifact(variant), folder)
+            optimize_artifact(folder, target)
+            built[variant, target] = folder
+        return built[variant, target]
+
+    return build

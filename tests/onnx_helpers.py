@@ -32,8 +32,11 @@ def empty_cache(manifest: dict, batch: int) -> dict[str, np.ndarray]:
 
 
 def run_step(session, cache: dict, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray):
-    """One graph call; returns (logits, the next step's cache built from present.*)."""
+    """One graph call; returns (logits, the next step's cache built from present.*). Graphs without a
+    position_ids input (GroupQueryAttention derives positions) simply do not get it."""
     feed = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, **cache}
+    wanted = {i.name for i in session.get_inputs()}
+    feed = {name: value for name, value in feed.items() if name in wanted}
     names = [o.name for o in session.get_outputs()]
     outputs = dict(zip(names, session.run(None, feed)))
     next_cache = {name.replace("present", "past_key_values"): value for name, value in outputs.items() if name != "logits"}

@@ -1,0 +1,1 @@
+"""One fused op per module, each as find -> check -> build."""

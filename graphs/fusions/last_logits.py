@@ -1,0 +1,64 @@
+"""Compute logits only for each row's last real token.
+
+Before:   hidden [B, S, D] --final norm--> --lm_head--> logits [B, S, V]
+After:    hidden --GatherND(batch_dims=1, index_b)--> [B, D] --Unsqueeze--> [B, 1, D] --final norm--> --lm_head--> [B, 1, V]
+
+With right padding, row b's last new token sits at index min(seqlens_k[b], S - 1): seqlens_k[b] in a
+first prompt (lengths differ), S - 1 = 0 in a decode step, S - 1 in a continued prompt (batch 1).
+A 4k-token prompt with a 152k vocabulary thus never materialises [S, V] logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from ..attention_inputs import AttentionLengths
+from ..build import add_node, constant
+from ..facts import ModelFacts
+from ..regions import nodes_in_scope, region_of
+
+NAME = "last_token_logits"
+
+
+@dataclass(frozen=True)
+class FinalHidden:
+    hidden: ir.Value  # [B, S, D], input of the final norm
+    consumers: tuple[ir.Node, ...]  # final-norm nodes reading it
+    logits: ir.Value
+
+
+def find(graph: ir.Graph, facts: ModelFacts) -> list[list[ir.Node]]:
+    nodes = nodes_in_scope(graph, "model.norm")
+    return [nodes] if nodes else []
+
+
+def check(graph: ir.Graph, nodes: list[ir.Node], facts: ModelFacts) -> FinalHidden | str:
+    region = region_of(nodes)
+    logits = [v for v in graph.outputs if v.name == "logits"]
+    if len(region.inputs) != 1 or not logits:
+        return "final norm does not read exactly one activation, or the graph has no logits output"
+    hidden = region.inputs[0]
+    consumers = tuple(user for user, _ in hidden.uses() if user in set(nodes))
+    return FinalHidden(hidden, consumers, logits[0])
+
+
+def build(graph: ir.Graph, found: list[FinalHidden], facts: ModelFacts, lengths: AttentionLengths) -> None:
+    for final in found:
+        input_ids = next(v for v in graph.inputs if v.name == "input_ids")
+        one = constant(graph, "last_token/one", np.array(1, np.int64))
+        axis = constant(graph, "last_token/axis_1", np.array([1], np.int64))
+        (shape,) = add_node(graph, "Shape", [input_ids], {"start": 1, "end": 2}, name="last_token/new_tokens")
+        (new_tokens,) = add_node(graph, "Squeeze", [shape], name="last_token/new_tokens_scalar")
+        (last_new,) = add_node(graph, "Sub", [new_tokens, one], name="last_token/last_new_index")
+        (index,) = add_node(graph, "Min", [lengths.seqlens_k_int64, last_new], name="last_token/index")
+        (index_b1,) = add_node(graph, "Unsqueeze", [index, axis], name="last_token/index_b1")
+        (gathered,) = add_node(graph, "GatherND", [final.hidden, index_b1], {"batch_dims": 1}, name="last_token/GatherND")
+        (hidden_last,) = add_node(graph, "Unsqueeze", [gathered, axis], name="last_token/hidden")
+        for node in final.consumers:
+            for position, value in enumerate(node.inputs):
+                if value is final.hidden:
+                    node.replace_input_with(position, hidden_last)
+        final.logits.shape = ir.Shape([ir.SymbolicDim("batch_size"), 1, final.logits.shape[-1]])

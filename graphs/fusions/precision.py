@@ -1,0 +1,47 @@
+"""Change the graph's float type (fp32 -> fp16/bf16 for CUDA, or back to fp32 for CPU).
+
+Weights, KV cache and activations take the new type; the logits output stays fp32 (a Cast before
+the output) so sampling sees full-precision scores. Statistics that need fp32 are already inside the
+fused ops (SimplifiedLayerNormalization's stash_type=1, GroupQueryAttention's softmax, MoE's routing).
+Casts to a float type inside the graph follow the new type.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from ..build import add_node, replace_graph_output
+
+NAME = "precision"
+FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+
+
+def convert_float_type(graph: ir.Graph, target: ir.DataType) -> int:
+    """Returns how many initializers changed type."""
+    changed = 0
+    for value in list(graph.initializers.values()):
+        tensor = value.const_value
+        if tensor.dtype in FLOATS and tensor.dtype != target:
+            value.const_value = ir.LazyTensor(
+                lambda t=tensor: ir.Tensor(t.numpy().astype(target.numpy())), target, tensor.shape, name=value.name
+            )
+            value.type = ir.TensorType(target)
+            changed += 1
+    for node in graph:
+        if node.op_type == "Cast" and node.attributes["to"].value in FLOATS:
+            node.attributes["to"] = ir.AttrInt64("to", target)
+        for value in node.outputs:
+            if value.dtype in FLOATS:
+                value.type = ir.TensorType(target)
+    for value in graph.inputs:
+        if value.dtype in FLOATS:
+            value.type = ir.TensorType(target)
+    logits = next(v for v in graph.outputs if v.name == "logits")
+    for value in graph.outputs:
+        if value.dtype in FLOATS and value is not logits:
+            value.type = ir.TensorType(target)
+    if target != ir.DataType.FLOAT:
+        (fp32_logits,) = add_node(graph, "Cast", [logits], {"to": ir.DataType.FLOAT}, name="lm_head/logits_fp32")
+        fp32_logits.type = ir.TensorType(ir.DataType.FLOAT)
+        replace_graph_output(graph, logits, fp32_logits)
+    return changed

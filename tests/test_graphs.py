@@ -1,0 +1,220 @@
+"""graphs/: each fusion alone (structure and numbers) and the whole pipeline, on the tiny variants.
+
+onnxruntime's own graph optimizations are off in every session here, so its fusions cannot hide ours.
+"""
+
+import collections
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from graphs.artifact import write_graph
+from graphs.fusions.moe import interleave_gate_up
+from graphs.pipeline import PipelineError, optimize
+from runtime import Model
+from runtime.kv_cache import new_cache
+from runtime.manifest import load_manifest
+from runtime.padding import RightPadding
+from runtime.session import GraphSession
+
+from conftest import VARIANTS
+from onnx_helpers import empty_cache, open_session, run_step
+from test_runtime import PROMPTS, transformers_generate
+
+TOLERANCE = 1e-4  # fp32, fused graph vs portable graph
+
+
+def histogram(path: Path) -> collections.Counter:
+    return collections.Counter(node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def partially_optimized(artifact: Path, tmp_path: Path, only: tuple[str, ...], target: str = "cpu", dtype=None) -> Path:
+    """The portable graph with just the fusions in `only`, saved beside the portable one."""
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    model = ir.load(artifact / "onnx/model.onnx")
+    optimize(model, manifest, target, dtype, only=only)
+    path = artifact / "onnx" / f"partial_{'_'.join(only)}.onnx".replace("/", "")
+    write_graph(model, path, path.stem + ".onnx_data")
+    return path
+
+
+def session_for(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def last_logits_per_step(session, manifest, ids: np.ndarray, prefill: int) -> list[np.ndarray]:
+    """Batch-1 prefill then single-token steps, feeding present.* back as past (both graphs accept it)."""
+    past_type = next(i.type for i in session.get_inputs() if i.name.startswith("past"))
+    cache = {name: value.astype(np.float16 if "float16" in past_type else np.float32)
+             for name, value in empty_cache(manifest, 1).items()}
+    logits, cache = run_step(session, cache, ids[:, :prefill], np.ones((1, prefill), np.int64), np.arange(prefill)[None])
+    rows = [logits[:, -1]]
+    for position in range(prefill, ids.shape[1]):
+        logits, cache = run_step(session, cache, ids[:, position : position + 1], np.ones((1, position + 1), np.int64),
+                                 np.array([[position]]))
+        rows.append(logits[:, -1])
+    return [row.astype(np.float32) for row in rows]
+
+
+def assert_same_numbers(artifact: Path, fused: Path, tolerance: float = TOLERANCE) -> None:
+    portable, manifest = open_session(artifact)
+    ids = np.random.default_rng(3).integers(0, 456, size=(1, 14))
+    expected = last_logits_per_step(portable, manifest, ids, prefill=10)
+    for ours, reference in zip(last_logits_per_step(session_for(fused), manifest, ids, prefill=10), expected):
+        np.testing.assert_allclose(ours, reference, rtol=0, atol=tolerance)
+
+
+FUSION_CASES = [
+    # (fusions run, variant, op that must appear, ops that must be gone); every case but the logits one
+    # must also shrink the graph (the packed ones: the number of MatMul/Gemm nodes)
+    (("GroupQueryAttention",), "sliding_window", "GroupQueryAttention", {"Softmax", "Sin", "Cos"}),
+    (("GroupQueryAttention",), "yarn", "GroupQueryAttention", {"Softmax", "Sin", "Cos"}),
+    (("last_token_logits",), "dense_untied_sharded", "GatherND", set()),
+    (("MoE",), "moe_mlp_only_norm", "MoE", {"TopK", "ScatterElements"}),
+    (("GroupQueryAttention", "packed_qkv"), "dense_tied", "GroupQueryAttention", set()),
+    (("packed_gate_up",), "moe_shared", "Split", set()),
+    (("SimplifiedLayerNormalization",), "dense_tied", "SimplifiedLayerNormalization", {"ReduceMean", "Pow"}),
+    (("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"), "dense_untied_sharded",
+     "SkipSimplifiedLayerNormalization", {"ReduceMean", "Pow"}),
+]
+
+
+@pytest.mark.parametrize("only, variant, present, gone", FUSION_CASES, ids=lambda c: "+".join(c) if isinstance(c, tuple) else None)
+def test_each_fusion_alone(tiny_artifact, tmp_path, only, variant, present, gone):
+    artifact = Path(tmp_path / "artifact")
+    import shutil
+
+    shutil.copytree(tiny_artifact(variant), artifact)
+    before, fused = histogram(artifact / "onnx/model.onnx"), partially_optimized(artifact, tmp_path, only)
+    after = histogram(fused)
+    assert after[present] > before[present]
+    assert not gone & set(after), f"left over: {gone & set(after)}"
+    if "packed_gate_up" in only:
+        assert after["MatMul"] + after["Gemm"] < before["MatMul"] + before["Gemm"]
+    elif only != ("last_token_logits",):  # the one pass that adds nodes (and removes S x V work)
+        assert sum(after.values()) < sum(before.values())
+    else:
+        logits = session_for(fused).get_outputs()[0]
+        assert logits.shape == ["batch_size", 1, 512]
+    assert_same_numbers(artifact, fused)
+
+
+def test_packed_qkv_uses_one_matmul_per_layer(tiny_artifact, tmp_path):
+    import shutil
+
+    artifact = shutil.copytree(tiny_artifact("dense_untied_sharded"), tmp_path / "a")
+    attention_only = histogram(partially_optimized(artifact, tmp_path, ("GroupQueryAttention",)))
+    packed = histogram(partially_optimized(artifact, tmp_path, ("GroupQueryAttention", "packed_qkv")))
+    assert attention_only["MatMul"] - packed["MatMul"] == 2 * 3  # three layers, three projections -> one
+
+
+def test_interleave_gate_up_pins_the_layout():
+    gate = np.arange(6).reshape(1, 3, 2)  # E=1, I=3, D=2
+    up = 100 + np.arange(6).reshape(1, 3, 2)
+    out = interleave_gate_up(np.concatenate([gate, up], axis=1))
+    assert out[0, :, 0].tolist() == [0, 100, 2, 102, 4, 104]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_full_pipeline_structure(tiny_optimized, variant):
+    artifact = tiny_optimized(variant)
+    manifest = load_manifest(artifact)
+    graph = manifest.graph_for("cpu")
+    layers, sparse = manifest.num_layers, len(manifest.raw["model"]["moe"]["sparse_layers"]) if manifest.raw["model"]["moe"] else 0
+    ops = histogram(graph.path)
+    assert ops["GroupQueryAttention"] == layers and ops["MoE"] == sparse
+    assert ops["SkipSimplifiedLayerNormalization"] == 2 * layers - 1 and ops["SimplifiedLayerNormalization"] == 2
+    assert not {"Softmax", "ReduceMean", "TopK", "Cos", "Sin", "Where"} & set(ops)
+    assert "position_ids" not in graph.input_names
+    entry = next(g for g in manifest.raw["graphs"] if g["name"] == "optimized-cpu")
+    assert entry["outputs"][0]["dims"] == ["batch_size", 1, 512]
+    assert all(p["fired"] == p["expected"] for p in entry["passes"])
+    assert (entry["kv_cache"]["layout"], entry["padding"], entry["logits"]) == ("shared_buffer", "right", "last_token")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_optimized_graph_matches_portable(tiny_optimized, variant):
+    """Through the runtime's own session and KV buffers (shared buffer, right padding)."""
+    artifact = tiny_optimized(variant)
+    manifest = load_manifest(artifact)
+    portable, manifest_raw = open_session(artifact)
+    ids = np.random.default_rng(4).integers(0, 456, size=(1, 14))
+    expected = last_logits_per_step(portable, manifest_raw, ids, prefill=10)
+    session = GraphSession(manifest.graph_for("cpu"), "cpu", optimize=False)
+    cache = new_cache(manifest, session.graph, 1, "cpu", capacity=16)
+    padding = RightPadding(manifest.pad_token_id)
+    rows = [session.step(*padding.prefill([ids[0, :10].tolist()], 0), cache)]
+    for position in range(10, 14):
+        rows.append(session.step(*padding.decode([int(ids[0, position])]), cache))
+    for ours, reference in zip(rows, expected):
+        np.testing.assert_allclose(ours[0], reference[0], rtol=0, atol=TOLERANCE)
+
+
+@pytest.mark.parametrize("variant", ["dense_untied_sharded", "yarn", "sliding_window", "moe_shared"])
+def test_32_greedy_tokens_through_the_optimized_graph_equal_transformers(tiny_checkpoint, tiny_optimized, variant):
+    model = Model.load(tiny_optimized(variant), optimize=False)
+    assert model.session.graph.name == "optimized-cpu"
+    ours = model.generate(PROMPTS[0], max_new_tokens=32, greedy=True)
+    expected = transformers_generate(tiny_checkpoint(variant), PROMPTS[:1], 32, model.generation_config,
+                                     model.manifest.tokenizer_vocab_size)
+    assert ours.output_ids == expected[0]
+    batch = model.generate_batch(PROMPTS, max_new_tokens=32, greedy=True, repetition_penalty=1.0)  # right-padded
+    config = {**model.generation_config, "repetition_penalty": 1.0}
+    assert [g.output_ids for g in batch] == transformers_generate(tiny_checkpoint(variant), PROMPTS, 32, config,
+                                                                  model.manifest.tokenizer_vocab_size)
+
+
+def test_chat_reuses_the_shared_buffer(tiny_optimized):
+    model = Model.load(tiny_optimized("moe_shared"), optimize=False)
+    session = model.chat()
+    "".join(session.send("Hello", max_new_tokens=4, greedy=True))
+    first_turn = len(session._seen_ids)
+    "".join(session.send("More", max_new_tokens=4, greedy=True))
+    assert model.last_timings.reused_prompt_tokens == first_turn - 1
+    second_prompt = session._seen_ids[: len(session._seen_ids) - len(session.last_reply.output_ids)]
+    fresh = model.generate(second_prompt, max_new_tokens=4, greedy=True)
+    assert fresh.output_ids == session.last_reply.output_ids
+
+
+def test_cuda_graph_in_fp16_runs_on_cpu_for_a_dense_model(tiny_artifact, tmp_path):
+    """The fp16 graph made for CUDA, checked on onnxruntime CPU (which has fp16 GQA and norm kernels)."""
+    import shutil
+
+    from graphs.artifact import optimize_artifact
+
+    artifact = shutil.copytree(tiny_artifact("dense_untied_sharded"), tmp_path / "a")
+    entry = optimize_artifact(artifact, "cuda")
+    assert entry["activation_dtype"] == "float16" and entry["outputs"][0]["dtype"] == "float32"
+    assert_same_numbers(artifact, artifact / entry["file"], tolerance=0.1)
+
+
+def test_a_pass_that_cannot_fire_names_itself(tiny_artifact):
+    manifest = json.loads((tiny_artifact("dense_tied") / "manifest.json").read_text())
+    manifest["model"]["num_hidden_layers"] = 3  # the graph has two
+    model = ir.load(tiny_artifact("dense_tied") / "onnx/model.onnx")
+    with pytest.raises(PipelineError, match="GroupQueryAttention fired 2 times, expected 3"):
+        optimize(model, manifest, "cpu")
+    with pytest.raises(PipelineError, match="float16"):
+        optimize(ir.load(tiny_artifact("dense_tied") / "onnx/model.onnx"), manifest, "cpu", "float16")
+
+
+GOLDEN = json.loads((Path(__file__).parent / "data" / "golden_cpu_histograms.json").read_text())
+
+
+@pytest.mark.parametrize("variant", sorted(GOLDEN))
+def test_op_histogram_against_the_reviewed_golden_file(tiny_optimized, variant):
+    """Counts may not grow; when one shrinks by more than a quarter, review and update the golden file."""
+    from graphs.inspect import op_histogram
+
+    ops, golden = op_histogram(tiny_optimized(variant) / "onnx/model_cpu.onnx"), GOLDEN[variant]
+    grown = {op: (golden.get(op, 0), count) for op, count in ops.items() if count > golden.get(op, 0)}
+    assert not grown, f"op counts grew (golden, now): {grown}"
+    shrunk = {op: (count, ops.get(op, 0)) for op, count in golden.items() if ops.get(op, 0) < 0.75 * count}
+    assert not shrunk, f"op counts shrank a lot (golden, now): {shrunk}; update tests/data/golden_cpu_histograms.json"
