@@ -5,6 +5,7 @@ onnxruntime's own graph optimizations are off in every session here, so its fusi
 
 import collections
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
-from graphs.artifact import write_graph
+from graphs.artifact import optimize_artifact, write_graph
 from graphs.fusions.moe import interleave_gate_up
 from graphs.pipeline import PipelineError, optimize
 from runtime import Model
@@ -88,10 +89,7 @@ FUSION_CASES = [
 
 @pytest.mark.parametrize("only, variant, present, gone", FUSION_CASES, ids=lambda c: "+".join(c) if isinstance(c, tuple) else None)
 def test_each_fusion_alone(tiny_artifact, tmp_path, only, variant, present, gone):
-    artifact = Path(tmp_path / "artifact")
-    import shutil
-
-    shutil.copytree(tiny_artifact(variant), artifact)
+    artifact = shutil.copytree(tiny_artifact(variant), tmp_path / "artifact")
     before, fused = histogram(artifact / "onnx/model.onnx"), partially_optimized(artifact, tmp_path, only)
     after = histogram(fused)
     assert after[present] > before[present]
@@ -107,8 +105,6 @@ def test_each_fusion_alone(tiny_artifact, tmp_path, only, variant, present, gone
 
 
 def test_packed_qkv_uses_one_matmul_per_layer(tiny_artifact, tmp_path):
-    import shutil
-
     artifact = shutil.copytree(tiny_artifact("dense_untied_sharded"), tmp_path / "a")
     attention_only = histogram(partially_optimized(artifact, tmp_path, ("GroupQueryAttention",)))
     packed = histogram(partially_optimized(artifact, tmp_path, ("GroupQueryAttention", "packed_qkv")))
@@ -185,10 +181,6 @@ def test_chat_reuses_the_shared_buffer(tiny_optimized):
 
 def test_cuda_graph_in_fp16_runs_on_cpu_for_a_dense_model(tiny_artifact, tmp_path):
     """The fp16 graph made for CUDA, checked on onnxruntime CPU (which has fp16 GQA and norm kernels)."""
-    import shutil
-
-    from graphs.artifact import optimize_artifact
-
     artifact = shutil.copytree(tiny_artifact("dense_untied_sharded"), tmp_path / "a")
     entry = optimize_artifact(artifact, "cuda")
     assert entry["activation_dtype"] == "float16" and entry["outputs"][0]["dtype"] == "float32"
