@@ -80,7 +80,7 @@ def optimize(model: ir.Model, manifest: dict[str, Any], target: str, dtype: str 
             f"{r.name} fired {r.fired} times, expected {r.expected}" + (f" (rejected: {r.rejected[0]})" if r.rejected else "")
             for r in failed
         ))
-    converted = precision.convert_float_type(graph, IR_FLOAT_TYPES[dtype]) if manifest["dtype"] != dtype else 0
+    converted = precision.set_float_type(graph, IR_FLOAT_TYPES[dtype])
     reports.append(PassReport(precision.NAME, converted, converted, ()))
     for value in list(graph.inputs):  # GroupQueryAttention derives positions from seqlens_k
         if not value.uses():

@@ -187,6 +187,16 @@ def test_cuda_graph_in_fp16_runs_on_cpu_for_a_dense_model(tiny_artifact, tmp_pat
     assert_same_numbers(artifact, artifact / entry["file"], tolerance=0.1)
 
 
+def test_graph_exported_in_fp16_still_returns_fp32_logits(tiny_artifact):
+    artifact = tiny_artifact("dense_tied", "fp16")
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    model = ir.load(artifact / "onnx/model.onnx")
+    reports = optimize(model, manifest, "cuda", "float16")
+    logits = next(v for v in model.graph.outputs if v.name == "logits")
+    assert logits.dtype == ir.DataType.FLOAT and logits.producer().op_type == "Cast"
+    assert reports[-1].fired == 0  # nothing to convert: the weights were exported in fp16
+
+
 def test_a_pass_that_cannot_fire_names_itself(tiny_artifact):
     manifest = json.loads((tiny_artifact("dense_tied") / "manifest.json").read_text())
     manifest["model"]["num_hidden_layers"] = 3  # the graph has two

@@ -87,7 +87,10 @@ def cuda_only_assignment(graph: Path) -> str:
     try:
         ort.InferenceSession(str(graph), options, providers=["CUDAExecutionProvider"])
         return "ok"
-    except Exception as error:  # report the reason; the script goes on
+    except Exception as error:  # report the reason and where nodes went; the script goes on
+        verbose = ort.SessionOptions()
+        verbose.log_severity_level = 1  # onnxruntime then logs each provider's node placements
+        ort.InferenceSession(str(graph), verbose, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
         return str(error)[:400]
 
 

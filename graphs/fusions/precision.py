@@ -16,8 +16,9 @@ NAME = "precision"
 FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
 
-def convert_float_type(graph: ir.Graph, target: ir.DataType) -> int:
-    """Returns how many initializers changed type."""
+def set_float_type(graph: ir.Graph, target: ir.DataType) -> int:
+    """Convert every float to `target` (when it differs) and keep the logits output fp32; returns how
+    many initializers changed type."""
     changed = 0
     for value in list(graph.initializers.values()):
         tensor = value.const_value
@@ -40,8 +41,14 @@ def convert_float_type(graph: ir.Graph, target: ir.DataType) -> int:
     for value in graph.outputs:
         if value.dtype in FLOATS and value is not logits:
             value.type = ir.TensorType(target)
-    if target != ir.DataType.FLOAT:
+    # an fp16/bf16 graph (converted here or exported so) still hands fp32 logits to sampling
+    if target != ir.DataType.FLOAT and logits.producer() is not None and not _is_fp32_cast(logits.producer()):
+        logits.type = ir.TensorType(target)
         (fp32_logits,) = add_node(graph, "Cast", [logits], {"to": ir.DataType.FLOAT}, name="lm_head/logits_fp32")
         fp32_logits.type = ir.TensorType(ir.DataType.FLOAT)
         replace_graph_output(graph, logits, fp32_logits)
     return changed
+
+
+def _is_fp32_cast(node: ir.Node) -> bool:
+    return node.op_type == "Cast" and node.attributes["to"].value == ir.DataType.FLOAT
