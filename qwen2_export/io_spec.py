@@ -43,7 +43,7 @@ def graph_inputs(config: Qwen2Config, dtype: torch.dtype) -> list[TensorSpec]:
 def graph_outputs(config: Qwen2Config, dtype: torch.dtype) -> list[TensorSpec]:
     kv_dims = ("batch_size", config.num_key_value_heads, "total_sequence_length", config.head_dim)
     return [
-        TensorSpec("logits", dtype, ("batch_size", "sequence_length", config.vocab_size)),
+        TensorSpec("logits", torch.float32, ("batch_size", "sequence_length", config.vocab_size)),
         *(TensorSpec(name, dtype, kv_dims) for name in kv_names(config.num_hidden_layers, "present")),
     ]
 

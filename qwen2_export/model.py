@@ -220,7 +220,7 @@ class Qwen2ForCausalLM(nn.Module):
     """forward(input_ids, attention_mask, position_ids, *past) -> (logits, *present).
 
     input_ids, position_ids [B, S] int64; attention_mask [B, T] int64 (1 = token, 0 = padding);
-    past: key_0, value_0, key_1, ... each [B, Hkv, P, Dh]; logits [B, S, V]; present: [B, Hkv, T, Dh].
+    past: key_0, value_0, key_1, ... each [B, Hkv, P, Dh]; logits [B, S, V] fp32; present: [B, Hkv, T, Dh].
     """
 
     def __init__(self, config: Qwen2Config, dtype: torch.dtype = torch.float32):
@@ -248,7 +248,8 @@ class Qwen2ForCausalLM(nn.Module):
             past_key, past_value = past_key_values[2 * i], past_key_values[2 * i + 1]
             x, key, value = layer(x, cos, sin, biases[model.windows[i]], past_key, past_value)
             presents += [key, value]
-        logits = self.lm_head(model.norm(x))
+        # fp32 logits whatever the weights: sampling wants full-precision scores, and bf16 has no numpy type
+        logits = self.lm_head(model.norm(x)).to(torch.float32)
         return (logits, *presents)
 
 

@@ -29,7 +29,7 @@ def set_float_type(graph: ir.Graph, target: ir.DataType) -> int:
             value.type = ir.TensorType(target)
             changed += 1
     for node in graph:
-        if node.op_type == "Cast" and node.attributes["to"].value in FLOATS:
+        if node.op_type == "Cast" and node.attributes["to"].value in FLOATS and not node.outputs[0].is_graph_output():
             node.attributes["to"] = ir.AttrInt64("to", target)
         for value in node.outputs:
             if value.dtype in FLOATS:
@@ -41,6 +41,8 @@ def set_float_type(graph: ir.Graph, target: ir.DataType) -> int:
     for value in graph.outputs:
         if value.dtype in FLOATS and value is not logits:
             value.type = ir.TensorType(target)
+    if _is_fp32_cast(logits.producer()):
+        logits.type = ir.TensorType(ir.DataType.FLOAT)  # the node loop above retyped it
     # an fp16/bf16 graph (converted here or exported so) still hands fp32 logits to sampling
     if target != ir.DataType.FLOAT and logits.producer() is not None and not _is_fp32_cast(logits.producer()):
         logits.type = ir.TensorType(target)
