@@ -132,7 +132,7 @@ def trace_to_onnx(model: torch.nn.Module, config: Qwen2Config, dtype: torch.dtyp
             verbose=False,
         )
     graph = program.model
-    for value, spec in zip([*graph.graph.inputs, *graph.graph.outputs], [*inputs, *outputs]):
+    for value, spec in zip([*graph.graph.inputs, *graph.graph.outputs], [*inputs, *outputs], strict=True):
         if value.name != spec.name:
             raise ExportError(f"exported graph has {value.name!r} where {spec.name!r} was expected")
         value.shape = ir.Shape([ir.SymbolicDim(d) if isinstance(d, str) else d for d in spec.dims])

@@ -195,7 +195,7 @@ def split_shards(tensors: list[tuple[str, tuple[int, ...]]], shards: int) -> lis
     """Split the tensor list into `shards` runs of about equal byte size, keeping hub order."""
     sizes = [math.prod(shape) for _, shape in tensors]
     target, groups, current, filled = sum(sizes) / shards, [], [], 0
-    for tensor, size in zip(tensors, sizes):
+    for tensor, size in zip(tensors, sizes, strict=True):
         current.append(tensor)
         filled += size
         if filled >= target * (len(groups) + 1) and len(groups) < shards - 1:

@@ -48,11 +48,11 @@ class GraphSession:
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
         if "position_ids" in self.graph.input_names:
             binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
-        for name, value in zip(cache.past_names(), cache.values):
+        for name, value in zip(cache.past_names(), cache.values, strict=True):
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")
         shared = cache.layout == "shared_buffer"
-        for name, value in zip(cache.present_names(), cache.values):
+        for name, value in zip(cache.present_names(), cache.values, strict=True):
             if shared:  # the op writes the new keys and values into the past buffer itself
                 binding.bind_ortvalue_output(name, value)
             else:

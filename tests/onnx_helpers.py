@@ -38,7 +38,7 @@ def run_step(session, cache: dict, input_ids: np.ndarray, attention_mask: np.nda
     wanted = {i.name for i in session.get_inputs()}
     feed = {name: value for name, value in feed.items() if name in wanted}
     names = [o.name for o in session.get_outputs()]
-    outputs = dict(zip(names, session.run(None, feed)))
+    outputs = dict(zip(names, session.run(None, feed), strict=True))
     next_cache = {name.replace("present", "past_key_values"): value for name, value in outputs.items() if name != "logits"}
     return outputs["logits"], next_cache
 

@@ -42,7 +42,7 @@ def test_onnx_prefill_and_decode_match_torch(tiny_checkpoint, tiny_artifact, var
     session, manifest = open_session(tiny_artifact(variant))
     ids = torch.randint(0, 456, (2, 12), generator=torch.Generator().manual_seed(5))
     expected = prefill_and_decode(load_model(folder, config), config, ids, prefill=9)
-    for ours, reference in zip(run_onnx_steps(session, manifest, ids.numpy(), prefill=9), expected):
+    for ours, reference in zip(run_onnx_steps(session, manifest, ids.numpy(), prefill=9), expected, strict=True):
         np.testing.assert_allclose(ours, reference.numpy(), rtol=0, atol=ONNX_TOLERANCE)
 
 
@@ -78,7 +78,7 @@ def test_fp16_export_on_onnxruntime_cpu(tiny_checkpoint, tiny_artifact, variant)
     assert session.get_outputs()[1].type == "tensor(float16)"
     ids = torch.randint(0, 456, (2, 10), generator=torch.Generator().manual_seed(6))
     expected = prefill_and_decode(load_model(folder, config), config, ids, prefill=8)
-    for ours, reference in zip(run_onnx_steps(session, manifest, ids.numpy(), prefill=8), expected):
+    for ours, reference in zip(run_onnx_steps(session, manifest, ids.numpy(), prefill=8), expected, strict=True):
         np.testing.assert_allclose(ours.astype(np.float32), reference.numpy(), rtol=0, atol=FP16_LOGIT_TOLERANCE)
 
 

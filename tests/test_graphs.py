@@ -68,7 +68,7 @@ def assert_same_numbers(artifact: Path, fused: Path, tolerance: float = TOLERANC
     portable, manifest = open_session(artifact)
     ids = np.random.default_rng(3).integers(0, 456, size=(1, 14))
     expected = last_logits_per_step(portable, manifest, ids, prefill=10)
-    for ours, reference in zip(last_logits_per_step(session_for(fused), manifest, ids, prefill=10), expected):
+    for ours, reference in zip(last_logits_per_step(session_for(fused), manifest, ids, prefill=10), expected, strict=True):
         np.testing.assert_allclose(ours, reference, rtol=0, atol=tolerance)
 
 
@@ -149,7 +149,7 @@ def test_optimized_graph_matches_portable(tiny_optimized, variant):
     rows = [session.step(*padding.prefill([ids[0, :10].tolist()], 0), cache)]
     for position in range(10, 14):
         rows.append(session.step(*padding.decode([int(ids[0, position])]), cache))
-    for ours, reference in zip(rows, expected):
+    for ours, reference in zip(rows, expected, strict=True):
         np.testing.assert_allclose(ours[0], reference[0], rtol=0, atol=TOLERANCE)
 
 

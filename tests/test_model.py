@@ -79,5 +79,5 @@ def test_runs_under_torch_compile_fullgraph(tiny_checkpoint, variant):
     compiled = torch.compile(model, fullgraph=True, dynamic=True)  # raises on any graph break
     ids = torch.randint(0, 456, (2, 9), generator=torch.Generator().manual_seed(4))
     eager = prefill_and_decode(model, config, ids, prefill=7)
-    for a, b in zip(eager, prefill_and_decode(compiled, config, ids, prefill=7)):
+    for a, b in zip(eager, prefill_and_decode(compiled, config, ids, prefill=7), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-4)

@@ -118,7 +118,7 @@ def correctness(workdir: Path) -> dict:
             top3_agreement = _top3_agreement(reference, prompt, ours, theirs)
             results[f"{variant}/{dtype}"] = {
                 "graph": model.session.graph.name, "identical": ours == theirs,
-                "first_difference": next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None),
+                "first_difference": next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), None),
                 "each_in_other_top3": top3_agreement,
                 "cuda_only": cuda_only_assignment(model.session.graph.path),
             }
