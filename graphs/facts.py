@@ -23,6 +23,7 @@ class ModelFacts:
     context_length: int
     attention_factor: float
     inv_freq_initializer: str
+    tied_embeddings: bool
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any]) -> "ModelFacts":
@@ -43,4 +44,5 @@ class ModelFacts:
             context_length=model["context_length"],
             attention_factor=rope["attention_factor"],
             inv_freq_initializer=rope["inv_freq_initializer"],
+            tied_embeddings=model["tie_word_embeddings"],
         )

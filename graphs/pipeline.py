@@ -1,7 +1,7 @@
 """The only place that knows the pass order. Runs each fusion as find -> check -> build, counts what
 fired, and fails when a count differs from what the model implies (one attention per layer, ...).
 
-    portable graph --GroupQueryAttention--> --last_token_logits--> --MoE--> --packed_qkv--> --packed_gate_up-->
+    portable graph --GroupQueryAttention--> --last_token_logits--> --tied_lm_head--> --MoE--> --packed_qkv--> --packed_gate_up-->
                    --SimplifiedLayerNormalization--> --SkipSimplifiedLayerNormalization--> --precision--> optimized graph
 """
 
@@ -15,7 +15,7 @@ import onnx_ir as ir
 from .attention_inputs import attention_lengths
 from .build import remove_unused
 from .facts import TARGET_DTYPES, ModelFacts
-from .fusions import gqa, last_logits, moe, packed_matmul, precision, rms_norm
+from .fusions import gqa, last_logits, moe, packed_matmul, precision, rms_norm, tied_lm_head
 
 IR_FLOAT_TYPES = {"float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16, "bfloat16": ir.DataType.BFLOAT16}
 
@@ -63,6 +63,8 @@ def optimize(model: ir.Model, manifest: dict[str, Any], target: str, dtype: str 
     fusions = [
         (gqa.NAME, layers, gqa.find, gqa.check, gqa.build, lengths),
         (last_logits.NAME, 1, last_logits.find, last_logits.check, last_logits.build, lengths),
+        # needs one position per row, so only after last_token_logits
+        (tied_lm_head.NAME, int(facts.tied_embeddings), tied_lm_head.find, tied_lm_head.check, tied_lm_head.build),
         (moe.NAME, sparse, moe.find, moe.check, moe.build),
         (packed_matmul.NAME, layers, packed_matmul.find, packed_matmul.check, packed_matmul.build),
         # every layer has one gate/up pair outside the routed experts: the dense MLP or the shared expert
