@@ -48,10 +48,14 @@ def check(graph: ir.Graph, nodes: list[ir.Node], facts: ModelFacts) -> FinalHidd
 def build(graph: ir.Graph, found: list[FinalHidden], facts: ModelFacts, lengths: AttentionLengths) -> None:
     for final in found:
         input_ids = next(v for v in graph.inputs if v.name == "input_ids")
+        zero = constant(graph, "last_token/zero", np.array(0, np.int64))
         one = constant(graph, "last_token/one", np.array(1, np.int64))
         axis = constant(graph, "last_token/axis_1", np.array([1], np.int64))
-        (shape,) = add_node(graph, "Shape", [input_ids], {"start": 1, "end": 2}, name="last_token/new_tokens")
-        (new_tokens,) = add_node(graph, "Squeeze", [shape], name="last_token/new_tokens_scalar")
+        # S - 1 per row from device tensors (sum of a row of ones), not from Shape: a shape value lives on
+        # the host, and feeding it to a device op adds a Memcpy, which rules out CUDA-graph capture
+        (zeros,) = add_node(graph, "Mul", [input_ids, zero], name="last_token/zeros")
+        (ones,) = add_node(graph, "Add", [zeros, one], name="last_token/ones")
+        (new_tokens,) = add_node(graph, "ReduceSum", [ones, axis], {"keepdims": 0}, name="last_token/new_tokens")
         (last_new,) = add_node(graph, "Sub", [new_tokens, one], name="last_token/last_new_index")
         (index,) = add_node(graph, "Min", [lengths.seqlens_k_int64, last_new], name="last_token/index")
         (index_b1,) = add_node(graph, "Unsqueeze", [index, axis], name="last_token/index_b1")
