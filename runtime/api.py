@@ -38,15 +38,16 @@ class Model:
 
     @classmethod
     def load(cls, artifact: str | Path, device: str = "cpu", chat_template: str | Path | None = None,
-             optimize: bool = True, graph: str | None = None) -> "Model":
+             optimize: bool = True, graph: str | None = None, cuda_graph: bool = False) -> "Model":
         """Open an exported artifact on `device` ("cpu" or "cuda"), using the graph optimized for that device
         when the artifact has one (`graph` names another, e.g. "portable"); `chat_template` overrides the
-        checkpoint's; `optimize=False` switches onnxruntime's own graph rewrites off."""
+        checkpoint's; `optimize=False` switches onnxruntime's own graph rewrites off; `cuda_graph` captures
+        the decode step once and replays it (CUDA only)."""
         manifest = load_manifest(artifact)
         generation_path = manifest.artifact / "generation_config.json"
         return cls(
             manifest=manifest,
-            session=GraphSession(manifest.graph_for(device, graph), device, optimize=optimize),
+            session=GraphSession(manifest.graph_for(device, graph), device, optimize=optimize, cuda_graph=cuda_graph),
             tokenizer=TextTokenizer(manifest.artifact / "tokenizer.json"),
             chat_template=load_chat_template(manifest.artifact, chat_template),
             generation_config=json.loads(generation_path.read_text()) if generation_path.is_file() else {},

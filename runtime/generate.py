@@ -72,6 +72,8 @@ class DecodeLoop:
         self.cache = cache if reuse else new_cache(manifest, session.graph, len(prompts), session.device, capacity)
         self.timings.reused_prompt_tokens = reuse
         self.padding = PADDINGS[session.graph.padding](manifest.pad_token_id)
+        if self.cache.capacity is not None:  # shared buffer: decode steps use a mask of the buffer's width
+            self.padding.decode_width = self.cache.capacity
 
     def __iter__(self) -> Iterator[list[int | None]]:
         rng = np.random.default_rng(self.sampling.seed)

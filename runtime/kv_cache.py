@@ -12,6 +12,7 @@ extends them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import onnxruntime as ort
 
@@ -27,6 +28,7 @@ class KVCache:
     layout: str
     capacity: int | None = None  # shared_buffer only
     tokens: list[list[int]] = field(default_factory=list)  # ids whose keys and values are held, per row
+    captured: Any = None  # cuda_graph.CapturedDecode bound to these buffers, once a decode step made one
 
     def past_names(self) -> list[str]:
         return [f"past_key_values.{i // 2}.{'key' if i % 2 == 0 else 'value'}" for i in range(len(self.values))]

@@ -39,9 +39,12 @@ class LeftPadding:
 
 
 class RightPadding:
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, decode_width: int | None = None):
         self.pad = pad_token_id
         self.lengths = np.zeros(0, np.int64)  # tokens each row holds after the step
+        # decode masks of one fixed width (the KV buffer's capacity) keep every decode step's shapes
+        # identical, which CUDA-graph replay needs; GroupQueryAttention reads lengths from the ones
+        self.decode_width = decode_width
 
     def prefill(self, prompts: list[list[int]], reused: int) -> tuple[np.ndarray, np.ndarray, None]:
         if reused:
@@ -56,10 +59,11 @@ class RightPadding:
 
     def decode(self, tokens: list[int]) -> tuple[np.ndarray, np.ndarray, None]:
         self.lengths = self.lengths + 1
-        return np.array(tokens, dtype=np.int64)[:, None], self._mask(), None
+        return np.array(tokens, dtype=np.int64)[:, None], self._mask(self.decode_width), None
 
-    def _mask(self) -> np.ndarray:
-        return (np.arange(self.lengths.max())[None, :] < self.lengths[:, None]).astype(np.int64)
+    def _mask(self, width: int | None = None) -> np.ndarray:
+        columns = width or self.lengths.max()
+        return (np.arange(columns)[None, :] < self.lengths[:, None]).astype(np.int64)
 
 
 PADDINGS = {"left": LeftPadding, "right": RightPadding}

@@ -11,6 +11,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import RuntimeInputError
+from .cuda_graph import CapturedDecode, no_capture
 from .kv_cache import KVCache
 from .manifest import GraphInfo
 
@@ -19,7 +20,8 @@ SUPPORTED_CONTRACTS = {("concat", "left"), ("shared_buffer", "right")}
 
 
 class GraphSession:
-    def __init__(self, graph: GraphInfo, device: str = "cpu", optimize: bool = True):
+    def __init__(self, graph: GraphInfo, device: str = "cpu", optimize: bool = True, cuda_graph: bool = False):
+        """`cuda_graph` captures the decode step once and replays it (CUDA, shared-buffer graphs only)."""
         if device not in PROVIDERS:
             raise RuntimeInputError(f"--device {device!r} is not supported; choose one of {sorted(PROVIDERS)}")
         if PROVIDERS[device] not in ort.get_available_providers():
@@ -35,14 +37,24 @@ class GraphSession:
         options = ort.SessionOptions()
         if not optimize:  # tests switch onnxruntime's own rewrites off so they cannot hide ours
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        providers = [PROVIDERS[device]] if device == "cpu" else [PROVIDERS[device], PROVIDERS["cpu"]]
+        if cuda_graph and (device != "cuda" or graph.kv_layout != "shared_buffer"):
+            raise RuntimeInputError("CUDA-graph decoding needs --device cuda and a graph with the shared KV buffer "
+                                    "(qwen2-onnx optimize ARTIFACT --target cuda)")
+        cuda_options = {"enable_cuda_graph": "1"} if cuda_graph else {}
+        providers = [PROVIDERS[device]] if device == "cpu" else [(PROVIDERS[device], cuda_options), PROVIDERS["cpu"]]
         self.device = device
+        self.cuda_graph = cuda_graph
         self.graph = graph
         self.session = ort.InferenceSession(str(graph.path), options, providers=providers)
+        self._vocab = self.session.get_outputs()[0].shape[-1]
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray | None,
              cache: KVCache) -> np.ndarray:
         """Run one call; returns the logits of each row's last token [B, V] (float32, host) and advances `cache`."""
+        if self.cuda_graph and input_ids.shape[1] == 1 and attention_mask.shape[1] == cache.capacity:
+            if cache.captured is None:
+                cache.captured = CapturedDecode(self.session, cache, len(input_ids), self._vocab)
+            return cache.captured.step(self.session, input_ids, attention_mask)
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
@@ -57,7 +69,7 @@ class GraphSession:
                 binding.bind_ortvalue_output(name, value)
             else:
                 binding.bind_output(name, self.device, 0)
-        self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding, no_capture() if self.cuda_graph else None)
         logits, *presents = binding.get_outputs()
         if not shared:
             cache.values = presents

@@ -167,3 +167,12 @@ def test_demo_runs_offline_and_reports_parity(tmp_path):
     report = "\n".join(lines)
     assert "greedy tokens identical (32 tokens)" in report and "tokens/s" in report
     assert (tmp_path / "artifact" / "manifest.json").is_file()
+
+
+def test_cuda_graph_decoding_needs_cuda_and_a_shared_buffer(tiny_artifact):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this machine has CUDA; the error path cannot be shown here")
+    with pytest.raises(RuntimeInputError, match="CUDA-graph decoding needs --device cuda"):
+        Model.load(tiny_artifact("dense_tied"), device="cpu", cuda_graph=True)

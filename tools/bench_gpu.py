@@ -116,7 +116,10 @@ def correctness(workdir: Path) -> dict:
                 theirs = reference.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=32)[0, len(prompt):].tolist()
             theirs = theirs[: len(ours)]
             top3_agreement = _top3_agreement(reference, prompt, ours, theirs)
+            graphed = Model.load(artifact, device="cuda", cuda_graph=True)
+            replayed = graphed.generate(prompt, max_new_tokens=32, greedy=True, repetition_penalty=1.0).output_ids
             results[f"{variant}/{dtype}"] = {
+                "cuda_graph_same_tokens": replayed == ours,
                 "graph": model.session.graph.name, "identical": ours == theirs,
                 "first_difference": next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), None),
                 "each_in_other_top3": top3_agreement,
@@ -180,15 +183,17 @@ def speed(workdir: Path, shape: str, prompt_tokens: int, new_tokens: int, copy_t
     floor_ms = weight_bytes / (copy_tb_s * 1e12) * 1e3
     prompt = np.random.default_rng(0).integers(0, 400, size=prompt_tokens).tolist()
 
-    model = Model.load(artifact, device="cuda")
-    model.generate(prompt[:16], max_new_tokens=4, greedy=True)
-    runs = []
-    for _ in range(3):
-        model.generate(prompt, max_new_tokens=new_tokens, greedy=True, repetition_penalty=1.0)
-        runs.append(model.last_timings)
-    ours = {"prefill_ms": statistics.median(t.time_to_first_token_s * 1e3 for t in runs),
-            "decode_ms_per_token": statistics.median(t.decode_s * 1e3 / t.decode_tokens for t in runs)}
-    del model
+    def run_ours(cuda_graph: bool) -> dict:
+        model = Model.load(artifact, device="cuda", cuda_graph=cuda_graph)
+        model.generate(prompt[:16], max_new_tokens=4, greedy=True)
+        runs = []
+        for _ in range(3):
+            model.generate(prompt, max_new_tokens=new_tokens, greedy=True, repetition_penalty=1.0)
+            runs.append(model.last_timings)
+        return {"prefill_ms": statistics.median(t.time_to_first_token_s * 1e3 for t in runs),
+                "decode_ms_per_token": statistics.median(t.decode_s * 1e3 / t.decode_tokens for t in runs)}
+
+    ours, ours_graph = run_ours(False), run_ours(True)
 
     reference = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float16).cuda().eval()
     ids = torch.tensor([prompt], device="cuda")
@@ -205,8 +210,9 @@ def speed(workdir: Path, shape: str, prompt_tokens: int, new_tokens: int, copy_t
         total = (time.perf_counter() - started) * 1e3
     eager = {"prefill_ms": prefill, "decode_ms_per_token": (total - prefill) / (new_tokens - 1)}
     return {"shape": shape, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "weights_gb": weight_bytes / 1e9,
-            "floor_ms_per_token": floor_ms, "ours": ours, "transformers_eager": eager,
+            "floor_ms_per_token": floor_ms, "ours": ours, "ours_cuda_graph": ours_graph, "transformers_eager": eager,
             "ours_over_floor": ours["decode_ms_per_token"] / floor_ms,
+            "ours_cuda_graph_over_floor": ours_graph["decode_ms_per_token"] / floor_ms,
             "eager_over_ours": eager["decode_ms_per_token"] / ours["decode_ms_per_token"]}
 
 

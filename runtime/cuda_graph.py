@@ -1,0 +1,52 @@
+"""Decode steps captured once as a CUDA graph and replayed (onnxruntime's `enable_cuda_graph`).
+
+A replay reuses the captured kernels and every buffer address, so a decode step must keep its shapes
+and bindings: the KV cache is the shared buffer (fixed capacity), the attention mask has the buffer's
+width (runtime/padding.py), and input_ids, attention_mask and logits live in device buffers that are
+bound once and overwritten in place each step. Prefill runs in the same session with gpu_graph_id -1,
+which onnxruntime never captures.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import onnxruntime as ort
+
+from .kv_cache import KVCache
+
+_graph_ids = itertools.count(1)  # one captured graph per decode buffer set
+
+
+def no_capture() -> ort.RunOptions:
+    options = ort.RunOptions()
+    options.add_run_config_entry("gpu_graph_id", "-1")
+    return options
+
+
+class CapturedDecode:
+    """Fixed device buffers and a binding for the decode steps of one KV cache."""
+
+    def __init__(self, session: ort.InferenceSession, cache: KVCache, batch: int, vocab: int):
+        assert cache.capacity is not None, "graph capture needs the shared KV buffer"
+        self.input_ids = ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, 1), np.int64), "cuda", 0)
+        self.attention_mask = ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, cache.capacity), np.int64), "cuda", 0)
+        self.logits = ort.OrtValue.ortvalue_from_shape_and_type([batch, 1, vocab], np.float32, "cuda", 0)
+        self.binding = session.io_binding()
+        self.binding.bind_ortvalue_input("input_ids", self.input_ids)
+        self.binding.bind_ortvalue_input("attention_mask", self.attention_mask)
+        for name, value in zip(cache.past_names(), cache.values, strict=True):
+            self.binding.bind_ortvalue_input(name, value)
+        self.binding.bind_ortvalue_output("logits", self.logits)
+        for name, value in zip(cache.present_names(), cache.values, strict=True):
+            self.binding.bind_ortvalue_output(name, value)
+        self.run_options = ort.RunOptions()
+        self.run_options.add_run_config_entry("gpu_graph_id", str(next(_graph_ids)))
+
+    def step(self, session: ort.InferenceSession, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """Write this step's inputs into the bound buffers, run (capture or replay), return logits [B, V]."""
+        self.input_ids.update_inplace(np.ascontiguousarray(input_ids, dtype=np.int64))
+        self.attention_mask.update_inplace(np.ascontiguousarray(attention_mask, dtype=np.int64))
+        session.run_with_iobinding(self.binding, self.run_options)
+        return self.logits.numpy()[:, -1, :]
