@@ -176,3 +176,12 @@ def test_cuda_graph_decoding_needs_cuda_and_a_shared_buffer(tiny_artifact):
         pytest.skip("this machine has CUDA; the error path cannot be shown here")
     with pytest.raises(RuntimeInputError, match="CUDA-graph decoding needs --device cuda"):
         Model.load(tiny_artifact("dense_tied"), device="cpu", cuda_graph=True)
+
+
+def test_cli_cuda_graph_flag_reaches_the_session(tiny_artifact, capsys):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this machine has CUDA; the error path cannot be shown here")
+    assert runtime_main(["generate", str(tiny_artifact("dense_tied")), "--prompt", "x", "--cuda-graph"]) == 2
+    assert "CUDA-graph decoding needs --device cuda" in capsys.readouterr().err
