@@ -115,10 +115,14 @@ def correctness(workdir: Path) -> dict:
             with torch.no_grad():
                 theirs = reference.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=32)[0, len(prompt):].tolist()
             theirs = theirs[: len(ours)]
-            top3_agreement = _top3_agreement(reference, prompt, ours, theirs)
+            top3_agreement = _top3_agreement(reference, prompt, ours, theirs, model.manifest.tokenizer_vocab_size)
             graphed = Model.load(artifact, device="cuda", cuda_graph=True)
             replayed = graphed.generate(prompt, max_new_tokens=32, greedy=True, repetition_penalty=1.0).output_ids
+            with torch.no_grad():  # the first step's greedy margin in transformers fp32: small ones flip in bf16
+                first = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).cuda()(
+                    torch.tensor([prompt], device="cuda")).logits[0, -1, : model.manifest.tokenizer_vocab_size].topk(2).values
             results[f"{variant}/{dtype}"] = {
+                "fp32_first_margin": float(first[0] - first[1]),
                 "cuda_graph_same_tokens": replayed == ours,
                 "graph": model.session.graph.name, "identical": ours == theirs,
                 "first_difference": next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), None),
@@ -128,10 +132,11 @@ def correctness(workdir: Path) -> dict:
     return results
 
 
-def _top3_agreement(reference, prompt: list[int], ours: list[int], theirs: list[int]) -> bool:
-    """Along transformers' own sequence, is each of our tokens within its top 3 (and the same for ours)?"""
+def _top3_agreement(reference, prompt: list[int], ours: list[int], theirs: list[int], vocab: int) -> bool:
+    """Along transformers' own sequence, is each of our tokens within its top 3? Ids past the tokenizer
+    (the embedding's random padding rows) are excluded, as both generators exclude them."""
     with torch.no_grad():
-        logits = reference(torch.tensor([prompt + theirs], device="cuda")).logits[0, len(prompt) - 1 : -1]
+        logits = reference(torch.tensor([prompt + theirs], device="cuda")).logits[0, len(prompt) - 1 : -1, :vocab]
     top3 = logits.topk(3, dim=-1).indices.tolist()
     return all(token in top3[i] for i, token in enumerate(ours[: len(top3)]))
 
