@@ -133,12 +133,14 @@ def correctness(workdir: Path) -> dict:
 
 
 def _top3_agreement(reference, prompt: list[int], ours: list[int], theirs: list[int], vocab: int) -> bool:
-    """Along transformers' own sequence, is each of our tokens within its top 3? Ids past the tokenizer
-    (the embedding's random padding rows) are excluded, as both generators exclude them."""
+    """Up to and including the first difference (after it the contexts differ), is each of our tokens in
+    transformers' top 3 at the same step? Ids past the tokenizer (the embedding's random padding rows) are
+    excluded, as both generators exclude them."""
+    differ = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), len(ours) - 1)
     with torch.no_grad():
         logits = reference(torch.tensor([prompt + theirs], device="cuda")).logits[0, len(prompt) - 1 : -1, :vocab]
     top3 = logits.topk(3, dim=-1).indices.tolist()
-    return all(token in top3[i] for i, token in enumerate(ours[: len(top3)]))
+    return all(ours[i] in top3[i] for i in range(min(differ + 1, len(top3))))
 
 
 @section("logits")
