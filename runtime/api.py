@@ -75,9 +75,10 @@ class Model:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def decode_loop(self, prompts: list[Prompt], max_new_tokens: int = 128, stop_strings: tuple[str, ...] = (),
-                    cache: KVCache | None = None, greedy: bool = False, **sampling: Any) -> DecodeLoop:
+                    cache: KVCache | None = None, greedy: bool = False, prefill_chunk: int | None = None,
+                    **sampling: Any) -> DecodeLoop:
         return DecodeLoop(self.session, self.manifest, self.tokenizer, [self.encode(p) for p in prompts],
-                          self.sampling(greedy, **sampling), max_new_tokens, stop_strings, cache)
+                          self.sampling(greedy, **sampling), max_new_tokens, stop_strings, cache, prefill_chunk)
 
     def generate_batch(self, prompts: list[Prompt], **options: Any) -> list[Generation]:
         """Generate for several prompts at once (left-padded batch)."""
@@ -89,7 +90,7 @@ class Model:
 
     def generate(self, prompt: Prompt, **options: Any) -> Generation:
         """One prompt; options: max_new_tokens, stop_strings, greedy, temperature, top_k, top_p, min_p,
-        repetition_penalty, seed."""
+        repetition_penalty, seed, prefill_chunk (prefill a long prompt this many tokens at a time)."""
         return self.generate_batch([prompt], **options)[0]
 
     def stream(self, prompt: Prompt, **options: Any) -> Iterator[str]:

@@ -42,6 +42,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-p", type=float)
     parser.add_argument("--repetition-penalty", type=float)
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--prefill-chunk", type=int, metavar="N", help="prefill long prompts N tokens at a time (batch 1)")
 
 
 def _options(model: Model, args: argparse.Namespace) -> dict[str, Any]:
@@ -51,7 +52,9 @@ def _options(model: Model, args: argparse.Namespace) -> dict[str, Any]:
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                    repetition_penalty=args.repetition_penalty, seed=args.seed)
     model.sampling(args.greedy, **{k: v for k, v in options.items() if k not in ("max_new_tokens", "stop_strings", "greedy")})
-    return options  # validated above: a bad value fails before any work
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        raise RuntimeInputError(f"--prefill-chunk {args.prefill_chunk} must be a positive number of tokens")
+    return {**options, "prefill_chunk": args.prefill_chunk}  # validated above: a bad value fails before any work
 
 
 def _load(args: argparse.Namespace) -> Model:

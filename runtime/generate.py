@@ -58,11 +58,15 @@ class DecodeLoop:
         max_new_tokens: int,
         stop_strings: tuple[str, ...] = (),
         cache: KVCache | None = None,
+        prefill_chunk: int | None = None,
     ):
         check_request(manifest, prompts, max_new_tokens)
         self.session, self.manifest, self.tokenizer = session, manifest, tokenizer
         self.prompts, self.sampling, self.max_new_tokens = prompts, sampling, max_new_tokens
         self.stop_strings = tuple(stop_strings)
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise RuntimeInputError(f"prefill_chunk={prefill_chunk} must be a positive number of tokens")
+        self.prefill_chunk = prefill_chunk
         self.generations = [Generation(list(prompt)) for prompt in prompts]
         self.timings = Timings()
         needed = max(len(prompt) for prompt in prompts) + max_new_tokens
@@ -78,7 +82,7 @@ class DecodeLoop:
     def __iter__(self) -> Iterator[list[int | None]]:
         rng = np.random.default_rng(self.sampling.seed)
         started = time.perf_counter()
-        ids, mask, positions = self.padding.prefill(self.prompts, self.timings.reused_prompt_tokens)
+        ids, mask, positions = self.padding.prefill(self.prompts, self._prefill_leading_chunks())
         seen = [np.array(prompt, dtype=np.int64) for prompt in self.prompts]
         done = [False] * len(self.prompts)
         for step in range(self.max_new_tokens):
@@ -107,6 +111,21 @@ class DecodeLoop:
         self.timings.decode_s = time.perf_counter() - started - self.timings.time_to_first_token_s
         # the last sampled token was never fed, so the cache holds everything before it
         self.cache.tokens = [g.prompt_ids + g.output_ids[:-1] for g in self.generations]
+
+    def _prefill_leading_chunks(self) -> int:
+        """Feed a long batch-1 prompt `prefill_chunk` tokens at a time, all but the last chunk, so the
+        activations of one call stay bounded; returns where the final chunk starts. Each chunk after the
+        first continues the cached prefix (the path chat reuse takes). Batches are prefilled at once:
+        GroupQueryAttention continues a prompt only for batch 1."""
+        start = self.timings.reused_prompt_tokens
+        if self.prefill_chunk is None or len(self.prompts) != 1:
+            return start
+        prompt = self.prompts[0]
+        while len(prompt) - start > self.prefill_chunk:
+            end = start + self.prefill_chunk
+            self.session.step(*self.padding.prefill([prompt[:end]], start), self.cache)
+            start = end
+        return start
 
     def _record(self, generation: Generation, token: int) -> bool:
         """Append `token`; True when the row is finished."""

@@ -229,3 +229,18 @@ def test_op_histogram_against_the_reviewed_golden_file(tiny_optimized, variant):
     assert not grown, f"op counts grew (golden, now): {grown}"
     shrunk = {op: (count, ops.get(op, 0)) for op, count in golden.items() if ops.get(op, 0) < 0.75 * count}
     assert not shrunk, f"op counts shrank a lot (golden, now): {shrunk}; update tests/data/golden_cpu_histograms.json"
+
+
+@pytest.mark.parametrize("variant", ["sliding_window", "moe_shared"])
+@pytest.mark.parametrize("graph", ["portable", "optimized-cpu"])
+def test_chunked_prefill_gives_the_same_tokens(tiny_optimized, variant, graph):
+    model = Model.load(tiny_optimized(variant), graph=graph, optimize=False)
+    prompt = PROMPTS[0] * 3  # 21 tokens, past the sliding window of 6
+    whole = model.generate(prompt, max_new_tokens=12, greedy=True)
+    step = model.session.step
+    for chunk in (4, 7, 20):
+        sizes = []
+        model.session.step = lambda ids, *rest: sizes.append(ids.shape[1]) or step(ids, *rest)
+        assert model.generate(prompt, max_new_tokens=12, greedy=True, prefill_chunk=chunk).output_ids == whole.output_ids
+        prompt_calls = sizes[: -(12 - 1)]  # the 11 decode steps come last
+        assert prompt_calls == [chunk] * (21 // chunk) + ([21 % chunk] if 21 % chunk else []), (chunk, sizes)

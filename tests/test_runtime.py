@@ -127,6 +127,8 @@ def test_prompt_past_the_context_is_refused_before_any_work(tiny_artifact, monke
         model.generate([1], max_new_tokens=0)
     with pytest.raises(RuntimeInputError, match="vocabulary"):
         model.generate([100000], max_new_tokens=1)
+    with pytest.raises(RuntimeInputError, match="prefill_chunk=0"):
+        model.generate([1, 2, 3], max_new_tokens=1, prefill_chunk=0)
 
 
 def test_cli_generate_json_and_errors(tiny_artifact, capsys):
