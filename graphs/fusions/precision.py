@@ -28,27 +28,23 @@ def set_float_type(graph: ir.Graph, target: ir.DataType) -> int:
             )
             value.type = ir.TensorType(target)
             changed += 1
+    logits = next(v for v in graph.outputs if v.name == "logits")
     for node in graph:
         if node.op_type == "Cast" and node.attributes["to"].value in FLOATS and not node.outputs[0].is_graph_output():
             node.attributes["to"] = ir.AttrInt64("to", target)
         for value in node.outputs:
-            if value.dtype in FLOATS:
+            if value.dtype in FLOATS and value is not logits:
                 value.type = ir.TensorType(target)
-    for value in graph.inputs:
-        if value.dtype in FLOATS:
-            value.type = ir.TensorType(target)
-    logits = next(v for v in graph.outputs if v.name == "logits")
-    for value in graph.outputs:
+    for value in [*graph.inputs, *graph.outputs]:
         if value.dtype in FLOATS and value is not logits:
             value.type = ir.TensorType(target)
-    if _is_fp32_cast(logits.producer()):
-        logits.type = ir.TensorType(ir.DataType.FLOAT)  # the node loop above retyped it
     # an fp16/bf16 graph (converted here or exported so) still hands fp32 logits to sampling
-    if target != ir.DataType.FLOAT and logits.producer() is not None and not _is_fp32_cast(logits.producer()):
+    if not _is_fp32_cast(logits.producer()):
         logits.type = ir.TensorType(target)
-        (fp32_logits,) = add_node(graph, "Cast", [logits], {"to": ir.DataType.FLOAT}, name="lm_head/logits_fp32")
-        fp32_logits.type = ir.TensorType(ir.DataType.FLOAT)
-        replace_graph_output(graph, logits, fp32_logits)
+        if target != ir.DataType.FLOAT:
+            (fp32_logits,) = add_node(graph, "Cast", [logits], {"to": ir.DataType.FLOAT}, name="lm_head/logits_fp32")
+            fp32_logits.type = ir.TensorType(ir.DataType.FLOAT)
+            replace_graph_output(graph, logits, fp32_logits)
     return changed
 
 
