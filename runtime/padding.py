@@ -39,12 +39,12 @@ class LeftPadding:
 
 
 class RightPadding:
-    def __init__(self, pad_token_id: int, decode_width: int | None = None):
+    def __init__(self, pad_token_id: int):
         self.pad = pad_token_id
         self.lengths = np.zeros(0, np.int64)  # tokens each row holds after the step
-        # decode masks of one fixed width (the KV buffer's capacity) keep every decode step's shapes
-        # identical, which CUDA-graph replay needs; GroupQueryAttention reads lengths from the ones
-        self.decode_width = decode_width
+        # set by the decode loop to the KV buffer's capacity: decode masks of one fixed width keep every
+        # decode step's shapes identical, which CUDA-graph replay needs; GQA reads lengths from the ones
+        self.decode_width: int | None = None
 
     def prefill(self, prompts: list[list[int]], reused: int) -> tuple[np.ndarray, np.ndarray, None]:
         if reused:
