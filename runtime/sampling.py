@@ -95,7 +95,9 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def filtered_logits(logits: np.ndarray, config: SamplingConfig, seen: list[np.ndarray]) -> np.ndarray:
     """The logits that the draw (or argmax) sees, after every processor in transformers' order."""
-    logits = apply_repetition_penalty(logits.astype(np.float32), seen, config.repetition_penalty)
+    # no copy when the logits are already fp32 (the session hands over an array of its own); every step
+    # below returns a new array, so the caller's logits are never modified
+    logits = apply_repetition_penalty(np.asarray(logits, dtype=np.float32), seen, config.repetition_penalty)
     if not config.do_sample:
         return logits
     logits = logits / config.temperature
