@@ -34,7 +34,7 @@ def histogram(path: Path) -> collections.Counter:
     return collections.Counter(node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node)
 
 
-def partially_optimized(artifact: Path, tmp_path: Path, only: tuple[str, ...], target: str = "cpu", dtype=None) -> Path:
+def partially_optimized(artifact: Path, only: tuple[str, ...], target: str = "cpu", dtype=None) -> Path:
     """The portable graph with just the fusions in `only`, saved beside the portable one."""
     manifest = json.loads((artifact / "manifest.json").read_text())
     model = ir.load(artifact / "onnx/model.onnx")
@@ -91,7 +91,7 @@ FUSION_CASES = [
 @pytest.mark.parametrize("only, variant, present, gone", FUSION_CASES, ids=lambda c: "+".join(c) if isinstance(c, tuple) else None)
 def test_each_fusion_alone(tiny_artifact, tmp_path, only, variant, present, gone):
     artifact = shutil.copytree(tiny_artifact(variant), tmp_path / "artifact")
-    before, fused = histogram(artifact / "onnx/model.onnx"), partially_optimized(artifact, tmp_path, only)
+    before, fused = histogram(artifact / "onnx/model.onnx"), partially_optimized(artifact, only)
     after = histogram(fused)
     assert after[present] > before[present]
     assert not gone & set(after), f"left over: {gone & set(after)}"
@@ -107,8 +107,8 @@ def test_each_fusion_alone(tiny_artifact, tmp_path, only, variant, present, gone
 
 def test_packed_qkv_uses_one_matmul_per_layer(tiny_artifact, tmp_path):
     artifact = shutil.copytree(tiny_artifact("dense_untied_sharded"), tmp_path / "a")
-    attention_only = histogram(partially_optimized(artifact, tmp_path, ("GroupQueryAttention",)))
-    packed = histogram(partially_optimized(artifact, tmp_path, ("GroupQueryAttention", "packed_qkv")))
+    attention_only = histogram(partially_optimized(artifact, ("GroupQueryAttention",)))
+    packed = histogram(partially_optimized(artifact, ("GroupQueryAttention", "packed_qkv")))
     assert attention_only["MatMul"] - packed["MatMul"] == 2 * 3  # three layers, three projections -> one
 
 
