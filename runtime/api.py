@@ -81,7 +81,7 @@ class Model:
                           self.sampling(greedy, **sampling), max_new_tokens, stop_strings, cache, prefill_chunk)
 
     def generate_batch(self, prompts: list[Prompt], **options: Any) -> list[Generation]:
-        """Generate for several prompts at once (left-padded batch)."""
+        """Generate for several prompts at once (one batch, padded as the graph's manifest entry says)."""
         loop = self.decode_loop(prompts, **options)
         for _ in loop:
             pass

@@ -52,9 +52,8 @@ def _options(model: Model, args: argparse.Namespace) -> dict[str, Any]:
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                    repetition_penalty=args.repetition_penalty, seed=args.seed)
     model.sampling(args.greedy, **{k: v for k, v in options.items() if k not in ("max_new_tokens", "stop_strings", "greedy")})
-    if args.prefill_chunk is not None and args.prefill_chunk < 1:
-        raise RuntimeInputError(f"--prefill-chunk {args.prefill_chunk} must be a positive number of tokens")
-    return {**options, "prefill_chunk": args.prefill_chunk}  # validated above: a bad value fails before any work
+    # sampling values are checked above; the decode loop checks prefill_chunk before its first step
+    return {**options, "prefill_chunk": args.prefill_chunk}
 
 
 def _load(args: argparse.Namespace) -> Model:

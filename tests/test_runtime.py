@@ -187,3 +187,8 @@ def test_cli_cuda_graph_flag_reaches_the_session(tiny_artifact, capsys):
         pytest.skip("this machine has CUDA; the error path cannot be shown here")
     assert runtime_main(["generate", str(tiny_artifact("dense_tied")), "--prompt", "x", "--cuda-graph"]) == 2
     assert "CUDA-graph decoding needs --device cuda" in capsys.readouterr().err
+
+
+def test_cli_rejects_a_bad_prefill_chunk(tiny_artifact, capsys):
+    assert runtime_main(["generate", str(tiny_artifact("dense_tied")), "--prompt", "x", "--prefill-chunk", "0"]) == 2
+    assert "prefill_chunk=0" in capsys.readouterr().err
