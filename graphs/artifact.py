@@ -17,6 +17,7 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
+from .fusions.token_candidates import OUTPUTS
 from .pipeline import PassReport, optimize
 
 PORTABLE_DATA = "model.onnx_data"
@@ -99,11 +100,24 @@ def graph_entry(artifact: Path, model: ir.Model, target: str, graph_file: str, f
         # rows are right-padded: attention_mask is 1 on each row's tokens (cached and new), 0 after
         "padding": "right",
         "logits": "last_token",  # [batch, 1, vocab]: each row's last real token, fp32
+        # the graph input total_sequence_length: int32 scalar in host memory, the attention_mask's width
+        "total_sequence_length": "attention_mask width",
+        **candidates_entry(model.graph),
         "activation_dtype": ONNX_TYPE_NAMES[int(next(v for v in model.graph.inputs if v.name.startswith("past")).dtype)],
         "passes": [r.describe() for r in reports],
         "inputs": [describe(v) for v in model.graph.inputs],
         "outputs": [describe(v) for v in model.graph.outputs],
     }
+
+
+def candidates_entry(graph: ir.Graph) -> dict[str, Any]:
+    """Describe the device-side next-token candidates, when the graph has them."""
+    outputs = {v.name: v for v in graph.outputs}
+    if not all(name in outputs for name in OUTPUTS):
+        return {}
+    # top_logits / top_ids [batch, k]: the k best scores of each row's logits over the tokenizer's
+    # vocabulary, best first, and their token ids
+    return {"token_candidates": {"k": outputs[OUTPUTS[0]].shape[-1], "outputs": list(OUTPUTS)}}
 
 
 def _sha256(path: Path) -> str:

@@ -1,10 +1,12 @@
 """Values every fused attention shares, computed once from the graph's attention_mask.
 
     attention_mask [B, T] --ReduceSum(axis 1)--> lengths [B] --(-1)--> Cast int32 --> seqlens_k [B]
-    attention_mask --Shape[1]--> Cast int32 --> total_sequence_length (scalar)
+    total_sequence_length: a new graph input, int32 scalar = T, fed by the caller from host memory
 
 The mask is right-padded in the optimized graph (GroupQueryAttention's contract), so a row's length
-is its number of ones.
+is its number of ones. T is an input rather than Shape(attention_mask)[1] because onnxruntime runs
+such shape arithmetic on the CPU EP, and a graph with CPU nodes can neither run with the CPU fallback
+disabled nor be captured cleanly as a CUDA graph; GroupQueryAttention reads T from host memory anyway.
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ import onnx_ir as ir
 
 from .build import add_node, constant
 
+TOTAL_LENGTH_INPUT = "total_sequence_length"
+
 
 @dataclass(frozen=True)
 class AttentionLengths:
     seqlens_k: ir.Value  # int32 [B]: total length of each row minus one
-    total_length: ir.Value  # int32 scalar: T
+    total_length: ir.Value  # int32 scalar: T, the graph input total_sequence_length
     seqlens_k_int64: ir.Value  # int64 [B], for index arithmetic
 
 
@@ -31,7 +35,6 @@ def attention_lengths(graph: ir.Graph) -> AttentionLengths:
     (lengths,) = add_node(graph, "ReduceSum", [mask, axis], {"keepdims": 0}, name="attention/lengths")
     (last,) = add_node(graph, "Sub", [lengths, one], name="attention/last_index")
     (seqlens,) = add_node(graph, "Cast", [last], {"to": ir.DataType.INT32}, name="attention/seqlens_k")
-    (shape,) = add_node(graph, "Shape", [mask], {"start": 1, "end": 2}, name="attention/mask_width")
-    (width,) = add_node(graph, "Squeeze", [shape], name="attention/total_length_int64")
-    (total,) = add_node(graph, "Cast", [width], {"to": ir.DataType.INT32}, name="attention/total_length")
+    total = ir.Value(name=TOTAL_LENGTH_INPUT, shape=ir.Shape([]), type=ir.TensorType(ir.DataType.INT32))
+    graph.inputs.append(total)
     return AttentionLengths(seqlens, total, last)

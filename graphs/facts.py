@@ -24,6 +24,7 @@ class ModelFacts:
     attention_factor: float
     inv_freq_initializer: str
     tied_embeddings: bool
+    tokenizer_vocab_size: int  # ids the tokenizer can produce; embedding rows past it are padding
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any]) -> "ModelFacts":
@@ -45,4 +46,5 @@ class ModelFacts:
             attention_factor=rope["attention_factor"],
             inv_freq_initializer=rope["inv_freq_initializer"],
             tied_embeddings=model["tie_word_embeddings"],
+            tokenizer_vocab_size=manifest["tokenizer"]["vocab_size"],
         )

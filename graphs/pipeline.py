@@ -2,7 +2,8 @@
 fired, and fails when a count differs from what the model implies (one attention per layer, ...).
 
     portable graph --GroupQueryAttention--> --last_token_logits--> --tied_lm_head--> --MoE--> --packed_qkv--> --packed_gate_up-->
-                   --SimplifiedLayerNormalization--> --SkipSimplifiedLayerNormalization--> --precision--> optimized graph
+                   --SimplifiedLayerNormalization--> --SkipSimplifiedLayerNormalization--> --precision-->
+                   --token_candidates--> optimized graph
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import onnx_ir as ir
 from .attention_inputs import attention_lengths
 from .build import remove_unused
 from .facts import TARGET_DTYPES, ModelFacts
-from .fusions import gqa, last_logits, moe, packed_matmul, precision, rms_norm, tied_lm_head
+from .fusions import gqa, last_logits, moe, packed_matmul, precision, rms_norm, tied_lm_head, token_candidates
 
 IR_FLOAT_TYPES = {"float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16, "bfloat16": ir.DataType.BFLOAT16}
 
@@ -84,6 +85,11 @@ def optimize(model: ir.Model, manifest: dict[str, Any], target: str, dtype: str 
         ))
     converted = precision.set_float_type(graph, IR_FLOAT_TYPES[dtype])
     reports.append(PassReport(precision.NAME, converted, converted, ()))
+    if only is None or last_logits.NAME in only:  # TopK over [B, 1, V] only, never over a prompt's [B, S, V]
+        added = token_candidates.add_candidates(graph, facts)
+        reports.append(PassReport(token_candidates.NAME, added, 1, ()))
+        if not added:
+            raise PipelineError(f"{token_candidates.NAME}: the graph has no last-token logits [batch, 1, vocab]")
     for value in list(graph.inputs):  # GroupQueryAttention derives positions from seqlens_k
         if not value.uses():
             graph.inputs.remove(value)

@@ -69,7 +69,7 @@ def run_demo(workdir: Path | None = None, steps: int = 32, say: Callable[[str], 
         expected, first_row = torch_greedy(reference, prompt, len(result.output_ids), penalty, model.manifest.tokenizer_vocab_size)
         cache = new_cache(model.manifest, model.session.graph, 1, "cpu", len(prompt))
         session_row = model.session.step(np.array([prompt]), np.ones((1, len(prompt)), np.int64),
-                                         np.arange(len(prompt))[None], cache)[0]
+                                         np.arange(len(prompt))[None], cache).full()[0]
         vocab = model.manifest.tokenizer_vocab_size
         difference = float(np.abs(session_row[:vocab] - first_row[:vocab]).max())
         same = expected == result.output_ids

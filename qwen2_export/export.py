@@ -242,7 +242,8 @@ def _write_transposed(f, base: int, entry: TensorEntry, dtype: torch.dtype) -> N
     for offset, chunk in read_chunks(entry, band_bytes):
         first_row = offset // columns
         band = chunk.view(-1, columns).t().to(dtype).contiguous()  # [columns, band rows]
-        data = band.view(torch.uint8).numpy()
+        # flatten first: a band of one row stays a strided [columns, 1] view, which .view(uint8) refuses
+        data = band.flatten().view(torch.uint8).view(columns, -1).numpy()
         for column in range(columns):
             f.seek(base + (column * rows + first_row) * dtype.itemsize)
             f.write(data[column].data)

@@ -111,14 +111,14 @@ class Router(nn.Module):
         self.normalize = config.moe.norm_topk_prob
         self.weight = nn.Parameter(torch.empty(config.moe.num_experts, config.hidden_size, dtype=dtype))
 
-    def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
-        """Dense routing weights [N, E]: the top-k probabilities in place, zero elsewhere."""
-        probs_NE = torch.softmax(F.linear(x_ND, self.weight).to(torch.float32), dim=-1)
-        top_NK, index_NK = torch.topk(probs_NE, self.top_k, dim=-1)
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        """Dense routing weights [B, S, E]: the top-k probabilities in place, zero elsewhere."""
+        probs_BSE = torch.softmax(F.linear(x_BSD, self.weight).to(torch.float32), dim=-1)
+        top_BSK, index_BSK = torch.topk(probs_BSE, self.top_k, dim=-1)
         if self.normalize:
-            top_NK = top_NK / top_NK.sum(dim=-1, keepdim=True)
-        dense_NE = torch.zeros_like(probs_NE).scatter(1, index_NK, top_NK)
-        return dense_NE.to(x_ND.dtype)
+            top_BSK = top_BSK / top_BSK.sum(dim=-1, keepdim=True)
+        dense_BSE = torch.zeros_like(probs_BSE).scatter(-1, index_BSK, top_BSK)
+        return dense_BSE.to(x_BSD.dtype)
 
 
 class Experts(nn.Module):
@@ -131,14 +131,14 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, d, dtype=dtype))
         self.down_proj = nn.Parameter(torch.empty(e, d, i, dtype=dtype))
 
-    def forward(self, x_ND: torch.Tensor, weights_NE: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, weights_BSE: torch.Tensor) -> torch.Tensor:
         # Every expert sees every token; unrouted ones get weight 0. Static shapes for export and
         # compile; the fused MoE op in graphs/ replaces this with real sparse dispatch.
-        gate_up_EN2I = x_ND[None] @ self.gate_up_proj.transpose(1, 2)
-        half = gate_up_EN2I.shape[-1] // 2
-        gate_ENI, up_ENI = gate_up_EN2I[..., :half], gate_up_EN2I[..., half:]
-        out_END = (F.silu(gate_ENI) * up_ENI) @ self.down_proj.transpose(1, 2)
-        return (out_END * weights_NE.transpose(0, 1)[:, :, None]).sum(dim=0)
+        gate_up_EBS2I = x_BSD[None] @ self.gate_up_proj.transpose(1, 2)[:, None]
+        half = gate_up_EBS2I.shape[-1] // 2
+        gate_EBSI, up_EBSI = gate_up_EBS2I[..., :half], gate_up_EBS2I[..., half:]
+        out_EBSD = (F.silu(gate_EBSI) * up_EBSI) @ self.down_proj.transpose(1, 2)[:, None]
+        return (out_EBSD * weights_BSE.movedim(-1, 0)[..., None]).sum(dim=0)
 
 
 class SparseMoeBlock(nn.Module):
@@ -153,10 +153,10 @@ class SparseMoeBlock(nn.Module):
         self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False, dtype=dtype)
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
-        x_ND = x_BSD.reshape(-1, x_BSD.shape[-1])
-        routed_ND = self.experts(x_ND, self.gate(x_ND))
-        shared_ND = torch.sigmoid(self.shared_expert_gate(x_ND)) * self.shared_expert(x_ND)
-        return (routed_ND + shared_ND).reshape(x_BSD.shape)
+        # kept [B, S, D] throughout: a flatten and its dynamic un-flatten would leave shape arithmetic
+        # in the graph, which onnxruntime runs on the CPU even in a CUDA session
+        routed_BSD = self.experts(x_BSD, self.gate(x_BSD))
+        return routed_BSD + torch.sigmoid(self.shared_expert_gate(x_BSD)) * self.shared_expert(x_BSD)
 
 
 class DecoderLayer(nn.Module):

@@ -2,9 +2,9 @@
 
 A replay reuses the captured kernels and every buffer address, so a decode step must keep its shapes
 and bindings: the KV cache is the shared buffer (fixed capacity), the attention mask has the buffer's
-width (runtime/padding.py), and input_ids, attention_mask and logits live in device buffers that are
-bound once and overwritten in place each step. Prefill runs in the same session with gpu_graph_id -1,
-which onnxruntime never captures.
+width (runtime/padding.py), and input_ids, attention_mask, logits and the token candidates live in
+device buffers that are bound once and overwritten in place each step. Prefill runs in the same
+session with gpu_graph_id -1, which onnxruntime never captures.
 """
 
 from __future__ import annotations
@@ -28,25 +28,39 @@ def no_capture() -> ort.RunOptions:
 class CapturedDecode:
     """Fixed device buffers and a binding for the decode steps of one KV cache."""
 
-    def __init__(self, session: ort.InferenceSession, cache: KVCache, batch: int, vocab: int):
+    def __init__(self, session: ort.InferenceSession, cache: KVCache, batch: int, vocab: int, candidates: int):
         assert cache.capacity is not None, "graph capture needs the shared KV buffer"
-        self.input_ids = ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, 1), np.int64), "cuda", 0)
-        self.attention_mask = ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, cache.capacity), np.int64), "cuda", 0)
-        self.logits = ort.OrtValue.ortvalue_from_shape_and_type([batch, 1, vocab], np.float32, "cuda", 0)
+
+        def device_buffer(shape: list[int], dtype: type) -> ort.OrtValue:
+            return ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, "cuda", 0)
+
+        self.input_ids = device_buffer([batch, 1], np.int64)
+        self.attention_mask = device_buffer([batch, cache.capacity], np.int64)
+        self.logits = device_buffer([batch, 1, vocab], np.float32)
+        # GroupQueryAttention reads the total length from host memory; it is the capacity at every step
+        total_length = ort.OrtValue.ortvalue_from_numpy(np.array(cache.capacity, np.int32))
+        self.candidates = [device_buffer([batch, candidates], dtype) for dtype in (np.float32, np.int64)] if candidates else []
         self.binding = session.io_binding()
         self.binding.bind_ortvalue_input("input_ids", self.input_ids)
         self.binding.bind_ortvalue_input("attention_mask", self.attention_mask)
+        if "total_sequence_length" in {i.name for i in session.get_inputs()}:
+            self.binding.bind_ortvalue_input("total_sequence_length", total_length)
+        self._total_length = total_length  # the binding does not keep it alive
         for name, value in zip(cache.past_names(), cache.values, strict=True):
             self.binding.bind_ortvalue_input(name, value)
         self.binding.bind_ortvalue_output("logits", self.logits)
+        for name, value in zip(("top_logits", "top_ids"), self.candidates):
+            self.binding.bind_ortvalue_output(name, value)
         for name, value in zip(cache.present_names(), cache.values, strict=True):
             self.binding.bind_ortvalue_output(name, value)
         self.run_options = ort.RunOptions()
         self.run_options.add_run_config_entry("gpu_graph_id", str(next(_graph_ids)))
 
-    def step(self, session: ort.InferenceSession, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """Write this step's inputs into the bound buffers, run (capture or replay), return logits [B, V]."""
+    def step(self, session: ort.InferenceSession, input_ids: np.ndarray,
+             attention_mask: np.ndarray) -> tuple[ort.OrtValue, list[np.ndarray]]:
+        """Write this step's inputs into the bound buffers, run (capture or replay); returns the device
+        logits and the candidates copied to the host (empty when the graph has none)."""
         self.input_ids.update_inplace(np.ascontiguousarray(input_ids, dtype=np.int64))
         self.attention_mask.update_inplace(np.ascontiguousarray(attention_mask, dtype=np.int64))
         session.run_with_iobinding(self.binding, self.run_options)
-        return self.logits.numpy()[:, -1, :]
+        return self.logits, [value.numpy() for value in self.candidates]

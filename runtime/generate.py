@@ -16,8 +16,8 @@ from .errors import RuntimeInputError
 from .kv_cache import KVCache, new_cache
 from .manifest import Manifest
 from .padding import PADDINGS
-from .sampling import SamplingConfig, choose_tokens
-from .session import GraphSession
+from .sampling import SamplingConfig, choose_from_candidates, choose_tokens
+from .session import GraphSession, StepScores
 from .tokenizer import TextTokenizer
 
 
@@ -86,9 +86,7 @@ class DecodeLoop:
         seen = [np.array(prompt, dtype=np.int64) for prompt in self.prompts]
         done = [False] * len(self.prompts)
         for step in range(self.max_new_tokens):
-            logits = self.session.step(ids, mask, positions, self.cache)
-            logits[:, self.manifest.tokenizer_vocab_size :] = -np.inf  # padding rows of the embedding
-            tokens = choose_tokens(logits, self.sampling, seen, rng)
+            tokens = self._choose(self.session.step(ids, mask, positions, self.cache), seen, rng)
             new: list[int | None] = []
             for row, token in enumerate(tokens.tolist()):
                 if done[row]:
@@ -111,6 +109,16 @@ class DecodeLoop:
         self.timings.decode_s = time.perf_counter() - started - self.timings.time_to_first_token_s
         # the last sampled token was never fed, so the cache holds everything before it
         self.cache.tokens = [g.prompt_ids + g.output_ids[:-1] for g in self.generations]
+
+    def _choose(self, scores: StepScores, seen: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+        """From the device's candidates when they decide it, else from the full row (copied to the host)."""
+        if scores.top_logits is not None:
+            tokens = choose_from_candidates(scores.top_logits, scores.top_ids, self.sampling, seen, rng)
+            if tokens is not None:
+                return tokens
+        logits = scores.full()
+        logits[:, self.manifest.tokenizer_vocab_size :] = -np.inf  # padding rows of the embedding
+        return choose_tokens(logits, self.sampling, seen, rng)
 
     def _prefill_leading_chunks(self) -> int:
         """Feed a long batch-1 prompt `prefill_chunk` tokens at a time, all but the last chunk, so the

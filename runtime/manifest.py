@@ -25,6 +25,7 @@ class GraphInfo:
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
     activation_dtype: str | None = None  # KV and activations, when it differs from the artifact's dtype
+    token_candidates: int = 0  # K of the top_logits / top_ids outputs (0: the graph has none)
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ def load_manifest(artifact: str | Path) -> Manifest:
             input_names=tuple(spec["name"] for spec in g["inputs"]),
             output_names=tuple(spec["name"] for spec in g["outputs"]),
             activation_dtype=g.get("activation_dtype"),
+            token_candidates=g.get("token_candidates", {}).get("k", 0),
         )
         for g in raw["graphs"]
     )

@@ -93,26 +93,63 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
+def sampling_filters(scores: np.ndarray, config: SamplingConfig) -> np.ndarray:
+    """Temperature, top-k, top-p, min-p (sampling only), each returning a new array."""
+    scores = scores / config.temperature
+    scores = top_k_filter(scores, config.top_k)
+    scores = top_p_filter(scores, config.top_p)
+    return min_p_filter(scores, config.min_p)
+
+
 def filtered_logits(logits: np.ndarray, config: SamplingConfig, seen: list[np.ndarray]) -> np.ndarray:
     """The logits that the draw (or argmax) sees, after every processor in transformers' order."""
     # no copy when the logits are already fp32 (the session hands over an array of its own); every step
     # below returns a new array, so the caller's logits are never modified
     logits = apply_repetition_penalty(np.asarray(logits, dtype=np.float32), seen, config.repetition_penalty)
-    if not config.do_sample:
-        return logits
-    logits = logits / config.temperature
-    logits = top_k_filter(logits, config.top_k)
-    logits = top_p_filter(logits, config.top_p)
-    return min_p_filter(logits, config.min_p)
+    return sampling_filters(logits, config) if config.do_sample else logits
 
 
-def choose_tokens(logits: np.ndarray, config: SamplingConfig, seen: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
-    """Next token per row [B] from logits [B, V]."""
-    scores = filtered_logits(logits, config, seen)
-    if not config.do_sample:
-        return scores.argmax(axis=-1)
+def draw(scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Column per row, drawn from softmax(scores)."""
     probs = softmax(scores)
     # inverse-CDF draw: one uniform number per row keeps a seeded run reproducible
     cumulative = np.cumsum(probs, axis=-1)
     draws = rng.random(len(probs))[:, None] * cumulative[:, -1:]
     return np.minimum((cumulative < draws).sum(axis=-1), probs.shape[-1] - 1)
+
+
+def choose_tokens(logits: np.ndarray, config: SamplingConfig, seen: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """Next token per row [B] from logits [B, V]."""
+    scores = filtered_logits(logits, config, seen)
+    return draw(scores, rng) if config.do_sample else scores.argmax(axis=-1)
+
+
+def choose_from_candidates(top_logits: np.ndarray, top_ids: np.ndarray, config: SamplingConfig,
+                           seen: list[np.ndarray], rng: np.random.Generator) -> np.ndarray | None:
+    """Next token per row from each row's K best logits (best first) and their ids, as the graph's
+    token_candidates output gives them; the same tokens choose_tokens picks from the full row, or None
+    (before drawing anything) when the candidates cannot decide that exactly.
+
+    Exact when every token the filters keep is a candidate: no other id scores above the K-th
+    candidate, and a penalty >= 1 only lowers scores, so it suffices that the best (greedy) or the
+    top_k-th (sampling) penalized candidate beats the K-th raw one. Sampling without top_k, top_k > K,
+    or a penalty < 1 need the full row. Candidates are put in id order, the order of the full row,
+    so ties, the filters and the seeded draw see what they would see there.
+    """
+    k = top_logits.shape[1]
+    if config.repetition_penalty < 1 or (config.do_sample and not 0 < config.top_k <= k):
+        return None
+    order = np.argsort(top_ids, axis=-1, kind="stable")
+    ids = np.take_along_axis(top_ids, order, axis=-1)
+    scores = np.take_along_axis(np.asarray(top_logits, dtype=np.float32), order, axis=-1)
+    if config.repetition_penalty != 1.0:
+        penalized = np.stack([np.isin(row_ids, row_seen) for row_ids, row_seen in zip(ids, seen, strict=True)])
+        lowered = np.where(scores < 0, scores * config.repetition_penalty, scores / config.repetition_penalty)
+        scores = np.where(penalized, lowered, scores)
+    needed = config.top_k if config.do_sample else 1
+    if not (np.sort(scores, axis=-1)[:, -needed] > top_logits[:, -1]).all():
+        return None
+    rows = np.arange(len(ids))
+    if not config.do_sample:
+        return ids[rows, scores.argmax(axis=-1)]
+    return ids[rows, draw(sampling_filters(scores, config), rng)]

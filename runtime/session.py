@@ -2,10 +2,14 @@
 
 Token inputs are small host arrays; past_key_values.* are the cache's device OrtValues; present.* are
 bound on the device and handed back to the cache, so on CUDA the cache never crosses to the host.
-Only the last position's logits come back to the host.
+When the graph computes each row's top-K next-token candidates (manifest `token_candidates`), only
+those come back to the host; the full logits row stays on the device unless token choice asks for it.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import onnxruntime as ort
@@ -17,11 +21,25 @@ from .manifest import GraphInfo
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 SUPPORTED_CONTRACTS = {("concat", "left"), ("shared_buffer", "right")}
+TOTAL_LENGTH = "total_sequence_length"  # int32 scalar in host memory: the attention mask's width
+CANDIDATES = ("top_logits", "top_ids")
+
+
+@dataclass
+class StepScores:
+    """One step's scores: the top-K candidates per row ([B, K] each, host) when the graph makes them,
+    and the full last-token logits [B, V] (fp32), copied to the host only when `full()` is called."""
+
+    top_logits: np.ndarray | None
+    top_ids: np.ndarray | None
+    full: Callable[[], np.ndarray]
 
 
 class GraphSession:
-    def __init__(self, graph: GraphInfo, device: str = "cpu", optimize: bool = True, cuda_graph: bool = False):
-        """`cuda_graph` captures the decode step once and replays it (CUDA, shared-buffer graphs only)."""
+    def __init__(self, graph: GraphInfo, device: str = "cpu", optimize: bool = True, cuda_graph: bool = False,
+                 cpu_fallback: bool = False):
+        """`cuda_graph` captures the decode step once and replays it (CUDA, shared-buffer graphs only);
+        `cpu_fallback` lets onnxruntime place nodes of a CUDA-optimized graph on the CPU."""
         if device not in PROVIDERS:
             raise RuntimeInputError(f"--device {device!r} is not supported; choose one of {sorted(PROVIDERS)}")
         if PROVIDERS[device] not in ort.get_available_providers():
@@ -34,35 +52,44 @@ class GraphSession:
                 f"graph {graph.name!r} uses KV layout {graph.kv_layout!r} with {graph.padding!r} padding, which this "
                 f"runtime does not drive (it knows {sorted(SUPPORTED_CONTRACTS)}); update qwen2-onnx"
             )
-        options = ort.SessionOptions()
-        if not optimize:  # tests switch onnxruntime's own rewrites off so they cannot hide ours
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         if cuda_graph and (device != "cuda" or graph.kv_layout != "shared_buffer"):
             raise RuntimeInputError("CUDA-graph decoding needs --device cuda and a graph with the shared KV buffer "
                                     "(qwen2-onnx optimize ARTIFACT --target cuda)")
-        cuda_options = {"enable_cuda_graph": "1"} if cuda_graph else {}
-        providers = [PROVIDERS[device]] if device == "cpu" else [(PROVIDERS[device], cuda_options), PROVIDERS["cpu"]]
+        settings = session_settings(graph, device, optimize, cuda_graph, cpu_fallback)
+        try:
+            self.session = ort.InferenceSession(str(graph.path), *settings)
+        except Exception as error:  # onnxruntime raises its own types; name the way out
+            if "fallback" not in str(error).lower():
+                raise
+            raise RuntimeInputError(f"onnxruntime would run part of {graph.name!r} on the CPU ({error}); "
+                                    "pass --cpu-fallback (Model.load(..., cpu_fallback=True)) to allow it") from error
         self.device = device
         self.cuda_graph = cuda_graph
         self.graph = graph
-        self.session = ort.InferenceSession(str(graph.path), options, providers=providers)
         self._vocab = self.session.get_outputs()[0].shape[-1]
+        self.full_logits_reads = 0  # steps whose whole logits row was copied to the host
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray | None,
-             cache: KVCache) -> np.ndarray:
-        """Run one call; returns the logits of each row's last token [B, V] (float32, host) and advances `cache`."""
+             cache: KVCache) -> StepScores:
+        """Run one call on each row's new tokens and advance `cache`; returns the last token's scores."""
         if self.cuda_graph and input_ids.shape[1] == 1 and attention_mask.shape[1] == cache.capacity:
             if cache.captured is None:
-                cache.captured = CapturedDecode(self.session, cache, len(input_ids), self._vocab)
-            return cache.captured.step(self.session, input_ids, attention_mask)
+                cache.captured = CapturedDecode(self.session, cache, len(input_ids), self._vocab, self.graph.token_candidates)
+            logits, candidates = cache.captured.step(self.session, input_ids, attention_mask)
+            return self._scores(logits, candidates)
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
         if "position_ids" in self.graph.input_names:
             binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        if TOTAL_LENGTH in self.graph.input_names:
+            binding.bind_cpu_input(TOTAL_LENGTH, np.array(attention_mask.shape[1], np.int32))
         for name, value in zip(cache.past_names(), cache.values, strict=True):
             binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits", "cpu")
+        candidates = CANDIDATES if self.graph.token_candidates else ()
+        binding.bind_output("logits", self.device if candidates else "cpu")
+        for name in candidates:
+            binding.bind_output(name, "cpu")
         shared = cache.layout == "shared_buffer"
         for name, value in zip(cache.present_names(), cache.values, strict=True):
             if shared:  # the op writes the new keys and values into the past buffer itself
@@ -70,7 +97,32 @@ class GraphSession:
             else:
                 binding.bind_output(name, self.device, 0)
         self.session.run_with_iobinding(binding, no_capture() if self.cuda_graph else None)
-        logits, *presents = binding.get_outputs()
+        outputs = binding.get_outputs()
         if not shared:
-            cache.values = presents
-        return logits.numpy()[:, -1, :].astype(np.float32)
+            cache.values = outputs[1 + len(candidates):]
+        return self._scores(outputs[0], [value.numpy() for value in outputs[1 : 1 + len(candidates)]])
+
+    def _scores(self, logits: ort.OrtValue, candidates: list[np.ndarray]) -> StepScores:
+        def full() -> np.ndarray:
+            self.full_logits_reads += 1
+            return logits.numpy()[:, -1, :].astype(np.float32)
+
+        top_logits, top_ids = candidates or (None, None)
+        return StepScores(top_logits, top_ids, full)
+
+
+def session_settings(graph: GraphInfo, device: str, optimize: bool, cuda_graph: bool,
+                     cpu_fallback: bool) -> tuple[ort.SessionOptions, list]:
+    """Session options and providers. A graph optimized for CUDA must run every node on CUDA: the CPU
+    fallback is switched off, so a node onnxruntime would place on the CPU is an error at load, not a
+    silent host round trip in every step."""
+    options = ort.SessionOptions()
+    if not optimize:  # tests switch onnxruntime's own rewrites off so they cannot hide ours
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if device == "cpu":
+        return options, [PROVIDERS["cpu"]]
+    cuda = (PROVIDERS["cuda"], {"enable_cuda_graph": "1"} if cuda_graph else {})
+    if graph.target == "cuda" and not cpu_fallback:
+        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+        return options, [cuda]
+    return options, [cuda, PROVIDERS["cpu"]]

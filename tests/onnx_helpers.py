@@ -33,13 +33,16 @@ def empty_cache(manifest: dict, batch: int) -> dict[str, np.ndarray]:
 
 def run_step(session, cache: dict, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray):
     """One graph call; returns (logits, the next step's cache built from present.*). Graphs without a
-    position_ids input (GroupQueryAttention derives positions) simply do not get it."""
-    feed = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, **cache}
+    position_ids input (GroupQueryAttention derives positions) simply do not get it; optimized graphs
+    also take total_sequence_length, the mask's width."""
+    feed = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, **cache,
+            "total_sequence_length": np.array(attention_mask.shape[1], np.int32)}
     wanted = {i.name for i in session.get_inputs()}
     feed = {name: value for name, value in feed.items() if name in wanted}
     names = [o.name for o in session.get_outputs()]
     outputs = dict(zip(names, session.run(None, feed), strict=True))
-    next_cache = {name.replace("present", "past_key_values"): value for name, value in outputs.items() if name != "logits"}
+    next_cache = {name.replace("present", "past_key_values"): value for name, value in outputs.items()
+                  if name.startswith("present.")}
     return outputs["logits"], next_cache
 
 

@@ -15,6 +15,7 @@ from transformers.generation.logits_process import (
 from runtime import RuntimeInputError, SamplingConfig
 from runtime.sampling import (
     apply_repetition_penalty,
+    choose_from_candidates,
     choose_tokens,
     filtered_logits,
     min_p_filter,
@@ -102,3 +103,54 @@ def test_generation_config_defaults_and_overrides():
     config = sampling_from_generation_config(qwen2_7b_instruct, top_k=None, temperature=0.2)
     assert (config.do_sample, config.temperature, config.top_p, config.top_k, config.repetition_penalty) == (True, 0.2, 0.8, 20, 1.05)
     assert sampling_from_generation_config({}) == SamplingConfig()
+
+
+def candidates_of(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """What the graph's token_candidates output holds: the k best per row, best first."""
+    ids = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
+    return np.take_along_axis(logits, ids, axis=-1), ids
+
+
+CANDIDATE_CONFIGS = [
+    SamplingConfig(),
+    SamplingConfig(repetition_penalty=1.3),
+    SamplingConfig(do_sample=True, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05),  # Qwen's defaults
+    SamplingConfig(do_sample=True, top_k=8, min_p=0.1),
+    SamplingConfig(do_sample=True, top_k=16, top_p=0.5, temperature=1.5),
+]
+
+
+@pytest.mark.parametrize("config", CANDIDATE_CONFIGS)
+def test_candidates_choose_what_the_full_row_chooses(config):
+    """Random rows, some with ties at the candidates' edge and heavily penalized leaders: whenever the
+    K candidates decide, the token equals the full row's under the same seed; they decide most rows."""
+    rng = np.random.default_rng(5)
+    decided = 0
+    for trial in range(200):
+        logits = (rng.normal(size=(3, 300)) * 2).astype(np.float32)
+        if trial % 4 == 0:
+            logits = np.round(logits)  # many ties
+        seen = [rng.integers(0, 300, size=rng.integers(1, 60)) for _ in range(3)]
+        values, ids = candidates_of(logits, 16 if trial % 2 else 64)
+        chosen = choose_from_candidates(values, ids, config, seen, np.random.default_rng(trial))
+        if chosen is None:
+            continue
+        decided += 1
+        np.testing.assert_array_equal(chosen, choose_tokens(logits, config, seen, np.random.default_rng(trial)))
+    assert decided >= 100
+
+
+def test_candidates_refuse_what_needs_the_full_row():
+    logits = RANDOM[:, :40]
+    values, ids = candidates_of(logits, 8)
+    seen = [np.array([0])] * len(logits)
+    rng = np.random.default_rng(0)
+    assert choose_from_candidates(values, ids, SamplingConfig(do_sample=True), seen, rng) is None  # no top_k
+    assert choose_from_candidates(values, ids, SamplingConfig(do_sample=True, top_k=9), seen, rng) is None  # k > K
+    assert choose_from_candidates(values, ids, SamplingConfig(repetition_penalty=0.9), seen, rng) is None
+    # every candidate penalized so hard that an id outside them could win
+    flat = np.zeros((1, 40), np.float32)
+    flat[0, :8] = 1.0
+    values, ids = candidates_of(flat, 8)
+    assert choose_from_candidates(values, ids, SamplingConfig(repetition_penalty=2.0), [np.arange(8)], rng) is None
+    assert rng.random() == np.random.default_rng(0).random()  # nothing was drawn

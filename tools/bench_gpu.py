@@ -1,14 +1,20 @@
-"""GPU check and benchmark, run on the lent device in one call (see README, "CUDA").
+"""GPU check and benchmark, run on the lent device (see README, "CUDA").
 
-1. environment: GPU, torch, onnxruntime and its providers;
+1. environment: GPU, torch, onnxruntime(-genai) and the providers;
 2. device-to-device copy bandwidth (torch), the basis of each floor;
 3. correctness: tiny random checkpoints (dense and MoE) exported, optimized for CUDA (fp16 and
    bf16), greedy through our runtime on CUDA against transformers on the same GPU and weights;
-   whether every node of our graph is assigned to the CUDA EP;
-4. speed at published shapes (random weights): prefill of --prompt-tokens and decode ms/token for our
-   runtime and transformers eager, each also as a ratio to the bandwidth floor.
+   whether a session with the CPU fallback disabled accepts our graph;
+4. per shape (random weights at published shapes, fp16): decode ms/token at batch 1 (ours plain, ours
+   with CUDA graph, ours sampling with Qwen's defaults, transformers eager, transformers static cache +
+   torch.compile, onnxruntime-genai with and without CUDA graph when installed), prefill of 512 and
+   4096 tokens, batch-8 throughput, peak GPU memory, each decode figure as a ratio to the floor (bytes a
+   decode step must read / measured bandwidth) and ours against each peer; greedy tokens of ours vs
+   transformers at that shape; for the MoE shape a logits check against transformers fp32;
+5. --long-context: a Qwen2-7B-shaped model with YaRN factor 4 prefills 32,768 tokens (then 130,944) in
+   chunks and decodes 128 tokens.
 
-    PYTHONPATH=. python tools/bench_gpu.py --workdir /tmp/bench --out $OUT --shapes qwen2-0.5b
+    PYTHONPATH=. python tools/bench_gpu.py --workdir /tmp/bench --out $OUT --shapes qwen2-0.5b,qwen2-7b,qwen2-57b-a14b-4l
 """
 
 from __future__ import annotations
@@ -27,9 +33,12 @@ import torch
 
 from graphs.artifact import optimize_artifact
 from qwen2_export.export import export_checkpoint
-from qwen2_export.synthetic import QWEN2_0_5B, QWEN2_7B, write_checkpoint, write_tiny_checkpoint
+from qwen2_export.config import parse_config
+from qwen2_export.synthetic import QWEN2_0_5B, QWEN2_7B, QWEN2_57B_A14B, hub_tensor_shapes, write_checkpoint, write_tiny_checkpoint
 
-SHAPES = {"qwen2-0.5b": QWEN2_0_5B, "qwen2-7b": QWEN2_7B}
+LOAD: dict = {"device": "cuda"}  # cpu_fallback=True is added when a graph is refused with the fallback disabled
+SHAPES = {"qwen2-0.5b": QWEN2_0_5B, "qwen2-7b": QWEN2_7B,
+          "qwen2-57b-a14b-4l": {**QWEN2_57B_A14B, "num_hidden_layers": 4, "max_window_layers": 4}}
 REPORT: dict = {}
 
 
@@ -50,9 +59,16 @@ def section(name):
 @section("environment")
 def environment() -> dict:
     import onnxruntime as ort
+    import transformers
 
-    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "onnxruntime": ort.__version__,
-            "providers": ort.get_available_providers()}
+    try:
+        import onnxruntime_genai
+
+        genai = onnxruntime_genai.__version__
+    except ImportError:
+        genai = None
+    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "onnxruntime": ort.__version__, "onnxruntime_genai": genai, "providers": ort.get_available_providers()}
 
 
 @section("bandwidth")
@@ -73,6 +89,9 @@ def bandwidth() -> dict:
 
 
 def build_artifact(checkpoint: Path, folder: Path, dtype: str) -> Path:
+    """Export and optimize for CUDA, unless an earlier call of this run (or --prepare) did already."""
+    if (folder / "onnx" / "model_cuda.onnx").is_file():
+        return folder
     artifact = export_checkpoint(checkpoint, folder, dtype=dtype, force=True)
     optimize_artifact(artifact, "cuda", {"fp16": "float16", "bf16": "bfloat16"}[dtype])
     return artifact
@@ -106,7 +125,10 @@ def correctness(workdir: Path) -> dict:
         checkpoint = write_tiny_checkpoint(workdir / f"tiny-{variant}", variant)
         for dtype, torch_dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
             artifact = build_artifact(checkpoint, workdir / f"tiny-{variant}-{dtype}", dtype)
-            model = Model.load(artifact, device="cuda")
+            placement = cuda_only_assignment(artifact / "onnx" / "model_cuda.onnx")
+            if placement != "ok":
+                LOAD["cpu_fallback"] = True
+            model = Model.load(artifact, **LOAD)
             ours = model.generate(prompt, max_new_tokens=32, greedy=True, repetition_penalty=1.0).output_ids
             reference = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch_dtype).cuda().eval()
             reference.generation_config = transformers.GenerationConfig(
@@ -116,7 +138,7 @@ def correctness(workdir: Path) -> dict:
                 theirs = reference.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=32)[0, len(prompt):].tolist()
             theirs = theirs[: len(ours)]
             top3_agreement = _top3_agreement(reference, prompt, ours, theirs, model.manifest.tokenizer_vocab_size)
-            graphed = Model.load(artifact, device="cuda", cuda_graph=True)
+            graphed = Model.load(artifact, **LOAD, cuda_graph=True)
             replayed = graphed.generate(prompt, max_new_tokens=32, greedy=True, repetition_penalty=1.0).output_ids
             with torch.no_grad():  # the first step's greedy margin in transformers fp32: small ones flip in bf16
                 first = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).cuda()(
@@ -127,7 +149,10 @@ def correctness(workdir: Path) -> dict:
                 "graph": model.session.graph.name, "identical": ours == theirs,
                 "first_difference": next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), None),
                 "each_in_other_top3": top3_agreement,
-                "cuda_only": cuda_only_assignment(model.session.graph.path),
+                "cuda_only": placement,
+                "full_logits_reads": model.session.full_logits_reads + graphed.session.full_logits_reads,
+                "chunked_prefill_same_tokens": graphed.generate(prompt, max_new_tokens=32, greedy=True, repetition_penalty=1.0,
+                                                                prefill_chunk=3).output_ids == ours,
             }
     return results
 
@@ -167,7 +192,7 @@ def logits_check(workdir: Path) -> dict:
                 session = GraphSession(graph, "cuda")
                 cache = new_cache(manifest, graph, 1, "cuda", 64)
                 ids, mask, positions = PADDINGS[graph.padding](manifest.pad_token_id).prefill([prompt], 0)
-                row = session.step(ids, mask, positions, cache)[0][: expected.shape[0]]
+                row = session.step(ids, mask, positions, cache).full()[0][: expected.shape[0]]
                 results[f"{variant}/{dtype}/{graph.name}"] = {
                     "max_abs_diff": float(np.abs(row - expected).max()), "scale": float(np.abs(expected).max()),
                     "same_top1": int(row.argmax()) == int(expected.argmax()), "finite": bool(np.isfinite(row).all()),
@@ -175,52 +200,381 @@ def logits_check(workdir: Path) -> dict:
     return results
 
 
+class PeakMemory:
+    """Device-wide peak of used GPU memory above the level at entry, sampled every 2 ms (sees
+    onnxruntime's allocations as well as torch's). Not used around timed runs: the sampling thread
+    competes for the interpreter."""
+
+    def __enter__(self) -> "PeakMemory":
+        import threading
+
+        torch.cuda.empty_cache()
+        free, self.total = torch.cuda.mem_get_info()
+        self.base, self.peak, self._stop = self.total - free, 0, threading.Event()
+
+        def sample():
+            while not self._stop.is_set():
+                self.peak = max(self.peak, self.total - torch.cuda.mem_get_info()[0] - self.base)
+                self._stop.wait(0.002)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def gib(self) -> float:
+        return self.peak / 2**30
+
+
+def decode_read_bytes(config_json: dict) -> int:
+    """Bytes of fp16 weights one batch-1 decode step must read: every tensor but the embedding table
+    (one row is gathered; a tied lm_head reads it whole), and k of E routed experts."""
+    config = parse_config(config_json)
+    total = 0
+    for name, shape in hub_tensor_shapes(config):
+        size = 2 * int(np.prod(shape))
+        if name == "model.embed_tokens.weight" and not config.tie_word_embeddings:
+            continue
+        if ".mlp.experts." in name:
+            size = size * config.moe.num_experts_per_tok // config.moe.num_experts
+        total += size
+    return total
+
+
+class Stamps:
+    """A transformers streamer that timestamps every token after a device sync (put #0 is the prompt)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def transformers_decode(model, ids: torch.Tensor, new_tokens: int, runs: int = 2, **options) -> dict:
+    """Prefill (+ first token) ms and decode ms/token of transformers' generate, median of `runs` after a
+    warm-up (the warm-up of the static cache also compiles)."""
+    results = []
+    for attempt in range(runs + 1):
+        stamps = Stamps()
+        # a static cache compiles for its length, so only its warm-up must be full length
+        tokens = new_tokens if attempt or options else 8
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
+                                 min_new_tokens=tokens, do_sample=False, streamer=stamps, **options)
+        t = stamps.times
+        if attempt:
+            results.append({"prefill_ms": (t[1] - t[0]) * 1e3, "decode_ms_per_token": (t[-1] - t[1]) / (len(t) - 2) * 1e3})
+    result = {key: statistics.median(r[key] for r in results) for key in results[0]}
+    result["tokens"] = out[0, ids.shape[1]:].tolist()
+    return result
+
+
+def forward_ms(model, ids: torch.Tensor, runs: int = 3) -> float:
+    """Median time of one prefill forward (last position's logits only)."""
+    times = []
+    with torch.no_grad():
+        model(ids, logits_to_keep=1)
+        for _ in range(runs):
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            model(ids, logits_to_keep=1)
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - started) * 1e3)
+    return statistics.median(times)
+
+
+def ours_timings(model, prompts: list[list[int]], new_tokens: int, runs: int = 3, **options) -> dict:
+    """Time to first token and decode ms/token (per step, all rows together) of our runtime, median of
+    `runs` after a warm-up."""
+    model.generate_batch([p[:16] for p in prompts], max_new_tokens=4, greedy=True)
+    results, generations = [], None
+    for _ in range(runs):
+        generations = model.generate_batch(prompts, max_new_tokens=new_tokens, **options)
+        t = model.last_timings
+        steps = t.decode_tokens / len(prompts)
+        results.append({"prefill_ms": t.time_to_first_token_s * 1e3, "decode_ms_per_token": t.decode_s * 1e3 / steps,
+                        "tokens_per_s": t.decode_tokens / t.decode_s})
+    result = {key: statistics.median(r[key] for r in results) for key in results[0]}
+    result["tokens"] = generations[0].output_ids
+    return result
+
+
+def replay_breakdown(model, steps: int = 200) -> dict:
+    """Where a captured decode step's time goes: replays alone (GPU work + launch) against the whole
+    step as the runtime does it (input updates, replay, candidates to the host), and the GPU kernels of
+    a replay by total time (CUPTI through torch.profiler, which sees onnxruntime's kernels too)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    loop = model.decode_loop([[1] * 64], max_new_tokens=2, greedy=True)
+    for _ in loop:
+        pass
+    captured, session = loop.cache.captured, model.session.session
+    ids, mask = np.ones((1, 1), np.int64), (np.arange(loop.cache.capacity) < 70).astype(np.int64)[None]
+
+    def replay():
+        session.run_with_iobinding(captured.binding, captured.run_options)
+
+    timings = {}
+    for name, call in (("replay_only_ms", replay), ("whole_step_ms", lambda: captured.step(session, ids, mask))):
+        call()
+        started = time.perf_counter()
+        for _ in range(steps):
+            call()
+        timings[name] = (time.perf_counter() - started) * 1e3 / steps
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as trace:
+            for _ in range(20):
+                replay()
+            torch.cuda.synchronize()
+        events = [(e.key, getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0), e.count) for e in trace.key_averages()]
+        events = sorted((e for e in events if e[1] > 0), key=lambda e: -e[1])
+        timings["gpu_us_per_step"] = sum(e[1] for e in events) / 20
+        timings["kernels_per_step"] = sum(e[2] for e in events) / 20
+        timings["top_kernels_us_per_step"] = [(name[:90], round(total / 20, 1), count / 20) for name, total, count in events[:15]]
+    except Exception:  # the profile is a diagnostic; the figures above stand without it
+        timings["profile_error"] = traceback.format_exc(limit=2)
+    return timings
+
+
+def genai_timings(checkpoint: Path, workdir: Path, prompt: list[int], new_tokens: int) -> dict:
+    """onnxruntime-genai's own builder on the same checkpoint (fp16, CUDA), then og.Generator greedy,
+    with the builder's settings and with enable_cuda_graph."""
+    import subprocess
+    import sys
+
+    import onnxruntime_genai as og
+
+    folder = workdir / f"{checkpoint.name}-genai"
+    if not (folder / "genai_config.json").is_file():
+        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint), "-o", str(folder),
+                        "-p", "fp16", "-e", "cuda", "-c", str(workdir / "genai-cache")], check=True,
+                       stdout=subprocess.DEVNULL)
+    base = json.loads((folder / "genai_config.json").read_text())
+    results = {}
+    for variant in ("default", "cuda_graph"):
+        config = json.loads(json.dumps(base))
+        if variant == "cuda_graph":
+            for provider in config["model"]["decoder"]["session_options"]["provider_options"]:
+                provider.get("cuda", {})["enable_cuda_graph"] = "1"
+        (folder / "genai_config.json").write_text(json.dumps(config, indent=1))
+        model = og.Model(str(folder))
+        runs = []
+        for attempt in range(3):
+            params = og.GeneratorParams(model)
+            params.set_search_options(do_sample=False, max_length=len(prompt) + new_tokens, min_length=len(prompt) + new_tokens)
+            generator = og.Generator(model, params)
+            stamps = [time.perf_counter()]
+            generator.append_tokens(np.array(prompt, np.int32))
+            while not generator.is_done():
+                generator.generate_next_token()
+                generator.get_next_tokens()  # the token to the host, as a caller would
+                stamps.append(time.perf_counter())
+            if attempt:
+                runs.append({"prefill_ms": (stamps[1] - stamps[0]) * 1e3,
+                             "decode_ms_per_token": (stamps[-1] - stamps[1]) / (len(stamps) - 2) * 1e3})
+            del generator
+        results[variant] = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+        del model
+    (folder / "genai_config.json").write_text(json.dumps(base, indent=1))
+    return results
+
+
+def same_tokens(ours: list[int], theirs: list[int], reference, prompt: list[int], vocab: int) -> dict:
+    n = min(32, len(ours), len(theirs))
+    return {"identical_32": ours[:n] == theirs[:n],
+            "each_in_other_top3": _top3_agreement(reference, prompt, ours[:n], theirs[:n], vocab)}
+
+
+def prepare(workdir: Path, shape: str) -> tuple[Path, Path]:
+    """Random checkpoint at the shape (bf16, 4 shards) and its fp16 CUDA artifact; CPU work only."""
+    checkpoint = workdir / f"{shape}-checkpoint"
+    if not (checkpoint / "config.json").is_file():
+        write_checkpoint(checkpoint, SHAPES[shape], seed=0, dtype=torch.bfloat16, shards=4)
+    return checkpoint, build_artifact(checkpoint, workdir / f"{shape}-fp16", "fp16")
+
+
 @section("speed")
-def speed(workdir: Path, shape: str, prompt_tokens: int, new_tokens: int, copy_tb_s: float) -> dict:
+def speed(workdir: Path, shape: str, prompt_tokens: int, new_tokens: int, copy_tb_s: float, genai: bool) -> dict:
     import transformers
 
     from runtime import Model
 
-    checkpoint = workdir / f"{shape}-checkpoint"
-    if not (checkpoint / "config.json").is_file():
-        write_checkpoint(checkpoint, SHAPES[shape], seed=0, dtype=torch.bfloat16, shards=4)
-    artifact = build_artifact(checkpoint, workdir / f"{shape}-fp16", "fp16")
-    weight_bytes = (artifact / "onnx" / "model.onnx_data").stat().st_size
+    config_json = SHAPES[shape]
+    checkpoint, artifact = prepare(workdir, shape)
+    report: dict = {"shape": shape, "layers": config_json["num_hidden_layers"], "prompt_tokens": prompt_tokens,
+                    "new_tokens": new_tokens}
     # the issue's floor: bytes one decode step reads over the measured copy bandwidth (read + write counted)
-    floor_ms = weight_bytes / (copy_tb_s * 1e12) * 1e3
-    prompt = np.random.default_rng(0).integers(0, 400, size=prompt_tokens).tolist()
+    floor = decode_read_bytes(config_json) / (copy_tb_s * 1e12) * 1e3
+    report["floor_ms_per_token"] = floor
+    rng = np.random.default_rng(0)
+    vocab = 400  # the tiny tokenizer's ids; the weights behind them are random anyway
+    prompt = rng.integers(0, vocab, size=prompt_tokens).tolist()
+    batch8 = [rng.integers(0, vocab, size=prompt_tokens).tolist() for _ in range(8)]
+    long_prompt = rng.integers(0, vocab, size=4096).tolist()
+    greedy = dict(greedy=True, repetition_penalty=1.0)
 
-    def run_ours(cuda_graph: bool) -> dict:
-        model = Model.load(artifact, device="cuda", cuda_graph=cuda_graph)
-        model.generate(prompt[:16], max_new_tokens=4, greedy=True)
-        runs = []
-        for _ in range(3):
-            model.generate(prompt, max_new_tokens=new_tokens, greedy=True, repetition_penalty=1.0)
-            runs.append(model.last_timings)
-        return {"prefill_ms": statistics.median(t.time_to_first_token_s * 1e3 for t in runs),
-                "decode_ms_per_token": statistics.median(t.decode_s * 1e3 / t.decode_tokens for t in runs)}
+    with PeakMemory() as memory:
+        model = Model.load(artifact, **LOAD, cuda_graph=True)
+        model.generate(prompt, max_new_tokens=new_tokens, **greedy)
+    report["ours_peak_gib"] = memory.gib
+    report["ours_cuda_graph"] = ours_timings(model, [prompt], new_tokens, runs=2, **greedy)
+    report["ours_cuda_graph"]["full_logits_reads"] = model.session.full_logits_reads
+    report["ours_sampling_qwen_defaults"] = ours_timings(model, [prompt], new_tokens, runs=1, do_sample=True, seed=1)
+    report["ours_prefill_4096_ms"] = ours_timings(model, [long_prompt], 2, runs=2, **greedy)["prefill_ms"]
+    report["ours_batch8_cuda_graph"] = ours_timings(model, batch8, new_tokens, runs=2, **greedy)
+    report["ours_replay"] = replay_breakdown(model)
+    del model
+    plain = Model.load(artifact, **LOAD)
+    report["ours_plain"] = ours_timings(plain, [prompt], new_tokens, runs=1, **greedy)
+    del plain
+    print("ours:", json.dumps({k: v for k, v in report.items()}, default=str)[:1500], flush=True)
 
-    ours, ours_graph = run_ours(False), run_ours(True)
-
-    reference = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float16).cuda().eval()
-    ids = torch.tensor([prompt], device="cuda")
+    with PeakMemory() as memory:
+        reference = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float16).cuda().eval()
+        reference.generation_config = transformers.GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=0)
+        ids = torch.tensor([prompt], device="cuda")
+        eager = transformers_decode(reference, ids, new_tokens, runs=1)
+    report["transformers_peak_gib"] = memory.gib
+    report["transformers_eager"] = eager
+    # greedy tokens at this shape: transformers with the embedding's padding ids suppressed, as we do
+    tokenizer_vocab = json.loads((artifact / "manifest.json").read_text())["tokenizer"]["vocab_size"]
     with torch.no_grad():
-        reference.generate(ids[:, :16], max_new_tokens=4, do_sample=False)
-        torch.cuda.synchronize()
-        started = time.perf_counter()
-        reference(ids)
-        torch.cuda.synchronize()
-        prefill = (time.perf_counter() - started) * 1e3
-        started = time.perf_counter()
-        reference.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-        torch.cuda.synchronize()
-        total = (time.perf_counter() - started) * 1e3
-    eager = {"prefill_ms": prefill, "decode_ms_per_token": (total - prefill) / (new_tokens - 1)}
-    return {"shape": shape, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "weights_gb": weight_bytes / 1e9,
-            "floor_ms_per_token": floor_ms, "ours": ours, "ours_cuda_graph": ours_graph, "transformers_eager": eager,
-            "ours_over_floor": ours["decode_ms_per_token"] / floor_ms,
-            "ours_cuda_graph_over_floor": ours_graph["decode_ms_per_token"] / floor_ms,
-            "eager_over_ours": eager["decode_ms_per_token"] / ours["decode_ms_per_token"]}
+        theirs = reference.generate(ids, max_new_tokens=32, do_sample=False,
+                                    suppress_tokens=list(range(tokenizer_vocab, reference.config.vocab_size)))[0, len(prompt):].tolist()
+    report["tokens_vs_transformers"] = same_tokens(report["ours_cuda_graph"]["tokens"], theirs, reference, prompt, tokenizer_vocab)
+    report["transformers_prefill_512_ms"] = forward_ms(reference, ids)
+    report["transformers_prefill_4096_ms"] = forward_ms(reference, torch.tensor([long_prompt], device="cuda"))
+    batch_ids = torch.tensor(batch8, device="cuda")
+    batch_eager = transformers_decode(reference, batch_ids, new_tokens, runs=1)
+    report["transformers_batch8_eager_tokens_per_s"] = 8 * 1e3 / batch_eager["decode_ms_per_token"]
+    try:
+        report["transformers_static_compile"] = transformers_decode(reference, ids, new_tokens, runs=2,
+                                                                    cache_implementation="static")
+    except Exception:  # a peer that fails to compile is reported, not fatal
+        report["transformers_static_compile"] = {"error": traceback.format_exc(limit=3)}
+    del reference
+    torch.cuda.empty_cache()
+    if "moe" in config_json.get("model_type", ""):
+        report["moe_logits_vs_transformers_fp32"] = moe_logits_check(artifact, checkpoint)
+    if genai and "moe" not in config_json.get("model_type", ""):
+        try:
+            report["onnxruntime_genai"] = genai_timings(checkpoint, workdir, prompt, new_tokens)
+        except Exception:
+            report["onnxruntime_genai"] = {"error": traceback.format_exc(limit=3)}
+    return with_ratios(report)
+
+
+def moe_logits_check(artifact: Path, checkpoint: Path) -> dict:
+    """Last-token logits of our fp16 CUDA graph (com.microsoft::MoE) against transformers in fp32 on the GPU."""
+    import transformers
+
+    from runtime import Model
+    from runtime.kv_cache import new_cache
+    from runtime.padding import RightPadding
+
+    prompt = np.random.default_rng(7).integers(0, 400, size=24).tolist()
+    ours = Model.load(artifact, **LOAD)
+    vocab = ours.manifest.tokenizer_vocab_size
+    cache = new_cache(ours.manifest, ours.session.graph, 1, "cuda", 512)
+    row = ours.session.step(*RightPadding(ours.manifest.pad_token_id).prefill([prompt], 0), cache).full()[0][:vocab]
+    del ours, cache
+    fp32 = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).cuda().eval()
+    with torch.no_grad():
+        expected = fp32(torch.tensor([prompt], device="cuda")).logits[0, -1, :vocab].float().cpu().numpy()
+    del fp32
+    torch.cuda.empty_cache()
+    return {"max_abs_diff": float(np.abs(row - expected).max()), "logit_scale": float(np.abs(expected).max()),
+            "same_top1": int(row.argmax()) == int(expected.argmax())}
+
+
+def with_ratios(report: dict) -> dict:
+    """Each decode figure over the floor, and each peer's decode time over ours (> 1: we are faster)."""
+    ours = report["ours_cuda_graph"]["decode_ms_per_token"]
+    layers = report["layers"]
+    peers = {"transformers_eager": report.get("transformers_eager"),
+             "transformers_static_compile": report.get("transformers_static_compile"),
+             **{f"onnxruntime_genai_{k}": v for k, v in (report.get("onnxruntime_genai") or {}).items() if isinstance(v, dict)}}
+    ratios = {"ours_cuda_graph_over_floor": ours / report["floor_ms_per_token"],
+              "ours_plain_over_floor": report["ours_plain"]["decode_ms_per_token"] / report["floor_ms_per_token"],
+              "ours_ms_per_layer": ours / layers, "floor_ms_per_layer": report["floor_ms_per_token"] / layers}
+    for name, peer in peers.items():
+        if peer and "decode_ms_per_token" in peer:
+            ratios[f"{name}_over_ours"] = peer["decode_ms_per_token"] / ours
+            ratios[f"{name}_over_floor"] = peer["decode_ms_per_token"] / report["floor_ms_per_token"]
+    ratios["batch8_ours_over_transformers_eager"] = (report["ours_batch8_cuda_graph"]["tokens_per_s"]
+                                                     / report["transformers_batch8_eager_tokens_per_s"])
+    ratios["prefill_4096_transformers_over_ours"] = report["transformers_prefill_4096_ms"] / report["ours_prefill_4096_ms"]
+    report["ratios"] = ratios
+    return report
+
+
+def yarn_artifact(workdir: Path) -> Path:
+    """The Qwen2-7B checkpoint's weights (linked, not copied) under a config with YaRN factor 4."""
+    base = workdir / "qwen2-7b-checkpoint"
+    if not (base / "config.json").is_file():
+        write_checkpoint(base, SHAPES["qwen2-7b"], seed=0, dtype=torch.bfloat16, shards=4)
+    checkpoint = workdir / "qwen2-7b-yarn4-checkpoint"
+    checkpoint.mkdir(exist_ok=True)
+    for item in base.iterdir():
+        if item.name != "config.json" and not (checkpoint / item.name).exists():
+            (checkpoint / item.name).symlink_to(item)
+    config = {**SHAPES["qwen2-7b"], "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    return build_artifact(checkpoint, workdir / "qwen2-7b-yarn4-fp16", "fp16")
+
+
+@section("long_context")
+def long_context(workdir: Path, prompt_lengths: tuple[int, ...], new_tokens: int, chunk: int) -> dict:
+    """Qwen2-7B shapes with YaRN factor 4 (context 131,072): chunked prefill, then CUDA-graph decode."""
+    from runtime import Model
+
+    artifact = yarn_artifact(workdir)
+    model = Model.load(artifact, **LOAD, cuda_graph=True)
+    results = {"context_length": model.manifest.context_length, "prefill_chunk": chunk}
+    for length in prompt_lengths:
+        prompt = np.random.default_rng(length).integers(0, 400, size=length).tolist()
+        try:
+            with PeakMemory() as memory:
+                model.generate(prompt, max_new_tokens=new_tokens, greedy=True, repetition_penalty=1.0, prefill_chunk=chunk)
+            t = model.last_timings
+            results[str(length)] = {"prefill_s": t.time_to_first_token_s, "decode_ms_per_token": t.decode_s * 1e3 / t.decode_tokens,
+                                    "peak_gib": memory.gib, "new_tokens": t.decode_tokens + 1}
+        except Exception:
+            results[str(length)] = {"error": traceback.format_exc(limit=4)}
+        print(length, results[str(length)], flush=True)
+    return results
+
+
+def print_table(report: dict) -> None:
+    """The README's table: decode ms/token (batch 1) with the ratio to the floor, then prefill, batch-8
+    throughput and peak memory."""
+    def ms(entry: dict | None, key: str = "decode_ms_per_token") -> str:
+        return f"{entry[key]:.2f}" if isinstance(entry, dict) and key in entry else "–"
+
+    rows = [(name.split("/", 1)[1], r) for name, r in report.items() if name.startswith("speed/") and "ratios" in r]
+    print("\n| shape | floor | ours, CUDA graph (× floor) | ours, plain | transformers eager | transformers static+compile "
+          "| genai | genai + CUDA graph | prefill 512 ours / transformers | prefill 4096 ours / transformers "
+          "| batch 8 tok/s ours / transformers | peak GiB ours / transformers |")
+    print("|" + "---|" * 12)
+    for shape, r in rows:
+        genai = r.get("onnxruntime_genai") or {}
+        ours = r["ours_cuda_graph"]["decode_ms_per_token"]
+        print(f"| {shape} | {r['floor_ms_per_token']:.2f} | {ours:.2f} ({r['ratios']['ours_cuda_graph_over_floor']:.2f}×) "
+              f"| {ms(r['ours_plain'])} | {ms(r['transformers_eager'])} | {ms(r.get('transformers_static_compile'))} "
+              f"| {ms(genai.get('default'))} | {ms(genai.get('cuda_graph'))} "
+              f"| {r['ours_cuda_graph']['prefill_ms']:.1f} / {r['transformers_prefill_512_ms']:.1f} "
+              f"| {r['ours_prefill_4096_ms']:.1f} / {r['transformers_prefill_4096_ms']:.1f} "
+              f"| {r['ours_batch8_cuda_graph']['tokens_per_s']:.0f} / {r['transformers_batch8_eager_tokens_per_s']:.0f} "
+              f"| {r['ours_peak_gib']:.1f} / {r['transformers_peak_gib']:.1f} |")
 
 
 def main() -> None:
@@ -231,10 +585,23 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--skip-correctness", action="store_true")
+    parser.add_argument("--no-genai", action="store_true", help="skip onnxruntime-genai even when it is installed")
+    parser.add_argument("--long-context", default="", help="comma-separated prompt lengths for the YaRN run, e.g. 32768,130944")
+    parser.add_argument("--prefill-chunk", type=int, default=8192)
+    parser.add_argument("--prepare", action="store_true", help="only write the checkpoints and build the artifacts")
     args = parser.parse_args()
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.prepare:  # checkpoints and artifacts only (CPU work), e.g. while onnxruntime-gpu is still arriving
+        for shape in filter(None, args.shapes.split(",")):
+            started = time.perf_counter()
+            prepare(args.workdir, shape)
+            print(f"prepared {shape} in {time.perf_counter() - started:.0f} s", flush=True)
+        if args.long_context:
+            yarn_artifact(args.workdir)
+            print("prepared the YaRN artifact", flush=True)
+        return
 
     environment()
     bandwidth()
@@ -242,11 +609,16 @@ def main() -> None:
         correctness(args.workdir)
         logits_check(args.workdir)
     copy_tb_s = REPORT.get("bandwidth", {}).get("copy_tb_s", 3.0)
-    for shape in filter(None, args.shapes.split(",")):
-        speed(args.workdir, shape, args.prompt_tokens, args.new_tokens, copy_tb_s)
-        REPORT[f"speed/{shape}"] = REPORT.pop("speed")
+    genai = not args.no_genai and REPORT["environment"].get("onnxruntime_genai") is not None
     args.out.mkdir(parents=True, exist_ok=True)
+    for shape in filter(None, args.shapes.split(",")):
+        speed(args.workdir, shape, args.prompt_tokens, args.new_tokens, copy_tb_s, genai)
+        REPORT[f"speed/{shape}"] = REPORT.pop("speed")
+        (args.out / "bench_gpu.json").write_text(json.dumps(REPORT, indent=2, default=str))
+    if args.long_context:
+        long_context(args.workdir, tuple(int(n) for n in args.long_context.split(",")), args.new_tokens, args.prefill_chunk)
     (args.out / "bench_gpu.json").write_text(json.dumps(REPORT, indent=2, default=str))
+    print_table(REPORT)
 
 
 if __name__ == "__main__":

@@ -2,18 +2,20 @@
 
 Before (modules model.layers.{i}.mlp.gate and .mlp.experts):
 
-    x [N, D] --MatMul Wgᵀ--> logits --Softmax fp32--> TopK(k) --(renormalise)--> Scatter --> weights [N, E]
-    x --MatMul gate_up[e]ᵀ--> silu(gate)·up --MatMul down[e]ᵀ--> Σ_e weights[:, e] · out_e   (every expert)
+    x [B, S, D] --MatMul Wgᵀ--> logits --Softmax fp32--> TopK(k) --(renormalise)--> Scatter --> weights [B, S, E]
+    x --MatMul gate_up[e]ᵀ--> silu(gate)·up --MatMul down[e]ᵀ--> Σ_e weights[..., e] · out_e   (every expert)
 
 After:
 
-    MoE(x, logits, fc1 = interleave(gate_up) [E, 2I, D], "", fc2 = down [E, D, I],
+    MoE(x [B, S, D], Reshape(logits, [-1, E]), fc1 = interleave(gate_up) [E, 2I, D], "", fc2 = down [E, D, I],
         k, activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=norm_topk_prob)
 
 The op applies the softmax over all experts itself and takes the top-k of those probabilities, exactly
 as transformers does (ort-contrib-ops.md §5). Only interleaved SwiGLU (swiglu_fusion=1) is used: CPU
 supports nothing else, and the other layouts swapped gate and up on CUDA. The shared expert and its
-sigmoid gate stay as ordinary nodes. Legend: N tokens, D hidden, E experts, I expert intermediate.
+sigmoid gate stay as ordinary nodes. The op takes 3-D tokens (its output keeps their shape) but 2-D
+router logits; the reshape has a constant target, so no shape arithmetic enters the graph.
+Legend: B batch, S tokens, D hidden, E experts, I expert intermediate.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from ..build import MS_DOMAIN, add_initializer, add_node, replace_value
+from ..build import MS_DOMAIN, add_initializer, add_node, constant, replace_value
 from ..facts import ModelFacts
 from ..regions import Region, initializers_of, nodes_in_scope, region_of
 
@@ -81,8 +83,10 @@ def build(graph: ir.Graph, found: list[Experts], facts: ModelFacts) -> None:
         gate_up = experts.gate_up
         fc1 = add_initializer(graph, f"layers.{experts.layer}/mlp/moe/fc1", gate_up.dtype, tuple(gate_up.shape),
                               lambda w=gate_up: interleave_gate_up(w.const_value.numpy()))
+        rows_shape = constant(graph, f"layers.{experts.layer}/mlp/moe/router_rows", np.array([-1, gate_up.shape[0]], np.int64))
+        (router_rows,) = add_node(graph, "Reshape", [experts.router_logits, rows_shape], name=f"layers.{experts.layer}/mlp/router_rows")
         (out,) = add_node(
-            graph, "MoE", [experts.input, experts.router_logits, fc1, None, experts.down],
+            graph, "MoE", [experts.input, router_rows, fc1, None, experts.down],
             {"k": facts.experts_per_token, "activation_type": "swiglu", "swiglu_fusion": 1,
              "normalize_routing_weights": int(facts.normalize_routing), "activation_alpha": 1.0, "activation_beta": 0.0},
             name=f"layers.{experts.layer}/mlp/MoE", domain=MS_DOMAIN,
