@@ -79,9 +79,10 @@ class Model:
 
     def decode_loop(self, prompts: list[Prompt], max_new_tokens: int = 128, stop_strings: tuple[str, ...] = (),
                     cache: KVCache | None = None, greedy: bool = False, prefill_chunk: int | None = None,
-                    **sampling: Any) -> DecodeLoop:
+                    ignore_eos: bool = False, **sampling: Any) -> DecodeLoop:
         return DecodeLoop(self.session, self.manifest, self.tokenizer, [self.encode(p) for p in prompts],
-                          self.sampling(greedy, **sampling), max_new_tokens, stop_strings, cache, prefill_chunk)
+                          self.sampling(greedy, **sampling), max_new_tokens, stop_strings, cache, prefill_chunk,
+                          ignore_eos)
 
     def generate_batch(self, prompts: list[Prompt], **options: Any) -> list[Generation]:
         """Generate for several prompts at once (one batch, padded as the graph's manifest entry says)."""
@@ -93,7 +94,8 @@ class Model:
 
     def generate(self, prompt: Prompt, **options: Any) -> Generation:
         """One prompt; options: max_new_tokens, stop_strings, greedy, temperature, top_k, top_p, min_p,
-        repetition_penalty, seed, prefill_chunk (prefill a long prompt this many tokens at a time)."""
+        repetition_penalty, seed, prefill_chunk (prefill a long prompt this many tokens at a time),
+        ignore_eos (run to max_new_tokens through stop tokens, for measurements)."""
         return self.generate_batch([prompt], **options)[0]
 
     def stream(self, prompt: Prompt, **options: Any) -> Iterator[str]:
@@ -150,12 +152,17 @@ class ChatSession:
         yield from stream_text(loop, self.model.tokenizer)
         self.model.last_timings = loop.timings
         reply = self.last_reply = loop.generations[0]
+        if self.cache is not None and self.cache is not loop.cache:
+            self.cache.busy = False  # rebuilt: the old buffers may serve other requests again
         self.cache = loop.cache
+        self.cache.busy = True  # kept for the next turn
         self.messages.append({"role": "assistant", "content": reply.text})
         self._seen_ids = ids + reply.output_ids
         self._seen_text = self.model.tokenizer.decode(self._seen_ids, skip_special_tokens=False)
 
     def reset(self) -> None:
         """Forget every turn but the system prompt, and the cache."""
+        if self.cache is not None:
+            self.cache.busy = False
         self.messages = [m for m in self.messages[:1] if m["role"] == "system"]
         self.cache, self._seen_text, self._seen_ids = None, "", []

@@ -45,6 +45,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repetition-penalty", type=float)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--prefill-chunk", type=int, metavar="N", help="prefill long prompts N tokens at a time (batch 1)")
+    parser.add_argument("--ignore-eos", action="store_true", help="generate max_new_tokens even past stop tokens (measurements)")
 
 
 def _options(model: Model, args: argparse.Namespace) -> dict[str, Any]:
@@ -55,7 +56,7 @@ def _options(model: Model, args: argparse.Namespace) -> dict[str, Any]:
                    repetition_penalty=args.repetition_penalty, seed=args.seed)
     model.sampling(args.greedy, **{k: v for k, v in options.items() if k not in ("max_new_tokens", "stop_strings", "greedy")})
     # sampling values are checked above; the decode loop checks prefill_chunk before its first step
-    return {**options, "prefill_chunk": args.prefill_chunk}
+    return {**options, "prefill_chunk": args.prefill_chunk, "ignore_eos": args.ignore_eos}
 
 
 def _load(args: argparse.Namespace) -> Model:

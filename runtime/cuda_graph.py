@@ -49,7 +49,7 @@ class CapturedDecode:
         for name, value in zip(cache.past_names(), cache.values, strict=True):
             self.binding.bind_ortvalue_input(name, value)
         self.binding.bind_ortvalue_output("logits", self.logits)
-        for name, value in zip(("top_logits", "top_ids"), self.candidates):
+        for name, value in zip(("top_logits", "top_ids"), self.candidates, strict=False):
             self.binding.bind_ortvalue_output(name, value)
         for name, value in zip(cache.present_names(), cache.values, strict=True):
             self.binding.bind_ortvalue_output(name, value)

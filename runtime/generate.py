@@ -13,7 +13,7 @@ from typing import Iterator
 import numpy as np
 
 from .errors import RuntimeInputError
-from .kv_cache import KVCache, new_cache
+from .kv_cache import KVCache
 from .manifest import Manifest
 from .padding import PADDINGS
 from .sampling import SamplingConfig, choose_from_candidates, choose_tokens
@@ -59,11 +59,13 @@ class DecodeLoop:
         stop_strings: tuple[str, ...] = (),
         cache: KVCache | None = None,
         prefill_chunk: int | None = None,
+        ignore_eos: bool = False,
     ):
         check_request(manifest, prompts, max_new_tokens)
         self.session, self.manifest, self.tokenizer = session, manifest, tokenizer
         self.prompts, self.sampling, self.max_new_tokens = prompts, sampling, max_new_tokens
         self.stop_strings = tuple(stop_strings)
+        self.stop_token_ids = () if ignore_eos else manifest.stop_token_ids  # ignore_eos: benchmarks want full lengths
         if prefill_chunk is not None and prefill_chunk < 1:
             raise RuntimeInputError(f"prefill_chunk={prefill_chunk} must be a positive number of tokens")
         self.prefill_chunk = prefill_chunk
@@ -73,13 +75,20 @@ class DecodeLoop:
         # shared buffers get headroom, so a chat's next turns usually fit and reuse them
         capacity = min(manifest.context_length, -(-needed // CAPACITY_STEP) * CAPACITY_STEP)
         reuse = cache.reusable_prefix(prompts[0], needed) if cache is not None and len(prompts) == 1 else 0
-        self.cache = cache if reuse else new_cache(manifest, session.graph, len(prompts), session.device, capacity)
+        self.cache = cache if reuse else session.empty_cache(manifest, len(prompts), capacity)
         self.timings.reused_prompt_tokens = reuse
         self.padding = PADDINGS[session.graph.padding](manifest.pad_token_id)
         if self.cache.capacity is not None:  # shared buffer: decode steps use a mask of the buffer's width
             self.padding.decode_width = self.cache.capacity
 
     def __iter__(self) -> Iterator[list[int | None]]:
+        self.cache.busy = True  # until the loop ends, the session hands these buffers to nobody else
+        try:
+            yield from self._steps()
+        finally:
+            self.cache.busy = False
+
+    def _steps(self) -> Iterator[list[int | None]]:
         rng = np.random.default_rng(self.sampling.seed)
         started = time.perf_counter()
         ids, mask, positions = self.padding.prefill(self.prompts, self._prefill_leading_chunks())
@@ -138,7 +147,7 @@ class DecodeLoop:
     def _record(self, generation: Generation, token: int) -> bool:
         """Append `token`; True when the row is finished."""
         generation.output_ids.append(token)
-        if token in self.manifest.stop_token_ids:
+        if token in self.stop_token_ids:
             generation.finish_reason = "stop_token"
             return True
         if self.stop_strings:

@@ -29,6 +29,7 @@ class KVCache:
     capacity: int | None = None  # shared_buffer only
     tokens: list[list[int]] = field(default_factory=list)  # ids whose keys and values are held, per row
     captured: Any = None  # cuda_graph.CapturedDecode bound to these buffers, once a decode step made one
+    busy: bool = False  # a decode loop runs on it or a chat keeps it: the session must not hand it out again
 
     def past_names(self) -> list[str]:
         return [f"past_key_values.{i // 2}.{'key' if i % 2 == 0 else 'value'}" for i in range(len(self.values))]

@@ -178,6 +178,27 @@ def test_32_greedy_tokens_through_the_optimized_graph_equal_transformers(tiny_ch
     assert model.session.full_logits_reads == 0  # every token was chosen from the graph's candidates
 
 
+def test_kv_buffers_are_reused_between_requests_but_never_shared(tiny_optimized):
+    """A request of the same batch and capacity gets the last one's buffers (and, on CUDA, its captured
+    graph); stale contents change nothing; a chat's buffers are never handed to another request."""
+    model = Model.load(tiny_optimized("sliding_window"), optimize=False)
+    fresh = [Model.load(tiny_optimized("sliding_window"), optimize=False).generate(p, max_new_tokens=12, greedy=True).output_ids
+             for p in PROMPTS[:2]]
+    first = model.generate(PROMPTS[0], max_new_tokens=12, greedy=True)
+    buffers = model.session._spare
+    second = model.generate(PROMPTS[1], max_new_tokens=12, greedy=True)
+    assert model.session._spare is buffers and not buffers.busy
+    assert [first.output_ids, second.output_ids] == fresh
+    chat = model.chat()
+    "".join(chat.send("Hello", max_new_tokens=4, greedy=True))
+    held = chat.cache
+    assert held.busy
+    model.generate(PROMPTS[0], max_new_tokens=4, greedy=True)
+    assert model.session._spare is not held and chat.cache is held
+    chat.reset()
+    assert not held.busy
+
+
 def test_sampling_from_the_candidates_equals_sampling_from_the_full_row(tiny_optimized):
     """Qwen's sampling defaults (top_k 20, top_p 0.8, temperature 0.7, penalty 1.05), same seed: the
     optimized graph's device-side candidates give the tokens the portable graph's full rows give."""

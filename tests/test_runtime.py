@@ -113,6 +113,8 @@ def test_stop_token_and_stop_string(tiny_artifact):
     model.manifest = dataclasses.replace(original, stop_token_ids=(third,))
     stopped = model.generate(PROMPTS[1], max_new_tokens=12, greedy=True)
     assert stopped.finish_reason == "stop_token" and stopped.output_ids == free.output_ids[: free.output_ids.index(third) + 1]
+    through = model.generate(PROMPTS[1], max_new_tokens=12, greedy=True, ignore_eos=True)
+    assert through.finish_reason == "length" and through.output_ids == free.output_ids
     model.manifest = original
     by_string = model.generate(PROMPTS[1], max_new_tokens=12, greedy=True, stop_strings=(stop_text,))
     assert by_string.finish_reason == "stop_string" and stop_text in by_string.text

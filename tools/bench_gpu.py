@@ -206,8 +206,10 @@ class PeakMemory:
     competes for the interpreter."""
 
     def __enter__(self) -> "PeakMemory":
+        import gc
         import threading
 
+        gc.collect()  # sessions dropped before this point release their device memory now, not inside
         torch.cuda.empty_cache()
         free, self.total = torch.cuda.mem_get_info()
         self.base, self.peak, self._stop = self.total - free, 0, threading.Event()
@@ -294,16 +296,17 @@ def forward_ms(model, ids: torch.Tensor, runs: int = 3) -> float:
 
 def ours_timings(model, prompts: list[list[int]], new_tokens: int, runs: int = 3, **options) -> dict:
     """Time to first token and decode ms/token (per step, all rows together) of our runtime, median of
-    `runs` after a warm-up."""
-    model.generate_batch([p[:16] for p in prompts], max_new_tokens=4, greedy=True)
+    `runs` after one identical warm-up call (whose prefill is reported as `cold_prefill_ms`: it pays
+    onnxruntime's first-use costs for a new shape, the MoE kernel's tactic profiling among them)."""
     results, generations = [], None
-    for _ in range(runs):
-        generations = model.generate_batch(prompts, max_new_tokens=new_tokens, **options)
+    for _ in range(runs + 1):
+        generations = model.generate_batch(prompts, max_new_tokens=new_tokens, ignore_eos=True, **options)
         t = model.last_timings
         steps = t.decode_tokens / len(prompts)
-        results.append({"prefill_ms": t.time_to_first_token_s * 1e3, "decode_ms_per_token": t.decode_s * 1e3 / steps,
-                        "tokens_per_s": t.decode_tokens / t.decode_s})
-    result = {key: statistics.median(r[key] for r in results) for key in results[0]}
+        results.append({"prefill_ms": t.time_to_first_token_s * 1e3, "decode_ms_per_token": t.decode_s * 1e3 / max(steps, 1),
+                        "tokens_per_s": t.decode_tokens / t.decode_s if t.decode_s else 0.0})
+    result = {key: statistics.median(r[key] for r in results[1:]) for key in results[0]}
+    result["cold_prefill_ms"] = results[0]["prefill_ms"]
     result["tokens"] = generations[0].output_ids
     return result
 
@@ -428,8 +431,11 @@ def speed(workdir: Path, shape: str, prompt_tokens: int, new_tokens: int, copy_t
     report["ours_peak_gib"] = memory.gib
     report["ours_cuda_graph"] = ours_timings(model, [prompt], new_tokens, runs=2, **greedy)
     report["ours_cuda_graph"]["full_logits_reads"] = model.session.full_logits_reads
+    reads = model.session.full_logits_reads
     report["ours_sampling_qwen_defaults"] = ours_timings(model, [prompt], new_tokens, runs=1, do_sample=True, seed=1)
-    report["ours_prefill_4096_ms"] = ours_timings(model, [long_prompt], 2, runs=2, **greedy)["prefill_ms"]
+    report["ours_sampling_qwen_defaults"]["full_logits_reads"] = model.session.full_logits_reads - reads
+    prefill_4096 = ours_timings(model, [long_prompt], 2, runs=2, **greedy)
+    report["ours_prefill_4096_ms"], report["ours_prefill_4096_cold_ms"] = prefill_4096["prefill_ms"], prefill_4096["cold_prefill_ms"]
     report["ours_batch8_cuda_graph"] = ours_timings(model, batch8, new_tokens, runs=2, **greedy)
     report["ours_replay"] = replay_breakdown(model)
     del model
@@ -543,11 +549,17 @@ def long_context(workdir: Path, prompt_lengths: tuple[int, ...], new_tokens: int
     for length in prompt_lengths:
         prompt = np.random.default_rng(length).integers(0, 400, size=length).tolist()
         try:
-            with PeakMemory() as memory:
-                model.generate(prompt, max_new_tokens=new_tokens, greedy=True, repetition_penalty=1.0, prefill_chunk=chunk)
+            cold = model.generate(prompt, max_new_tokens=new_tokens, greedy=True, repetition_penalty=1.0,
+                                  prefill_chunk=chunk, ignore_eos=True)
+            cold_prefill = model.last_timings.time_to_first_token_s
+            with PeakMemory() as memory:  # the second, warm run (buffers and CUDA graph already made)
+                warm = model.generate(prompt, max_new_tokens=new_tokens, greedy=True, repetition_penalty=1.0,
+                                      prefill_chunk=chunk, ignore_eos=True)
             t = model.last_timings
-            results[str(length)] = {"prefill_s": t.time_to_first_token_s, "decode_ms_per_token": t.decode_s * 1e3 / t.decode_tokens,
-                                    "peak_gib": memory.gib, "new_tokens": t.decode_tokens + 1}
+            results[str(length)] = {"prefill_s": t.time_to_first_token_s, "cold_prefill_s": cold_prefill,
+                                    "decode_ms_per_token": t.decode_s * 1e3 / t.decode_tokens,
+                                    "peak_gib_above_weights": memory.gib, "new_tokens": t.decode_tokens + 1,
+                                    "same_tokens_twice": cold.output_ids == warm.output_ids}
         except Exception:
             results[str(length)] = {"error": traceback.format_exc(limit=4)}
         print(length, results[str(length)], flush=True)
