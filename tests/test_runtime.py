@@ -194,3 +194,28 @@ def test_cli_cuda_graph_flag_reaches_the_session(tiny_artifact, capsys):
 def test_cli_rejects_a_bad_prefill_chunk(tiny_artifact, capsys):
     assert runtime_main(["generate", str(tiny_artifact("dense_tied")), "--prompt", "x", "--prefill-chunk", "0"]) == 2
     assert "prefill_chunk=0" in capsys.readouterr().err
+
+
+def test_cuda_sessions_for_cuda_graphs_refuse_the_cpu_fallback(tiny_artifact):
+    """Settings only (no GPU here): a CUDA-optimized graph gets the CUDA EP alone with the fallback off,
+    unless cpu_fallback; a portable graph on CUDA may fall back; CPU sessions are untouched."""
+    from runtime.manifest import load_manifest
+    from runtime.session import session_settings
+
+    manifest = load_manifest(tiny_artifact("dense_tied"))
+    cuda_graph_info = dataclasses.replace(manifest.graphs[0], target="cuda")
+
+    def fallback(options):
+        try:
+            return options.get_session_config_entry("session.disable_cpu_ep_fallback") or "0"
+        except Exception:  # onnxruntime raises for an entry that was never set
+            return "0"
+
+    options, providers = session_settings(cuda_graph_info, "cuda", True, True, cpu_fallback=False)
+    assert fallback(options) == "1" and [p[0] if isinstance(p, tuple) else p for p in providers] == ["CUDAExecutionProvider"]
+    assert providers[0][1]["enable_cuda_graph"] == "1"
+    options, providers = session_settings(cuda_graph_info, "cuda", True, False, cpu_fallback=True)
+    assert fallback(options) == "0" and providers[-1] == "CPUExecutionProvider"
+    options, providers = session_settings(manifest.graphs[0], "cuda", True, False, cpu_fallback=False)
+    assert fallback(options) == "0" and providers[-1] == "CPUExecutionProvider"
+    assert session_settings(cuda_graph_info, "cpu", True, False, cpu_fallback=False)[1] == ["CPUExecutionProvider"]
