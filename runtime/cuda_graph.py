@@ -15,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .kv_cache import KVCache
+from .manifest import CANDIDATE_OUTPUTS, TOTAL_LENGTH_INPUT
 
 _graph_ids = itertools.count(1)  # one captured graph per decode buffer set
 
@@ -43,13 +44,13 @@ class CapturedDecode:
         self.binding = session.io_binding()
         self.binding.bind_ortvalue_input("input_ids", self.input_ids)
         self.binding.bind_ortvalue_input("attention_mask", self.attention_mask)
-        if "total_sequence_length" in {i.name for i in session.get_inputs()}:
-            self.binding.bind_ortvalue_input("total_sequence_length", total_length)
+        if TOTAL_LENGTH_INPUT in {i.name for i in session.get_inputs()}:
+            self.binding.bind_ortvalue_input(TOTAL_LENGTH_INPUT, total_length)
         self._total_length = total_length  # the binding does not keep it alive
         for name, value in zip(cache.past_names(), cache.values, strict=True):
             self.binding.bind_ortvalue_input(name, value)
         self.binding.bind_ortvalue_output("logits", self.logits)
-        for name, value in zip(("top_logits", "top_ids"), self.candidates, strict=False):
+        for name, value in zip(CANDIDATE_OUTPUTS, self.candidates, strict=False):
             self.binding.bind_ortvalue_output(name, value)
         for name, value in zip(cache.present_names(), cache.values, strict=True):
             self.binding.bind_ortvalue_output(name, value)

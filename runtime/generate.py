@@ -82,7 +82,7 @@ class DecodeLoop:
             self.padding.decode_width = self.cache.capacity
 
     def __iter__(self) -> Iterator[list[int | None]]:
-        self.cache.busy = True  # until the loop ends, the session hands these buffers to nobody else
+        # the session marked the buffers busy when it handed them out; they return to it when the loop ends
         try:
             yield from self._steps()
         finally:

@@ -10,6 +10,9 @@ from typing import Any
 from .errors import RuntimeInputError
 
 FORMAT = "qwen2-onnx-artifact"
+# names in the optimized graphs' contract (graphs/attention_inputs.py, graphs/fusions/token_candidates.py)
+TOTAL_LENGTH_INPUT = "total_sequence_length"  # int32 scalar in host memory: the attention mask's width
+CANDIDATE_OUTPUTS = ("top_logits", "top_ids")  # each row's K best logits and their ids
 SUPPORTED_VERSIONS = (1,)
 
 

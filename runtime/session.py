@@ -17,12 +17,10 @@ import onnxruntime as ort
 from .errors import RuntimeInputError
 from .cuda_graph import CapturedDecode, no_capture
 from .kv_cache import KVCache, new_cache
-from .manifest import GraphInfo, Manifest
+from .manifest import CANDIDATE_OUTPUTS, TOTAL_LENGTH_INPUT, GraphInfo, Manifest
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 SUPPORTED_CONTRACTS = {("concat", "left"), ("shared_buffer", "right")}
-TOTAL_LENGTH = "total_sequence_length"  # int32 scalar in host memory: the attention mask's width
-CANDIDATES = ("top_logits", "top_ids")
 
 
 @dataclass
@@ -81,6 +79,7 @@ class GraphSession:
         if spare is None or spare.busy or len(spare.tokens) != batch or spare.capacity != capacity:
             spare = self._spare = new_cache(manifest, self.graph, batch, self.device, capacity)
         spare.tokens = [[] for _ in range(batch)]  # its row count stays `batch`
+        spare.busy = True  # handed out: the decode loop that runs on it releases it when it ends
         return spare
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray | None,
@@ -96,11 +95,11 @@ class GraphSession:
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
         if "position_ids" in self.graph.input_names:
             binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
-        if TOTAL_LENGTH in self.graph.input_names:
-            binding.bind_cpu_input(TOTAL_LENGTH, np.array(attention_mask.shape[1], np.int32))
+        if TOTAL_LENGTH_INPUT in self.graph.input_names:
+            binding.bind_cpu_input(TOTAL_LENGTH_INPUT, np.array(attention_mask.shape[1], np.int32))
         for name, value in zip(cache.past_names(), cache.values, strict=True):
             binding.bind_ortvalue_input(name, value)
-        candidates = CANDIDATES if self.graph.token_candidates else ()
+        candidates = CANDIDATE_OUTPUTS if self.graph.token_candidates else ()
         binding.bind_output("logits", self.device if candidates else "cpu")
         for name in candidates:
             binding.bind_output(name, "cpu")

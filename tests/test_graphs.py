@@ -197,6 +197,8 @@ def test_kv_buffers_are_reused_between_requests_but_never_shared(tiny_optimized)
     assert model.session._spare is not held and chat.cache is held
     chat.reset()
     assert not held.busy
+    waiting = [model.decode_loop([PROMPTS[0]], max_new_tokens=4, greedy=True) for _ in range(2)]
+    assert waiting[0].cache is not waiting[1].cache  # handed out counts as taken, before any step
 
 
 def test_sampling_from_the_candidates_equals_sampling_from_the_full_row(tiny_optimized):
