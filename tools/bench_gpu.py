@@ -314,9 +314,7 @@ def ours_timings(model, prompts: list[list[int]], new_tokens: int, runs: int = 3
 def replay_breakdown(model, context: int, steps: int = 200) -> dict:
     """Where a captured decode step's time goes: replays alone (GPU work + launch) against the whole
     step as the runtime does it (input updates, replay, candidates to the host), and the GPU kernels of
-    a replay by total time (CUPTI through torch.profiler, which sees onnxruntime's kernels too)."""
-    from torch.profiler import ProfilerActivity, profile
-
+    a replay and of a prefill by total time (CUPTI through torch.profiler sees onnxruntime's kernels)."""
     loop = model.decode_loop([[1] * context], max_new_tokens=2, greedy=True)
     for _ in loop:
         pass
@@ -335,18 +333,27 @@ def replay_breakdown(model, context: int, steps: int = 200) -> dict:
             call()
         timings[name] = (time.perf_counter() - started) * 1e3 / steps
     try:
-        with profile(activities=[ProfilerActivity.CUDA]) as trace:
-            for _ in range(20):
-                replay()
-            torch.cuda.synchronize()
-        events = [(e.key, getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0), e.count) for e in trace.key_averages()]
-        events = sorted((e for e in events if e[1] > 0), key=lambda e: -e[1])
-        timings["gpu_us_per_step"] = sum(e[1] for e in events) / 20
-        timings["kernels_per_step"] = sum(e[2] for e in events) / 20
-        timings["top_kernels_us_per_step"] = [(name[:90], round(total / 20, 1), count / 20) for name, total, count in events[:15]]
+        timings["decode_kernels"] = kernel_profile(replay, 20)
+        prompt = [1] * (context - context // 8)
+        timings["prefill_kernels"] = kernel_profile(lambda: model.generate(prompt, max_new_tokens=1, greedy=True), 3)
     except Exception:  # the profile is a diagnostic; the figures above stand without it
         timings["profile_error"] = traceback.format_exc(limit=2)
     return timings
+
+
+def kernel_profile(call, repeats: int) -> dict:
+    """GPU kernels of `call` by total time per call (CUPTI through torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    call()
+    with profile(activities=[ProfilerActivity.CUDA]) as trace:
+        for _ in range(repeats):
+            call()
+        torch.cuda.synchronize()
+    events = [(e.key, getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0), e.count) for e in trace.key_averages()]
+    events = sorted((e for e in events if e[1] > 0), key=lambda e: -e[1])
+    return {"gpu_us": sum(e[1] for e in events) / repeats, "kernels": sum(e[2] for e in events) / repeats,
+            "top_us": [(name[:90], round(total / repeats, 1), count / repeats) for name, total, count in events[:15]]}
 
 
 def genai_timings(checkpoint: Path, workdir: Path, prompt: list[int], new_tokens: int) -> dict:
