@@ -70,9 +70,9 @@ class GraphSession:
 
     def empty_cache(self, manifest: Manifest, batch: int, capacity: int) -> KVCache:
         """A cache for `batch` rows. Shared buffers of the last request are handed out again when batch and
-        capacity match and nobody holds them: their CUDA graph stays captured (a capture costs about as
-        much as 20 decode steps) and no device memory is allocated. Old contents need no clearing: the
-        attention mask says which positions hold keys."""
+        capacity match and nobody holds them: their CUDA graph stays captured (onnxruntime keeps every
+        captured graph, so a capture per request would also pile them up) and no device memory is
+        allocated. Old contents need no clearing: the attention mask says which positions hold keys."""
         if self.graph.kv_layout != "shared_buffer":
             return new_cache(manifest, self.graph, batch, self.device, capacity)
         spare = self._spare
