@@ -8,7 +8,6 @@ manifest last, so an interrupted run leaves the artifact as it was.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -17,12 +16,13 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
+from qwen2_export.files import aligned_offset, file_record
+
 from .fusions.token_candidates import OUTPUTS
 from .pipeline import PassReport, optimize
 
 PORTABLE_DATA = "model.onnx_data"
 INLINE_BYTES = 1024
-LARGE_TENSOR_BYTES, LARGE_ALIGNMENT, SMALL_ALIGNMENT = 1 << 20, 1 << 16, 64
 ONNX_TYPE_NAMES = {1: "float32", 10: "float16", 16: "bfloat16", 7: "int64", 6: "int32"}
 
 
@@ -72,8 +72,7 @@ def write_new_weights(model: ir.Model, path: Path, location: str) -> Path:
             if len(data) <= INLINE_BYTES:
                 value.const_value = ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=name)
                 continue
-            alignment = LARGE_ALIGNMENT if len(data) >= LARGE_TENSOR_BYTES else SMALL_ALIGNMENT
-            offset += -offset % alignment
+            offset = aligned_offset(offset, len(data))
             f.seek(offset)
             f.write(data)
             value.const_value = ir.ExternalTensor(location, offset, len(data), tensor.dtype, shape=tensor.shape,
@@ -92,7 +91,7 @@ def graph_entry(artifact: Path, model: ir.Model, target: str, graph_file: str, f
         "name": f"optimized-{target}",
         "file": graph_file,
         "target": target,
-        "files": {f: {"sha256": _sha256(artifact / f), "bytes": (artifact / f).stat().st_size} for f in files},
+        "files": {f: file_record(artifact / f) for f in files},
         "opset": model.opset_imports.get("", 23),
         # past and present share one buffer per layer: bind the same OrtValue to past_key_values.i.* and
         # present.i.*; its length is the capacity the runtime chooses (prompt + new tokens, at most the context)
@@ -118,11 +117,3 @@ def candidates_entry(graph: ir.Graph) -> dict[str, Any]:
     # top_logits / top_ids [batch, k]: the k best scores of each row's logits over the tokenizer's
     # vocabulary, best first, and their token ids
     return {"token_candidates": {"k": outputs[OUTPUTS[0]].shape[-1], "outputs": list(OUTPUTS)}}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(16 << 20):
-            digest.update(block)
-    return digest.hexdigest()

@@ -27,6 +27,7 @@ import torch
 from . import io_spec
 from .checkpoint import CHUNK_BYTES, CheckpointError, TensorEntry, list_tensors, plan_placements, read_chunks
 from .config import Qwen2Config, load_config
+from .files import aligned_offset
 from .manifest import write_manifest
 from .model import build_model
 from .rope import rope_parameters
@@ -38,8 +39,6 @@ GRAPH_FILE = "onnx/model.onnx"
 DATA_FILE = "model.onnx_data"  # relative to the graph, as ONNX external data locations are
 REQUIRED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
 OPTIONAL_FILES = ("generation_config.json", "chat_template.jinja")
-# Large tensors start on 64 KiB boundaries so onnxruntime can memory-map them on every OS.
-LARGE_TENSOR_BYTES, LARGE_ALIGNMENT, SMALL_ALIGNMENT = 1 << 20, 1 << 16, 64
 
 Progress = Callable[[str], None]
 
@@ -180,8 +179,7 @@ def lay_out(graph: ir.Model) -> dict[str, Slot]:
     slots, offset = {}, 0
     for name, value in graph.graph.initializers.items():
         length = value.const_value.nbytes
-        alignment = LARGE_ALIGNMENT if length >= LARGE_TENSOR_BYTES else SMALL_ALIGNMENT
-        offset += -offset % alignment
+        offset = aligned_offset(offset, length)
         slots[name] = Slot(offset, length)
         offset += length
     return slots

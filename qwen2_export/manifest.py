@@ -6,7 +6,6 @@ sha256, each graph's inputs and outputs with dims and the KV/padding contract, a
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -16,19 +15,12 @@ from tokenizers import Tokenizer
 
 from . import io_spec
 from .config import Qwen2Config
+from .files import file_record
 from .rope import rope_parameters
 
 FORMAT = "qwen2-onnx-artifact"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(16 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_manifest(artifact: Path, config: Qwen2Config, dtype: torch.dtype, graph_file: str, data_file: str) -> dict:
@@ -50,7 +42,7 @@ def write_manifest(artifact: Path, config: Qwen2Config, dtype: torch.dtype, grap
                 "name": "portable",
                 "file": graph_file,
                 "target": "any",  # standard ONNX ops only
-                "files": {str(p.relative_to(artifact)): {"sha256": sha256_of(p), "bytes": p.stat().st_size} for p in files},
+                "files": {str(p.relative_to(artifact)): file_record(p) for p in files},
                 "opset": 23,
                 # present = concat(past, new): past and present are separate buffers, present grows by S
                 "kv_cache": {"layout": "concat", "order": "key, value per layer", "dims": "[batch, kv_heads, length, head_dim]"},

@@ -12,7 +12,7 @@ from qwen2_export.checkpoint import list_tensors, load_model, read_chunks
 from qwen2_export.cli import main
 from qwen2_export.config import load_config
 from qwen2_export.export import ExportError, export_checkpoint
-from qwen2_export.manifest import sha256_of
+from qwen2_export.files import sha256_of
 
 from conftest import VARIANTS
 from onnx_helpers import empty_cache, greedy, open_session, run_step
