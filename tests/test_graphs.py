@@ -281,3 +281,31 @@ def test_chunked_prefill_gives_the_same_tokens(tiny_optimized, variant, graph):
         assert model.generate(prompt, max_new_tokens=12, greedy=True, prefill_chunk=chunk).output_ids == whole.output_ids
         prompt_calls = sizes[: -(12 - 1)]  # the 11 decode steps come last
         assert prompt_calls == [chunk] * (21 // chunk) + ([21 % chunk] if 21 % chunk else []), (chunk, sizes)
+
+
+@pytest.mark.parametrize("variant", ["dense_untied_sharded", "dense_tied", "moe_shared"])
+def test_weights_stored_out_in_give_the_same_numbers(tiny_artifact, tmp_path, variant):
+    """The [out, in] layout (FusedMatMul transB=1) replaces every projection MatMul and changes no number."""
+    from graphs.inspect import op_histogram
+
+    artifact = shutil.copytree(tiny_artifact(variant), tmp_path / "a")
+    entry = optimize_artifact(artifact, "cpu", layout="out_in")
+    ops = op_histogram(artifact / entry["file"])
+    assert entry["weight_layout"] == "out_in" and ops.get("com.microsoft::FusedMatMul", 0) >= 4 * 2  # 4 per layer, 2 layers
+    model = ir.load(artifact / entry["file"])
+    weights_read_by_matmul = [n for n in model.graph if n.op_type == "MatMul" and n.inputs[1].is_initializer()]
+    assert not weights_read_by_matmul
+    assert_same_numbers(artifact, artifact / entry["file"])
+
+
+def test_cuda_graph_with_out_in_weights_runs_on_cpu(tiny_artifact, tmp_path):
+    artifact = shutil.copytree(tiny_artifact("dense_untied_sharded"), tmp_path / "a")
+    entry = optimize_artifact(artifact, "cuda", layout="out_in")
+    assert entry["weight_layout"] == "out_in"
+    assert_same_numbers(artifact, artifact / entry["file"], tolerance=0.1)
+
+
+def test_an_unknown_weight_layout_is_named(tiny_artifact):
+    manifest = json.loads((tiny_artifact("dense_tied") / "manifest.json").read_text())
+    with pytest.raises(PipelineError, match="weight layout 'col_major'"):
+        optimize(ir.load(tiny_artifact("dense_tied") / "onnx/model.onnx"), manifest, "cpu", layout="col_major")

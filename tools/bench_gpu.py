@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shutil
 import statistics
 import time
 import traceback
@@ -95,6 +97,26 @@ def build_artifact(checkpoint: Path, folder: Path, dtype: str) -> Path:
     artifact = export_checkpoint(checkpoint, folder, dtype=dtype, force=True)
     optimize_artifact(artifact, "cuda", {"fp16": "float16", "bf16": "bfloat16"}[dtype])
     return artifact
+
+
+def layout_variant(artifact: Path, layout: str) -> Path:
+    """A sibling artifact optimized with another weight layout. It shares the portable graph's data
+    with `artifact` through a hard link (the device's disk holds one large shape at a time); the data
+    moves into the sibling while it is optimized, as onnx_ir refuses to read a file with two links."""
+    folder = artifact.with_name(f"{artifact.name}-{layout}")
+    if (folder / "onnx" / "model_cuda.onnx").is_file():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(artifact, folder, ignore=shutil.ignore_patterns("*.onnx_data", "model_cuda.onnx"))
+    data = [path.relative_to(artifact) for path in artifact.rglob("*.onnx_data") if not path.name.startswith("model_cuda.")]
+    for name in data:
+        os.rename(artifact / name, folder / name)
+    try:
+        optimize_artifact(folder, "cuda", "float16", layout)
+    finally:
+        for name in data:
+            os.link(folder / name, artifact / name)
+    return folder
 
 
 def cuda_only_assignment(graph: Path) -> str:
@@ -405,16 +427,37 @@ def same_tokens(ours: list[int], theirs: list[int], reference, prompt: list[int]
             "each_in_other_top3": _top3_agreement(reference, prompt, ours[:n], theirs[:n], vocab)}
 
 
-def prepare(workdir: Path, shape: str) -> tuple[Path, Path]:
-    """Random checkpoint at the shape (bf16, 4 shards) and its fp16 CUDA artifact; CPU work only."""
+def prepare(workdir: Path, shape: str, other_layouts: tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """Random checkpoint at the shape (bf16, 4 shards), its fp16 CUDA artifact and the variants with
+    other weight layouts; CPU work only."""
     checkpoint = workdir / f"{shape}-checkpoint"
     if not (checkpoint / "config.json").is_file():
         write_checkpoint(checkpoint, SHAPES[shape], seed=0, dtype=torch.bfloat16, shards=4)
-    return checkpoint, build_artifact(checkpoint, workdir / f"{shape}-fp16", "fp16")
+    artifact = build_artifact(checkpoint, workdir / f"{shape}-fp16", "fp16")
+    for layout in other_layouts:
+        layout_variant(artifact, layout)
+    return checkpoint, artifact
+
+
+def layout_timings(artifact: Path, layout: str, prompt: list[int], long_prompt: list[int], new_tokens: int, context: int) -> dict:
+    """Ours with another weight layout, same prompts: decode with CUDA graph, prefills, kernel profile.
+    Deletes the variant afterwards (disk), keeping the shared portable files."""
+    from runtime import Model
+
+    variant = layout_variant(artifact, layout)
+    model = Model.load(variant, **LOAD, cuda_graph=True)
+    greedy = dict(greedy=True, repetition_penalty=1.0)
+    result = {"cuda_graph": ours_timings(model, [prompt], new_tokens, runs=2, **greedy)}
+    result["prefill_4096_ms"] = ours_timings(model, [long_prompt], 2, runs=2, **greedy)["prefill_ms"]
+    result["replay"] = replay_breakdown(model, context)
+    del model
+    shutil.rmtree(variant)
+    return result
 
 
 @section("speed")
-def speed(workdir: Path, shape: str, prompt_tokens: int, new_tokens: int, copy_tb_s: float, genai: bool) -> dict:
+def speed(workdir: Path, shape: str, prompt_tokens: int, new_tokens: int, copy_tb_s: float, genai: bool,
+          other_layouts: tuple[str, ...] = ()) -> dict:
     import transformers
 
     from runtime import Model
@@ -450,6 +493,8 @@ def speed(workdir: Path, shape: str, prompt_tokens: int, new_tokens: int, copy_t
     plain = Model.load(artifact, **LOAD)
     report["ours_plain"] = ours_timings(plain, [prompt], new_tokens, runs=1, **greedy)
     del plain
+    for layout in other_layouts:  # before the peers: genai's build needs the disk the variant takes
+        report[f"ours_{layout}"] = layout_timings(artifact, layout, prompt, long_prompt, new_tokens, prompt_tokens + new_tokens // 2)
     print("ours:", json.dumps({k: v for k, v in report.items()}, default=str)[:1500], flush=True)
 
     with PeakMemory() as memory:
@@ -524,6 +569,10 @@ def with_ratios(report: dict) -> dict:
         if peer and "decode_ms_per_token" in peer:
             ratios[f"{name}_over_ours"] = peer["decode_ms_per_token"] / ours
             ratios[f"{name}_over_floor"] = peer["decode_ms_per_token"] / report["floor_ms_per_token"]
+    for key, variant in report.items():  # ours with another weight layout, same run
+        if key.startswith("ours_") and isinstance(variant, dict) and "cuda_graph" in variant:
+            ratios[f"{key}_over_floor"] = variant["cuda_graph"]["decode_ms_per_token"] / report["floor_ms_per_token"]
+            ratios[f"{key}_prefill_512_ms"] = variant["cuda_graph"]["prefill_ms"]
     ratios["batch8_ours_over_transformers_eager"] = (report["ours_batch8_cuda_graph"]["tokens_per_s"]
                                                      / report["transformers_batch8_eager_tokens_per_s"])
     ratios["prefill_4096_transformers_over_ours"] = report["transformers_prefill_4096_ms"] / report["ours_prefill_4096_ms"]
@@ -609,14 +658,16 @@ def main() -> None:
     parser.add_argument("--long-context", default="", help="comma-separated prompt lengths for the YaRN run, e.g. 32768,130944")
     parser.add_argument("--prefill-chunk", type=int, default=8192)
     parser.add_argument("--prepare", action="store_true", help="only write the checkpoints and build the artifacts")
+    parser.add_argument("--other-layouts", default="", help="also time ours with these weight layouts, e.g. out_in")
     args = parser.parse_args()
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     args.workdir.mkdir(parents=True, exist_ok=True)
+    other_layouts = tuple(filter(None, args.other_layouts.split(",")))
     if args.prepare:  # checkpoints and artifacts only (CPU work), e.g. while onnxruntime-gpu is still arriving
         for shape in filter(None, args.shapes.split(",")):
             started = time.perf_counter()
-            prepare(args.workdir, shape)
+            prepare(args.workdir, shape, other_layouts)
             print(f"prepared {shape} in {time.perf_counter() - started:.0f} s", flush=True)
         if args.long_context:
             yarn_artifact(args.workdir)
@@ -632,7 +683,7 @@ def main() -> None:
     genai = not args.no_genai and REPORT["environment"].get("onnxruntime_genai") is not None
     args.out.mkdir(parents=True, exist_ok=True)
     for shape in filter(None, args.shapes.split(",")):
-        speed(args.workdir, shape, args.prompt_tokens, args.new_tokens, copy_tb_s, genai)
+        speed(args.workdir, shape, args.prompt_tokens, args.new_tokens, copy_tb_s, genai, other_layouts)
         REPORT[f"speed/{shape}"] = REPORT.pop("speed")
         (args.out / "bench_gpu.json").write_text(json.dumps(REPORT, indent=2, default=str))
     if args.long_context:
