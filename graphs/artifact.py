@@ -19,7 +19,6 @@ import onnx_ir as ir
 from qwen2_export.files import aligned_offset, file_record
 
 from .fusions.token_candidates import OUTPUTS
-from .fusions.weight_layout import NAME as WEIGHT_LAYOUT_PASS
 from .pipeline import PassReport, optimize
 
 PORTABLE_DATA = "model.onnx_data"
@@ -28,15 +27,15 @@ ONNX_TYPE_NAMES = {1: "float32", 10: "float16", 16: "bfloat16", 7: "int64", 6: "
 
 
 def optimize_artifact(artifact: str | Path, target: str, dtype: str | None = None,
-                      layout: str | None = None) -> dict[str, Any]:
+                      pack_gate_up: bool | None = None) -> dict[str, Any]:
     """Build `onnx/model_{target}.onnx` from the portable graph; returns the manifest's new graph entry.
-    `layout`: how projection weights are stored (graphs.pipeline.optimize)."""
+    `pack_gate_up`: see graphs.pipeline.optimize."""
     artifact = Path(artifact)
     manifest_path = artifact / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     portable = next(g for g in manifest["graphs"] if g["name"] == "portable")
     model = ir.load(artifact / portable["file"])
-    reports = optimize(model, manifest, target, dtype, layout=layout)
+    reports = optimize(model, manifest, target, dtype, pack_gate_up=pack_gate_up)
     graph_file, data_file = f"onnx/model_{target}.onnx", f"model_{target}.onnx_data"
     write_graph(model, artifact / graph_file, data_file)
     entry = graph_entry(artifact, model, target, graph_file, [graph_file, f"onnx/{data_file}", f"onnx/{PORTABLE_DATA}"], reports)
@@ -106,8 +105,6 @@ def graph_entry(artifact: Path, model: ir.Model, target: str, graph_file: str, f
         "total_sequence_length": "attention_mask width",
         **candidates_entry(model.graph),
         "activation_dtype": ONNX_TYPE_NAMES[int(next(v for v in model.graph.inputs if v.name.startswith("past")).dtype)],
-        # projection weights stored [in, out] (MatMul) or [out, in] (com.microsoft FusedMatMul, transB=1)
-        "weight_layout": "out_in" if any(r.name == WEIGHT_LAYOUT_PASS and r.fired for r in reports) else "in_out",
         "passes": [r.describe() for r in reports],
         "inputs": [describe(v) for v in model.graph.inputs],
         "outputs": [describe(v) for v in model.graph.outputs],

@@ -4,8 +4,6 @@ fired, and fails when a count differs from what the model implies (one attention
     portable graph --GroupQueryAttention--> --last_token_logits--> --tied_lm_head--> --MoE--> --packed_qkv--> --packed_gate_up-->
                    --SimplifiedLayerNormalization--> --SkipSimplifiedLayerNormalization--> --precision-->
                    --token_candidates--> optimized graph
-
-(--weight_layout--> before precision when the weights are to be stored [out, in].)
 """
 
 from __future__ import annotations
@@ -18,13 +16,13 @@ import onnx_ir as ir
 from .attention_inputs import attention_lengths
 from .build import remove_unused
 from .facts import TARGET_DTYPES, ModelFacts
-from .fusions import gqa, last_logits, moe, packed_matmul, precision, rms_norm, tied_lm_head, token_candidates, weight_layout
+from .fusions import gqa, last_logits, moe, packed_matmul, precision, rms_norm, tied_lm_head, token_candidates
 
 IR_FLOAT_TYPES = {"float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16, "bfloat16": ir.DataType.BFLOAT16}
 
 
-# which layout each target's GEMMs read faster (tools/bench_gemm_layout.py)
-DEFAULT_LAYOUT = {"cpu": "in_out", "cuda": "in_out"}
+# gate and up as one GEMM + Split, or two GEMMs: which is faster per target (tools/bench_gpu.py --variants)
+PACK_GATE_UP = {"cpu": True, "cuda": True}
 
 
 class PipelineError(RuntimeError):
@@ -53,21 +51,18 @@ def run_fusion(graph: ir.Graph, facts: ModelFacts, name: str, expected: int, fin
 
 
 def optimize(model: ir.Model, manifest: dict[str, Any], target: str, dtype: str | None = None,
-             only: tuple[str, ...] | None = None, layout: str | None = None) -> list[PassReport]:
+             only: tuple[str, ...] | None = None, pack_gate_up: bool | None = None) -> list[PassReport]:
     """Rewrite the portable `model` in place for `target` ("cpu" or "cuda"); returns the pass reports.
 
     `only` runs a subset of the fusions (by NAME, still in pipeline order) for tests of one fusion.
-    `layout` stores projection weights "in_out" (MatMul) or "out_in" (FusedMatMul, transB=1); the
-    target's default when None.
+    `pack_gate_up` computes gate and up with one GEMM and a Split (None: the target's default).
     """
     if target not in TARGET_DTYPES:
         raise PipelineError(f"target {target!r} is not supported; choose one of {sorted(TARGET_DTYPES)}")
     dtype = dtype or TARGET_DTYPES[target][0]
     if dtype not in TARGET_DTYPES[target]:
         raise PipelineError(f"{target} graphs run {list(TARGET_DTYPES[target])} (GroupQueryAttention and MoE kernels); not {dtype}")
-    layout = layout or DEFAULT_LAYOUT[target]
-    if layout not in weight_layout.LAYOUTS:
-        raise PipelineError(f"weight layout {layout!r} is not one of {list(weight_layout.LAYOUTS)}")
+    pack_gate_up = PACK_GATE_UP[target] if pack_gate_up is None else pack_gate_up
     facts = ModelFacts.from_manifest(manifest)
     graph = model.graph
     layers, sparse = facts.num_layers, len(facts.sparse_layers)
@@ -87,17 +82,14 @@ def optimize(model: ir.Model, manifest: dict[str, Any], target: str, dtype: str 
         (rms_norm.SKIP_NAME, 2 * layers - (1 if only is None or last_logits.NAME in only else 0),
          lambda g, f: rms_norm.find_residual(g), lambda g, c, f: rms_norm.check_residual(c), rms_norm.build_residual),
     ]
-    reports = [run_fusion(graph, facts, *fusion) for fusion in fusions if only is None or fusion[0] in only]
+    reports = [run_fusion(graph, facts, *fusion) for fusion in fusions
+               if (only is None or fusion[0] in only) and (pack_gate_up or fusion[0] != packed_matmul.GATE_UP_NAME)]
     failed = [r for r in reports if r.fired != r.expected]
     if failed:
         raise PipelineError("; ".join(
             f"{r.name} fired {r.fired} times, expected {r.expected}" + (f" (rejected: {r.rejected[0]})" if r.rejected else "")
             for r in failed
         ))
-    if layout == "out_in":
-        transposed = weight_layout.transpose_weights(graph)
-        reports.append(PassReport(weight_layout.NAME, transposed, transposed, ()))
-        remove_unused(graph)
     converted = precision.set_float_type(graph, IR_FLOAT_TYPES[dtype])
     reports.append(PassReport(precision.NAME, converted, converted, ()))
     if only is None or last_logits.NAME in only:  # TopK over [B, 1, V] only, never over a prompt's [B, S, V]

@@ -25,16 +25,15 @@ def _export(args: argparse.Namespace) -> None:
         _optimize_artifact(artifact, target, None, say)
 
 
-def _optimize_artifact(artifact, target: str, dtype: str | None, say, layout: str | None = None) -> None:
+def _optimize_artifact(artifact, target: str, dtype: str | None, say) -> None:
     from graphs.artifact import optimize_artifact
 
-    entry = optimize_artifact(artifact, target, dtype, layout)
+    entry = optimize_artifact(artifact, target, dtype)
     say(f"optimized for {target}: {entry['file']} (" + ", ".join(f"{p['pass']} x{p['fired']}" for p in entry["passes"]) + ")")
 
 
 def _optimize(args: argparse.Namespace) -> None:
-    _optimize_artifact(args.artifact, args.target, args.dtype, lambda message: print(message, file=sys.stderr),
-                       args.weight_layout)
+    _optimize_artifact(args.artifact, args.target, args.dtype, lambda message: print(message, file=sys.stderr))
 
 
 def _inspect(args: argparse.Namespace) -> None:
@@ -71,9 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
     optimize.add_argument("--target", choices=["cpu", "cuda"], required=True)
     optimize.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                           help="cpu: float32; cuda: float16 (default) or bfloat16")
-    optimize.add_argument("--weight-layout", choices=["in_out", "out_in"],
-                          help="store projection weights [in, out] (MatMul) or [out, in] (FusedMatMul transB=1); "
-                               "default: the faster one measured for the target")
     optimize.set_defaults(run=_optimize)
     inspect = commands.add_parser("inspect", help="print each graph's op histogram, inputs and outputs")
     inspect.add_argument("artifact")

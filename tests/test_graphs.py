@@ -15,6 +15,7 @@ import onnxruntime as ort
 import pytest
 
 from graphs.artifact import optimize_artifact, write_graph
+from graphs.fusions import packed_matmul
 from graphs.fusions.moe import interleave_gate_up
 from graphs.pipeline import PipelineError, optimize
 from runtime import Model
@@ -283,29 +284,15 @@ def test_chunked_prefill_gives_the_same_tokens(tiny_optimized, variant, graph):
         assert prompt_calls == [chunk] * (21 // chunk) + ([21 % chunk] if 21 % chunk else []), (chunk, sizes)
 
 
-@pytest.mark.parametrize("variant", ["dense_untied_sharded", "dense_tied", "moe_shared"])
-def test_weights_stored_out_in_give_the_same_numbers(tiny_artifact, tmp_path, variant):
-    """The [out, in] layout (FusedMatMul transB=1) replaces every projection MatMul and changes no number."""
+
+@pytest.mark.parametrize("variant", ["dense_untied_sharded", "moe_shared"])
+@pytest.mark.parametrize("target", ["cpu", "cuda"])
+def test_gate_and_up_as_two_gemms_give_the_same_numbers(tiny_artifact, tmp_path, variant, target):
+    """Without the gate/up packing no Split is left and every layer's MLP (or shared expert) reads two weights."""
     from graphs.inspect import op_histogram
 
     artifact = shutil.copytree(tiny_artifact(variant), tmp_path / "a")
-    entry = optimize_artifact(artifact, "cpu", layout="out_in")
-    ops = op_histogram(artifact / entry["file"])
-    assert entry["weight_layout"] == "out_in" and ops.get("com.microsoft::FusedMatMul", 0) >= 4 * 2  # 4 per layer, 2 layers
-    model = ir.load(artifact / entry["file"])
-    weights_read_by_matmul = [n for n in model.graph if n.op_type == "MatMul" and n.inputs[1].is_initializer()]
-    assert not weights_read_by_matmul
-    assert_same_numbers(artifact, artifact / entry["file"])
-
-
-def test_cuda_graph_with_out_in_weights_runs_on_cpu(tiny_artifact, tmp_path):
-    artifact = shutil.copytree(tiny_artifact("dense_untied_sharded"), tmp_path / "a")
-    entry = optimize_artifact(artifact, "cuda", layout="out_in")
-    assert entry["weight_layout"] == "out_in"
-    assert_same_numbers(artifact, artifact / entry["file"], tolerance=0.1)
-
-
-def test_an_unknown_weight_layout_is_named(tiny_artifact):
-    manifest = json.loads((tiny_artifact("dense_tied") / "manifest.json").read_text())
-    with pytest.raises(PipelineError, match="weight layout 'col_major'"):
-        optimize(ir.load(tiny_artifact("dense_tied") / "onnx/model.onnx"), manifest, "cpu", layout="col_major")
+    entry = optimize_artifact(artifact, target, pack_gate_up=False)
+    assert packed_matmul.GATE_UP_NAME not in {p["pass"] for p in entry["passes"]}
+    assert "Split" not in op_histogram(artifact / entry["file"])
+    assert_same_numbers(artifact, artifact / entry["file"], tolerance=TOLERANCE if target == "cpu" else 0.1)

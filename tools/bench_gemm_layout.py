@@ -4,12 +4,14 @@ For every projection of a shape (packed q/k/v, o_proj, packed gate/up, down_proj
 few row counts (1 = a decode step, 8 = batch-8 decode, 512 = a prefill chunk), one fp16 graph of
 `copies` GEMMs with different weights (together larger than L2) runs through onnxruntime on CUDA:
 
-    in_out:  MatMul(x, W [in, out])                       (graphs' default layout)
-    out_in:  com.microsoft FusedMatMul(x, W^T [out, in], transB=1)   (--weight-layout out_in)
+    in_out:  MatMul(x, W [in, out])                                  (the layout graphs/ writes)
+    out_in:  com.microsoft FusedMatMul(x, W^T [out, in], transB=1)   (the layout torch's F.linear reads)
 
 GPU time per GEMM comes from CUPTI (torch.profiler), so launch gaps do not count; decode rows are
 also given as effective read bandwidth. torch's F.linear (cuBLAS through torch, [out, in]) runs the
 same shapes as a reference. The summary adds the projections up to one decode step per layout.
+On the H100 (tools/gpu_notes.md) cuBLAS picked the same kernels for both, out_in 3% slower per
+decode step and an end-to-end graph with it slower too, so graphs/ keeps [in, out].
 
     PYTHONPATH=/root/ortgpu/site:$PWD python3 tools/bench_gemm_layout.py --shapes qwen2-0.5b,qwen2-7b --out $OUT
 """
@@ -22,7 +24,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 from onnx import TensorProto, helper
 
@@ -82,11 +83,10 @@ def time_case(rows: int, k: int, n: int) -> dict:
         for i in range(copies):
             bind(binding, f"w{i}", stored[i])
             bind(binding, f"y{i}", ys[i], output=True)
-        profile = kernel_profile(lambda: session.run_with_iobinding(binding), 10)
+        profile = kernel_profile(lambda session=session, binding=binding: session.run_with_iobinding(binding), 10)
         result[layout] = {"us": profile["gpu_us"] / copies, "kernels_per_gemm": profile["kernels"] / copies,
                           "top": [name for name, _, _ in profile["top_us"][:3]]}
         outputs[layout] = ys[0].float()
-        del session, binding, stored
     reference = weights[0].t().contiguous()
     profile = kernel_profile(lambda: torch.nn.functional.linear(x, reference), 10)
     result["torch_linear_us"] = profile["gpu_us"]

@@ -29,6 +29,7 @@ import time
 import traceback
 import warnings
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -42,6 +43,8 @@ LOAD: dict = {"device": "cuda"}  # cpu_fallback=True is added when a graph is re
 SHAPES = {"qwen2-0.5b": QWEN2_0_5B, "qwen2-7b": QWEN2_7B,
           "qwen2-57b-a14b-4l": {**QWEN2_57B_A14B, "num_hidden_layers": 4, "max_window_layers": 4}}
 REPORT: dict = {}
+# kernel profiles wait until every timing of the run is done: (where the result goes, model, context)
+PROFILES: list[tuple[dict, Callable[[], Any], int]] = []
 
 
 def section(name):
@@ -99,11 +102,15 @@ def build_artifact(checkpoint: Path, folder: Path, dtype: str) -> Path:
     return artifact
 
 
-def layout_variant(artifact: Path, layout: str) -> Path:
-    """A sibling artifact optimized with another weight layout. It shares the portable graph's data
+# other ways to optimize the same graph, timed beside the default with --variants
+VARIANTS = {"two_gemm_gate_up": {"pack_gate_up": False}, "packed_gate_up": {"pack_gate_up": True}}
+
+
+def graph_variant(artifact: Path, variant: str) -> Path:
+    """A sibling artifact optimized as VARIANTS[variant] says. It shares the portable graph's data
     with `artifact` through a hard link (the device's disk holds one large shape at a time); the data
     moves into the sibling while it is optimized, as onnx_ir refuses to read a file with two links."""
-    folder = artifact.with_name(f"{artifact.name}-{layout}")
+    folder = artifact.with_name(f"{artifact.name}-{variant}")
     if (folder / "onnx" / "model_cuda.onnx").is_file():
         return folder
     shutil.rmtree(folder, ignore_errors=True)
@@ -112,7 +119,7 @@ def layout_variant(artifact: Path, layout: str) -> Path:
     for name in data:
         os.rename(artifact / name, folder / name)
     try:
-        optimize_artifact(folder, "cuda", "float16", layout)
+        optimize_artifact(folder, "cuda", "float16", **VARIANTS[variant])
     finally:
         for name in data:
             os.link(folder / name, artifact / name)
@@ -333,16 +340,10 @@ def ours_timings(model, prompts: list[list[int]], new_tokens: int, runs: int = 3
     return result
 
 
-def replay_breakdown(model, context: int, steps: int = 200) -> dict:
+def replay_timings(model, context: int, steps: int = 200) -> dict:
     """Where a captured decode step's time goes: replays alone (GPU work + launch) against the whole
-    step as the runtime does it (input updates, replay, candidates to the host), and the GPU kernels of
-    a replay and of a prefill by total time (CUPTI through torch.profiler sees onnxruntime's kernels)."""
-    loop = model.decode_loop([[1] * context], max_new_tokens=2, greedy=True)
-    for _ in loop:
-        pass
-    captured, session = loop.cache.captured, model.session.session
-    # attention reads `context` cached positions, as in the middle of a timed run
-    ids, mask = np.ones((1, 1), np.int64), (np.arange(loop.cache.capacity) < context).astype(np.int64)[None]
+    step as the runtime does it (input updates, replay, candidates to the host)."""
+    captured, session, ids, mask = captured_step(model, context)
 
     def replay():
         session.run_with_iobinding(captured.binding, captured.run_options)
@@ -354,13 +355,29 @@ def replay_breakdown(model, context: int, steps: int = 200) -> dict:
         for _ in range(steps):
             call()
         timings[name] = (time.perf_counter() - started) * 1e3 / steps
-    try:
-        timings["decode_kernels"] = kernel_profile(replay, 20)
-        prompt = [1] * (context - context // 8)
-        timings["prefill_kernels"] = kernel_profile(lambda: model.generate(prompt, max_new_tokens=1, greedy=True), 3)
-    except Exception:  # the profile is a diagnostic; the figures above stand without it
-        timings["profile_error"] = traceback.format_exc(limit=2)
     return timings
+
+
+def kernel_profiles(model, context: int) -> dict:
+    """The GPU kernels of a decode replay and of a prefill, by total time (CUPTI through torch.profiler
+    sees onnxruntime's kernels). main() runs these after every timing (PROFILES)."""
+    captured, session, _, _ = captured_step(model, context)
+    try:
+        prompt = [1] * (context - context // 8)
+        return {"decode_kernels": kernel_profile(lambda: session.run_with_iobinding(captured.binding, captured.run_options), 20),
+                "prefill_kernels": kernel_profile(lambda: model.generate(prompt, max_new_tokens=1, greedy=True), 3)}
+    except Exception:  # the profile is a diagnostic; the timings stand without it
+        return {"profile_error": traceback.format_exc(limit=2)}
+
+
+def captured_step(model, context: int):
+    """The captured decode step of a cache whose attention reads `context` positions, as in the middle of
+    a timed run, with that step's inputs."""
+    loop = model.decode_loop([[1] * context], max_new_tokens=2, greedy=True)
+    for _ in loop:
+        pass
+    mask = (np.arange(loop.cache.capacity) < context).astype(np.int64)[None]
+    return loop.cache.captured, model.session.session, np.ones((1, 1), np.int64), mask
 
 
 def kernel_profile(call, repeats: int) -> dict:
@@ -427,39 +444,32 @@ def same_tokens(ours: list[int], theirs: list[int], reference, prompt: list[int]
             "each_in_other_top3": _top3_agreement(reference, prompt, ours[:n], theirs[:n], vocab)}
 
 
-def prepare(workdir: Path, shape: str, other_layouts: tuple[str, ...] = ()) -> tuple[Path, Path]:
-    """Random checkpoint at the shape (bf16, 4 shards), its fp16 CUDA artifact and the variants with
-    other weight layouts; CPU work only."""
+def prepare(workdir: Path, shape: str) -> tuple[Path, Path]:
+    """Random checkpoint at the shape (bf16, 4 shards) and its fp16 CUDA artifact; CPU work only.
+    (Graph variants are built when timed: with genai's build they would not fit the device's disk.)"""
     checkpoint = workdir / f"{shape}-checkpoint"
     if not (checkpoint / "config.json").is_file():
         write_checkpoint(checkpoint, SHAPES[shape], seed=0, dtype=torch.bfloat16, shards=4)
-    artifact = build_artifact(checkpoint, workdir / f"{shape}-fp16", "fp16")
-    for layout in other_layouts:
-        layout_variant(artifact, layout)
-    return checkpoint, artifact
+    return checkpoint, build_artifact(checkpoint, workdir / f"{shape}-fp16", "fp16")
 
 
-def layout_timings(artifact: Path, layout: str, prompt: list[int], long_prompt: list[int], new_tokens: int, context: int) -> dict:
-    """Ours with another weight layout, same prompts: decode with CUDA graph, prefills, kernel profile.
-    Deletes the variant afterwards (disk), keeping the shared portable files."""
+def variant_timings(artifact: Path, variant: str, prompt: list[int], long_prompt: list[int], new_tokens: int,
+                    context: int) -> tuple[dict, object]:
+    """Ours optimized another way, same prompts: decode with CUDA graph, prefills, replay timings.
+    Returns the report and the loaded model (for the kernel profiles at the very end)."""
     from runtime import Model
 
-    variant = layout_variant(artifact, layout)
-    model = Model.load(variant, **LOAD, cuda_graph=True)
+    model = Model.load(graph_variant(artifact, variant), **LOAD, cuda_graph=True)
     greedy = dict(greedy=True, repetition_penalty=1.0)
     result = {"cuda_graph": ours_timings(model, [prompt], new_tokens, runs=2, **greedy)}
     result["prefill_4096_ms"] = ours_timings(model, [long_prompt], 2, runs=2, **greedy)["prefill_ms"]
-    result["replay"] = replay_breakdown(model, context)
-    del model
-    shutil.rmtree(variant)
-    return result
+    result["replay"] = replay_timings(model, context)
+    return result, model
 
 
 @section("speed")
 def speed(workdir: Path, shape: str, prompt_tokens: int, new_tokens: int, copy_tb_s: float, genai: bool,
-          other_layouts: tuple[str, ...] = ()) -> dict:
-    import transformers
-
+          variants: tuple[str, ...] = (), peers: bool = True) -> dict:
     from runtime import Model
 
     config_json = SHAPES[shape]
@@ -488,14 +498,30 @@ def speed(workdir: Path, shape: str, prompt_tokens: int, new_tokens: int, copy_t
     prefill_4096 = ours_timings(model, [long_prompt], 2, runs=2, **greedy)
     report["ours_prefill_4096_ms"], report["ours_prefill_4096_cold_ms"] = prefill_4096["prefill_ms"], prefill_4096["cold_prefill_ms"]
     report["ours_batch8_cuda_graph"] = ours_timings(model, batch8, new_tokens, runs=2, **greedy)
-    report["ours_replay"] = replay_breakdown(model, prompt_tokens + new_tokens // 2)
+    context = prompt_tokens + new_tokens // 2
+    report["ours_replay"] = replay_timings(model, context)
     del model
     plain = Model.load(artifact, **LOAD)
     report["ours_plain"] = ours_timings(plain, [prompt], new_tokens, runs=1, **greedy)
     del plain
-    for layout in other_layouts:  # before the peers: genai's build needs the disk the variant takes
-        report[f"ours_{layout}"] = layout_timings(artifact, layout, prompt, long_prompt, new_tokens, prompt_tokens + new_tokens // 2)
     print("ours:", json.dumps({k: v for k, v in report.items()}, default=str)[:1500], flush=True)
+    if peers:
+        report.update(peer_timings(workdir, checkpoint, artifact, config_json, prompt, long_prompt, batch8, new_tokens,
+                                   report["ours_cuda_graph"]["tokens"], genai))
+    PROFILES.append((report["ours_replay"], lambda: Model.load(artifact, **LOAD, cuda_graph=True), context))
+    for variant in variants:  # after genai, whose build needs the disk a variant takes
+        report[f"ours_{variant}"], model = variant_timings(artifact, variant, prompt, long_prompt, new_tokens, context)
+        shutil.rmtree(graph_variant(artifact, variant))  # the loaded session keeps what it needs
+        PROFILES.append((report[f"ours_{variant}"]["replay"], lambda model=model: model, context))
+    return with_ratios(report) if peers else report
+
+
+def peer_timings(workdir: Path, checkpoint: Path, artifact: Path, config_json: dict, prompt: list[int],
+                 long_prompt: list[int], batch8: list[list[int]], new_tokens: int, our_tokens: list[int], genai: bool) -> dict:
+    """transformers (eager, static cache + compile) and onnxruntime-genai on the same checkpoint and prompts."""
+    import transformers
+
+    report: dict = {}
 
     with PeakMemory() as memory:
         reference = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float16).cuda().eval()
@@ -509,7 +535,7 @@ def speed(workdir: Path, shape: str, prompt_tokens: int, new_tokens: int, copy_t
     with torch.no_grad():
         theirs = reference.generate(ids, max_new_tokens=32, do_sample=False,
                                     suppress_tokens=list(range(tokenizer_vocab, reference.config.vocab_size)))[0, len(prompt):].tolist()
-    report["tokens_vs_transformers"] = same_tokens(report["ours_cuda_graph"]["tokens"], theirs, reference, prompt, tokenizer_vocab)
+    report["tokens_vs_transformers"] = same_tokens(our_tokens, theirs, reference, prompt, tokenizer_vocab)
     report["transformers_prefill_512_ms"] = forward_ms(reference, ids)
     report["transformers_prefill_4096_ms"] = forward_ms(reference, torch.tensor([long_prompt], device="cuda"))
     batch_ids = torch.tensor(batch8, device="cuda")
@@ -529,7 +555,8 @@ def speed(workdir: Path, shape: str, prompt_tokens: int, new_tokens: int, copy_t
             report["onnxruntime_genai"] = genai_timings(checkpoint, workdir, prompt, new_tokens)
         except Exception:
             report["onnxruntime_genai"] = {"error": traceback.format_exc(limit=3)}
-    return with_ratios(report)
+        shutil.rmtree(workdir / f"{checkpoint.name}-genai", ignore_errors=True)  # disk for the variants
+    return report
 
 
 def moe_logits_check(artifact: Path, checkpoint: Path) -> dict:
@@ -569,7 +596,7 @@ def with_ratios(report: dict) -> dict:
         if peer and "decode_ms_per_token" in peer:
             ratios[f"{name}_over_ours"] = peer["decode_ms_per_token"] / ours
             ratios[f"{name}_over_floor"] = peer["decode_ms_per_token"] / report["floor_ms_per_token"]
-    for key, variant in report.items():  # ours with another weight layout, same run
+    for key, variant in report.items():  # ours optimized another way (--variants), same run
         if key.startswith("ours_") and isinstance(variant, dict) and "cuda_graph" in variant:
             ratios[f"{key}_over_floor"] = variant["cuda_graph"]["decode_ms_per_token"] / report["floor_ms_per_token"]
             ratios[f"{key}_prefill_512_ms"] = variant["cuda_graph"]["prefill_ms"]
@@ -644,6 +671,25 @@ def print_table(report: dict) -> None:
               f"| {r['ours_prefill_4096_ms']:.1f} / {r['transformers_prefill_4096_ms']:.1f} "
               f"| {r['ours_batch8_cuda_graph']['tokens_per_s']:.0f} / {r['transformers_batch8_eager_tokens_per_s']:.0f} "
               f"| {r['ours_peak_gib']:.1f} / {r['transformers_peak_gib']:.1f} |")
+    print_variants(report)
+
+
+def print_variants(report: dict) -> None:
+    """Ours as optimized by default against each --variants graph, same run."""
+    def kernels_us(replay: dict, key: str) -> str:
+        return f"{replay[key]['gpu_us']:.0f}" if key in replay else "–"
+
+    print("\n| shape | graph | decode ms/token | prefill 512 ms | prefill 4096 ms | GPU µs per decode step | GPU µs per prefill |")
+    print("|" + "---|" * 7)
+    for name, r in report.items():
+        if not name.startswith("speed/") or "ours_cuda_graph" not in r:
+            continue
+        graphs = [("default", r["ours_cuda_graph"], r["ours_prefill_4096_ms"], r["ours_replay"])]
+        graphs += [(key[len("ours_"):], v["cuda_graph"], v["prefill_4096_ms"], v["replay"])
+                   for key, v in r.items() if key.startswith("ours_") and isinstance(v, dict) and "cuda_graph" in v]
+        for graph, timed, prefill_4096, replay in graphs:
+            print(f"| {name.split('/', 1)[1]} | {graph} | {timed['decode_ms_per_token']:.3f} | {timed['prefill_ms']:.2f} "
+                  f"| {prefill_4096:.1f} | {kernels_us(replay, 'decode_kernels')} | {kernels_us(replay, 'prefill_kernels')} |")
 
 
 def main() -> None:
@@ -658,16 +704,17 @@ def main() -> None:
     parser.add_argument("--long-context", default="", help="comma-separated prompt lengths for the YaRN run, e.g. 32768,130944")
     parser.add_argument("--prefill-chunk", type=int, default=8192)
     parser.add_argument("--prepare", action="store_true", help="only write the checkpoints and build the artifacts")
-    parser.add_argument("--other-layouts", default="", help="also time ours with these weight layouts, e.g. out_in")
+    parser.add_argument("--variants", default="", help="also time ours optimized these ways: " + ", ".join(VARIANTS))
+    parser.add_argument("--ours-only", action="store_true", help="skip transformers and onnxruntime-genai")
     args = parser.parse_args()
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     args.workdir.mkdir(parents=True, exist_ok=True)
-    other_layouts = tuple(filter(None, args.other_layouts.split(",")))
+    variants = tuple(filter(None, args.variants.split(",")))
     if args.prepare:  # checkpoints and artifacts only (CPU work), e.g. while onnxruntime-gpu is still arriving
         for shape in filter(None, args.shapes.split(",")):
             started = time.perf_counter()
-            prepare(args.workdir, shape, other_layouts)
+            prepare(args.workdir, shape)
             print(f"prepared {shape} in {time.perf_counter() - started:.0f} s", flush=True)
         if args.long_context:
             yarn_artifact(args.workdir)
@@ -683,11 +730,14 @@ def main() -> None:
     genai = not args.no_genai and REPORT["environment"].get("onnxruntime_genai") is not None
     args.out.mkdir(parents=True, exist_ok=True)
     for shape in filter(None, args.shapes.split(",")):
-        speed(args.workdir, shape, args.prompt_tokens, args.new_tokens, copy_tb_s, genai, other_layouts)
+        speed(args.workdir, shape, args.prompt_tokens, args.new_tokens, copy_tb_s, genai, variants, not args.ours_only)
         REPORT[f"speed/{shape}"] = REPORT.pop("speed")
         (args.out / "bench_gpu.json").write_text(json.dumps(REPORT, indent=2, default=str))
     if args.long_context:
         long_context(args.workdir, tuple(int(n) for n in args.long_context.split(",")), args.new_tokens, args.prefill_chunk)
+    # last: the profiler leaves per-launch overhead behind in the process, which slowed every later timing
+    for result, model, context in PROFILES:
+        result.update(kernel_profiles(model(), context))
     (args.out / "bench_gpu.json").write_text(json.dumps(REPORT, indent=2, default=str))
     print_table(REPORT)
 
