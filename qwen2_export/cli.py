@@ -25,15 +25,16 @@ def _export(args: argparse.Namespace) -> None:
         _optimize_artifact(artifact, target, None, say)
 
 
-def _optimize_artifact(artifact, target: str, dtype: str | None, say) -> None:
+def _optimize_artifact(artifact, target: str, dtype: str | None, say, pack_gate_up: bool | None = None) -> None:
     from graphs.artifact import optimize_artifact
 
-    entry = optimize_artifact(artifact, target, dtype)
+    entry = optimize_artifact(artifact, target, dtype, pack_gate_up)
     say(f"optimized for {target}: {entry['file']} (" + ", ".join(f"{p['pass']} x{p['fired']}" for p in entry["passes"]) + ")")
 
 
 def _optimize(args: argparse.Namespace) -> None:
-    _optimize_artifact(args.artifact, args.target, args.dtype, lambda message: print(message, file=sys.stderr))
+    _optimize_artifact(args.artifact, args.target, args.dtype, lambda message: print(message, file=sys.stderr),
+                       False if args.separate_gate_up else None)
 
 
 def _inspect(args: argparse.Namespace) -> None:
@@ -70,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     optimize.add_argument("--target", choices=["cpu", "cuda"], required=True)
     optimize.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                           help="cpu: float32; cuda: float16 (default) or bfloat16")
+    optimize.add_argument("--separate-gate-up", action="store_true",
+                          help="gate and up as two GEMMs instead of one GEMM + Split: faster prefill of long prompts, "
+                               "slower decode (Qwen2-7B shapes on an H100: 4,096-token prefill -10%%, decode +4%%)")
     optimize.set_defaults(run=_optimize)
     inspect = commands.add_parser("inspect", help="print each graph's op histogram, inputs and outputs")
     inspect.add_argument("artifact")

@@ -296,3 +296,14 @@ def test_gate_and_up_as_two_gemms_give_the_same_numbers(tiny_artifact, tmp_path,
     assert packed_matmul.GATE_UP_NAME not in {p["pass"] for p in entry["passes"]}
     assert "Split" not in op_histogram(artifact / entry["file"])
     assert_same_numbers(artifact, artifact / entry["file"], tolerance=TOLERANCE if target == "cpu" else 0.1)
+
+
+def test_the_cli_writes_gate_and_up_as_two_gemms_when_asked(tiny_artifact, tmp_path):
+    from graphs.inspect import op_histogram
+    from qwen2_export.cli import main
+
+    artifact = shutil.copytree(tiny_artifact("dense_tied"), tmp_path / "a")
+    assert main(["optimize", str(artifact), "--target", "cpu", "--separate-gate-up"]) == 0
+    assert "Split" not in op_histogram(artifact / "onnx/model_cpu.onnx")
+    assert main(["optimize", str(artifact), "--target", "cpu"]) == 0
+    assert op_histogram(artifact / "onnx/model_cpu.onnx")["Split"] == 2  # one per layer by default
