@@ -12,9 +12,12 @@
    decode step must read / measured bandwidth) and ours against each peer; greedy tokens of ours vs
    transformers at that shape; for the MoE shape a logits check against transformers fp32;
 5. --long-context: a Qwen2-7B-shaped model with YaRN factor 4 prefills 32,768 tokens (then 130,944) in
-   chunks and decodes 128 tokens.
+   chunks and decodes 128 tokens;
+6. --variants: ours optimized other ways (VARIANTS, e.g. two_gemm_gate_up) timed beside the default;
+7. last, once every timing is done: CUPTI kernel profiles of a decode replay and a prefill per graph
+   (the profiler leaves launch overhead behind in the process; anything timed after it runs slower).
 
-    PYTHONPATH=. python tools/bench_gpu.py --workdir /tmp/bench --out $OUT --shapes qwen2-0.5b,qwen2-7b,qwen2-57b-a14b-4l
+    PYTHONPATH=. python tools/bench_gpu.py --workdir /tmp/bench --out $OUT --shapes qwen2-7b --variants two_gemm_gate_up
 """
 
 from __future__ import annotations
