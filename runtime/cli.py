@@ -24,6 +24,9 @@ def add_runtime_commands(commands: argparse._SubParsersAction) -> None:
 
     chat = commands.add_parser("chat", help="interactive multi-turn chat (/reset, /exit)")
     _common(chat)
+    chat.add_argument("--warm-up", type=int, metavar="N",
+                      help="before the first turn, run prompts of each power-of-two length up to N tokens so "
+                           "onnxruntime's first-use work (CUDA MoE tactic profiling) is not paid inside a turn")
     chat.set_defaults(run=run_chat)
 
 
@@ -94,6 +97,9 @@ def run_generate(args: argparse.Namespace) -> None:
 def run_chat(args: argparse.Namespace) -> None:
     model = _load(args)
     options = _options(model, args)
+    if args.warm_up is not None:
+        lengths = model.warm_up(args.warm_up)
+        print(f"(warmed up: prompts of {', '.join(map(str, lengths))} tokens)", file=sys.stderr, flush=True)
     session = model.chat(system=args.system)
     interactive = sys.stdin.isatty()
     while True:

@@ -219,3 +219,36 @@ def test_cuda_sessions_for_cuda_graphs_refuse_the_cpu_fallback(tiny_artifact):
     options, providers = session_settings(manifest.graphs[0], "cuda", True, False, cpu_fallback=False)
     assert fallback(options) == "0" and providers[-1] == "CPUExecutionProvider"
     assert session_settings(cuda_graph_info, "cpu", True, False, cpu_fallback=False)[1] == ["CPUExecutionProvider"]
+
+
+@pytest.mark.parametrize("variant, graph", [("moe_shared", "optimized-cpu"), ("dense_tied", "portable")])
+def test_warm_up_runs_each_power_of_two_prompt_and_changes_nothing(tiny_optimized, variant, graph):
+    model = Model.load(tiny_optimized(variant), graph=graph)
+    before = model.generate([5, 6, 7, 8], max_new_tokens=6, greedy=True)
+    timings = model.last_timings
+    lengths = []
+    step = model.session.step
+    model.session.step = lambda ids, *rest: lengths.append(ids.shape[1]) or step(ids, *rest)
+    assert model.warm_up(20) == [2, 4, 8, 16, 32]
+    model.session.step = step
+    assert [n for n in lengths if n > 1] == [2, 4, 8, 16, 32] and lengths.count(1) == 1  # one decode step
+    assert model.last_timings is timings
+    assert model.generate([5, 6, 7, 8], max_new_tokens=6, greedy=True).output_ids == before.output_ids
+
+
+def test_warm_up_stays_inside_the_context(tiny_artifact):
+    model = Model.load(tiny_artifact("dense_tied"))
+    context = model.manifest.context_length  # 256 for the tiny checkpoints
+    assert model.warm_up()[-1] == context - 1  # 256 would not leave room for a new token
+    with pytest.raises(RuntimeInputError, match="warm-up length 256 must be between 1 and the context length"):
+        model.warm_up(context)
+    with pytest.raises(RuntimeInputError, match="warm-up length 0"):
+        model.warm_up(0)
+
+
+def test_cli_chat_warms_up_before_the_first_turn(tiny_artifact):
+    result = subprocess.run([sys.executable, "-m", "runtime", "chat", str(tiny_artifact("dense_tied")), "--greedy",
+                             "--max-new-tokens", "3", "--warm-up", "8"], input="Hello\n/exit\n",
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "(warmed up: prompts of 2, 4, 8 tokens)" in result.stderr and result.stdout.count("assistant> ") == 1
