@@ -36,6 +36,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cuda-graph", action="store_true", help="capture the decode step as a CUDA graph and replay it")
     parser.add_argument("--cpu-fallback", action="store_true",
                         help="let onnxruntime run nodes of a CUDA-optimized graph on the CPU (off: every node on CUDA)")
+    parser.add_argument("--attention-kernel", choices=["flash", "cudnn"],
+                        help="onnxruntime's attention kernels on CUDA (default: its own choice, cuDNN on Hopper)")
     parser.add_argument("--system", help="system prompt (chat)")
     parser.add_argument("--chat-template", metavar="FILE", help="Jinja chat template to use instead of the checkpoint's")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: generation_config.json or 128")
@@ -64,7 +66,7 @@ def _options(model: Model, args: argparse.Namespace) -> dict[str, Any]:
 
 def _load(args: argparse.Namespace) -> Model:
     return Model.load(args.artifact, device=args.device, chat_template=args.chat_template, cuda_graph=args.cuda_graph,
-                      cpu_fallback=args.cpu_fallback)
+                      cpu_fallback=args.cpu_fallback, attention_kernel=args.attention_kernel)
 
 
 def run_generate(args: argparse.Namespace) -> None:

@@ -20,6 +20,10 @@ from .kv_cache import KVCache, new_cache
 from .manifest import CANDIDATE_OUTPUTS, TOTAL_LENGTH_INPUT, GraphInfo, Manifest
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+# onnxruntime's sdpa_kernel bits (AttentionBackend): flash 1, memory-efficient 2, cuDNN 8. Unset,
+# GroupQueryAttention prefers cuDNN on Hopper; "flash" also lets it fold rotary and the KV append into
+# the decode kernel. Memory-efficient attention stays allowed as the fallback for shapes flash refuses.
+ATTENTION_KERNELS = {"flash": 1 | 2, "cudnn": 8 | 1 | 2}
 SUPPORTED_CONTRACTS = {("concat", "left"), ("shared_buffer", "right")}
 
 
@@ -35,9 +39,10 @@ class StepScores:
 
 class GraphSession:
     def __init__(self, graph: GraphInfo, device: str = "cpu", optimize: bool = True, cuda_graph: bool = False,
-                 cpu_fallback: bool = False):
+                 cpu_fallback: bool = False, attention_kernel: str | None = None):
         """`cuda_graph` captures the decode step once and replays it (CUDA, shared-buffer graphs only);
-        `cpu_fallback` lets onnxruntime place nodes of a CUDA-optimized graph on the CPU."""
+        `cpu_fallback` lets onnxruntime place nodes of a CUDA-optimized graph on the CPU;
+        `attention_kernel` ("flash", "cudnn") pins GroupQueryAttention's CUDA kernel family."""
         if device not in PROVIDERS:
             raise RuntimeInputError(f"--device {device!r} is not supported; choose one of {sorted(PROVIDERS)}")
         if PROVIDERS[device] not in ort.get_available_providers():
@@ -53,7 +58,10 @@ class GraphSession:
         if cuda_graph and (device != "cuda" or graph.kv_layout != "shared_buffer"):
             raise RuntimeInputError("CUDA-graph decoding needs --device cuda and a graph with the shared KV buffer "
                                     "(qwen2-onnx optimize ARTIFACT --target cuda)")
-        settings = session_settings(graph, device, optimize, cuda_graph, cpu_fallback)
+        if attention_kernel is not None and (device != "cuda" or attention_kernel not in ATTENTION_KERNELS):
+            raise RuntimeInputError(f"--attention-kernel {attention_kernel!r}: choose one of {sorted(ATTENTION_KERNELS)}, "
+                                    "with --device cuda (the CPU has one attention kernel)")
+        settings = session_settings(graph, device, optimize, cuda_graph, cpu_fallback, attention_kernel)
         try:
             self.session = ort.InferenceSession(str(graph.path), *settings)
         except Exception as error:  # onnxruntime raises its own types; name the way out
@@ -125,7 +133,7 @@ class GraphSession:
 
 
 def session_settings(graph: GraphInfo, device: str, optimize: bool, cuda_graph: bool,
-                     cpu_fallback: bool) -> tuple[ort.SessionOptions, list]:
+                     cpu_fallback: bool, attention_kernel: str | None = None) -> tuple[ort.SessionOptions, list]:
     """Session options and providers. A graph optimized for CUDA must run every node on CUDA: the CPU
     fallback is switched off, so a node onnxruntime would place on the CPU is an error at load, not a
     silent host round trip in every step."""
@@ -137,7 +145,8 @@ def session_settings(graph: GraphInfo, device: str, optimize: bool, cuda_graph: 
     # weights get exact-size allocations and the arena grows by what is asked, not to the next power of
     # two: peak memory stays near weights + KV + activations
     options.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
-    cuda_options = {"arena_extend_strategy": "kSameAsRequested", **({"enable_cuda_graph": "1"} if cuda_graph else {})}
+    cuda_options = {"arena_extend_strategy": "kSameAsRequested", **({"enable_cuda_graph": "1"} if cuda_graph else {}),
+                    **({"sdpa_kernel": str(ATTENTION_KERNELS[attention_kernel])} if attention_kernel else {})}
     cuda = (PROVIDERS["cuda"], cuda_options)
     if graph.target == "cuda" and not cpu_fallback:
         options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")

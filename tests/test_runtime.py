@@ -219,6 +219,16 @@ def test_cuda_sessions_for_cuda_graphs_refuse_the_cpu_fallback(tiny_artifact):
     options, providers = session_settings(manifest.graphs[0], "cuda", True, False, cpu_fallback=False)
     assert fallback(options) == "0" and providers[-1] == "CPUExecutionProvider"
     assert session_settings(cuda_graph_info, "cpu", True, False, cpu_fallback=False)[1] == ["CPUExecutionProvider"]
+    assert "sdpa_kernel" not in session_settings(cuda_graph_info, "cuda", True, True, False)[1][0][1]  # onnxruntime decides
+    flash = session_settings(cuda_graph_info, "cuda", True, True, False, attention_kernel="flash")[1][0][1]
+    assert flash["sdpa_kernel"] == "3"  # flash, memory-efficient as its fallback; no cuDNN
+
+
+def test_an_attention_kernel_needs_cuda_and_a_known_name(tiny_artifact, capsys):
+    with pytest.raises(RuntimeInputError, match="--attention-kernel 'flash': choose one of"):
+        Model.load(tiny_artifact("dense_tied"), attention_kernel="flash")
+    assert runtime_main(["generate", str(tiny_artifact("dense_tied")), "--prompt", "x", "--attention-kernel", "flash"]) == 2
+    assert "--attention-kernel 'flash'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("variant, graph", [("moe_shared", "optimized-cpu"), ("dense_tied", "portable")])

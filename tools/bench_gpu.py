@@ -106,8 +106,12 @@ def build_artifact(checkpoint: Path, folder: Path, dtype: str) -> Path:
     return artifact
 
 
-# other ways to optimize the same graph, timed beside the default with --variants
-VARIANTS = {"two_gemm_gate_up": {"pack_gate_up": False}, "packed_gate_up": {"pack_gate_up": True}}
+# other ways to build or load ours, timed beside the default with --variants: graphs/ optimize options
+# (a sibling artifact is built) and Model.load options (same artifact)
+VARIANTS = {"two_gemm_gate_up": {"optimize": {"pack_gate_up": False}},
+            "packed_gate_up": {"optimize": {"pack_gate_up": True}},
+            "flash_attention": {"load": {"attention_kernel": "flash"}},
+            "cudnn_attention": {"load": {"attention_kernel": "cudnn"}}}
 
 
 def graph_variant(artifact: Path, variant: str) -> Path:
@@ -123,7 +127,7 @@ def graph_variant(artifact: Path, variant: str) -> Path:
     for name in data:
         os.rename(artifact / name, folder / name)
     try:
-        optimize_artifact(folder, "cuda", "float16", **VARIANTS[variant])
+        optimize_artifact(folder, "cuda", "float16", **VARIANTS[variant]["optimize"])
     finally:
         for name in data:
             os.link(folder / name, artifact / name)
@@ -490,14 +494,18 @@ def prepare(workdir: Path, shape: str) -> tuple[Path, Path]:
 
 
 def variant_timings(artifact: Path, variant: str, prompt: list[int], long_prompt: list[int], new_tokens: int,
-                    context: int) -> tuple[dict, object]:
-    """Ours optimized another way, same prompts: decode with CUDA graph, prefills, replay timings.
-    Returns the report and the loaded model (for the kernel profiles at the very end)."""
+                    context: int, default_tokens: list[int]) -> tuple[dict, object]:
+    """Ours built or loaded another way, same prompts: decode with CUDA graph, prefills, replay timings,
+    and whether its greedy tokens equal the default's. Returns the report and the loaded model (for the
+    profiles at the very end)."""
     from runtime import Model
 
-    model = Model.load(graph_variant(artifact, variant), **LOAD, cuda_graph=True)
+    options = VARIANTS[variant]
+    folder = graph_variant(artifact, variant) if "optimize" in options else artifact
+    model = Model.load(folder, **LOAD, **options.get("load", {}), cuda_graph=True)
     greedy = dict(greedy=True, repetition_penalty=1.0)
     result = {"cuda_graph": ours_timings(model, [prompt], new_tokens, runs=2, **greedy)}
+    result["same_tokens_as_default"] = result["cuda_graph"]["tokens"] == default_tokens
     result["prefill_4096_ms"] = ours_timings(model, [long_prompt], 2, runs=2, **greedy)["prefill_ms"]
     result["replay"] = replay_timings(model, context)
     return result, model
@@ -553,8 +561,10 @@ def speed(workdir: Path, shape: str, prompt_tokens: int, new_tokens: int, copy_t
     PROFILES.append(lambda: report["ours_replay"].update(kernel_profiles(Model.load(artifact, **LOAD, cuda_graph=True), context)))
     PROFILES.append(lambda: report.update(ours_prefill_nodes=prefill_node_profile(Model.load(artifact, **LOAD), prompt_tokens)))
     for variant in variants:  # after genai, whose build needs the disk a variant takes
-        report[f"ours_{variant}"], model = variant_timings(artifact, variant, prompt, long_prompt, new_tokens, context)
-        shutil.rmtree(graph_variant(artifact, variant))  # the loaded session keeps what it needs
+        report[f"ours_{variant}"], model = variant_timings(artifact, variant, prompt, long_prompt, new_tokens, context,
+                                                           report["ours_cuda_graph"]["tokens"])
+        if "optimize" in VARIANTS[variant]:
+            shutil.rmtree(graph_variant(artifact, variant))  # the loaded session keeps what it needs
         PROFILES.append(lambda replay=report[f"ours_{variant}"]["replay"], model=model: replay.update(kernel_profiles(model, context)))
     return with_ratios(report) if peers else report
 
@@ -722,17 +732,18 @@ def print_variants(report: dict) -> None:
     def kernels_us(replay: dict, key: str) -> str:
         return f"{replay[key]['gpu_us']:.0f}" if key in replay else "–"
 
-    print("\n| shape | graph | decode ms/token | prefill 512 ms | prefill 4096 ms | GPU µs per decode step | GPU µs per prefill |")
-    print("|" + "---|" * 7)
+    print("\n| shape | graph | decode ms/token | prefill 512 ms | prefill 4096 ms | GPU µs per decode step | GPU µs per prefill "
+          "| greedy tokens as default's |")
+    print("|" + "---|" * 8)
     for name, r in report.items():
         if not name.startswith("speed/") or "ours_cuda_graph" not in r:
             continue
-        graphs = [("default", r["ours_cuda_graph"], r["ours_prefill_4096_ms"], r["ours_replay"])]
-        graphs += [(key[len("ours_"):], v["cuda_graph"], v["prefill_4096_ms"], v["replay"])
+        graphs = [("default", r["ours_cuda_graph"], r["ours_prefill_4096_ms"], r["ours_replay"], True)]
+        graphs += [(key[len("ours_"):], v["cuda_graph"], v["prefill_4096_ms"], v["replay"], v.get("same_tokens_as_default"))
                    for key, v in r.items() if key.startswith("ours_") and isinstance(v, dict) and "cuda_graph" in v]
-        for graph, timed, prefill_4096, replay in graphs:
+        for graph, timed, prefill_4096, replay, same in graphs:
             print(f"| {name.split('/', 1)[1]} | {graph} | {timed['decode_ms_per_token']:.3f} | {timed['prefill_ms']:.2f} "
-                  f"| {prefill_4096:.1f} | {kernels_us(replay, 'decode_kernels')} | {kernels_us(replay, 'prefill_kernels')} |")
+                  f"| {prefill_4096:.1f} | {kernels_us(replay, 'decode_kernels')} | {kernels_us(replay, 'prefill_kernels')} | {same} |")
 
 
 def main() -> None:
