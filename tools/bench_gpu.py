@@ -758,7 +758,7 @@ def main() -> None:
     parser.add_argument("--long-context", default="", help="comma-separated prompt lengths for the YaRN run, e.g. 32768,130944")
     parser.add_argument("--prefill-chunk", type=int, default=8192)
     parser.add_argument("--prepare", action="store_true", help="only write the checkpoints and build the artifacts")
-    parser.add_argument("--variants", default="", help="also time ours optimized these ways: " + ", ".join(VARIANTS))
+    parser.add_argument("--variants", default="", help="also time ours built or loaded these ways: " + ", ".join(VARIANTS))
     parser.add_argument("--ours-only", action="store_true", help="skip transformers and onnxruntime-genai")
     args = parser.parse_args()
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
