@@ -118,13 +118,14 @@ class Model:
         if not 0 < limit < context:
             raise RuntimeInputError(f"warm-up length {limit} must be between 1 and the context length minus one "
                                     f"({context - 1}); pass the longest prompt you expect")
-        lengths = [min(2**k, context - 1) for k in range(1, max(limit - 1, 1).bit_length() + 1)]
+        # powers of two up to the one at or above the limit, none past the context
+        lengths = list(dict.fromkeys(min(2**k, context - 1) for k in range(1, max(limit - 1, 1).bit_length() + 1)))
         timings = self.last_timings
-        for index, length in enumerate(dict.fromkeys(lengths)):
+        for index, length in enumerate(lengths):
             self.generate([self.manifest.pad_token_id] * length, max_new_tokens=2 if index == 0 else 1,
                           greedy=True, ignore_eos=True)
         self.last_timings = timings  # the last request's, as before
-        return list(dict.fromkeys(lengths))
+        return lengths
 
     def chat(self, system: str | None = None) -> "ChatSession":
         return ChatSession(self, [{"role": "system", "content": system}] if system else [])
