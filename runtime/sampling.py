@@ -46,15 +46,19 @@ def sampling_from_generation_config(generation_config: dict[str, Any], **overrid
     return replace(config, **{key: value for key, value in overrides.items() if value is not None})
 
 
+def penalized(values: np.ndarray, penalty: float) -> np.ndarray:
+    """transformers' repetition penalty of seen ids' logits: positive ones divided, negative multiplied."""
+    return np.where(values < 0, values * penalty, values / penalty)
+
+
 def apply_repetition_penalty(logits: np.ndarray, seen: list[np.ndarray], penalty: float) -> np.ndarray:
-    """Each id seen in a row (prompt and output): positive logits divided by `penalty`, negative multiplied."""
+    """Each id seen in a row (prompt and output) gets the penalty."""
     if penalty == 1.0:
         return logits
     out = logits.copy()
     for row, ids in enumerate(seen):
         ids = np.unique(ids)
-        values = out[row, ids]
-        out[row, ids] = np.where(values < 0, values * penalty, values / penalty)
+        out[row, ids] = penalized(out[row, ids], penalty)
     return out
 
 
@@ -143,9 +147,8 @@ def choose_from_candidates(top_logits: np.ndarray, top_ids: np.ndarray, config: 
     ids = np.take_along_axis(top_ids, order, axis=-1)
     scores = np.take_along_axis(np.asarray(top_logits, dtype=np.float32), order, axis=-1)
     if config.repetition_penalty != 1.0:
-        penalized = np.stack([np.isin(row_ids, row_seen) for row_ids, row_seen in zip(ids, seen, strict=True)])
-        lowered = np.where(scores < 0, scores * config.repetition_penalty, scores / config.repetition_penalty)
-        scores = np.where(penalized, lowered, scores)
+        was_seen = np.stack([np.isin(row_ids, row_seen) for row_ids, row_seen in zip(ids, seen, strict=True)])
+        scores = np.where(was_seen, penalized(scores, config.repetition_penalty), scores)
     needed = config.top_k if config.do_sample else 1
     if not (np.sort(scores, axis=-1)[:, -needed] > top_logits[:, -1]).all():
         return None
