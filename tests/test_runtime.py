@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import onnxruntime
 import pytest
 import torch
 import transformers
@@ -16,6 +17,10 @@ from conftest import VARIANTS
 from reference import load_reference
 
 PROMPTS = [[456, 40, 300, 17, 250, 99, 3], [12, 7, 310], [5, 80, 300, 41, 7]]
+
+# error paths that only a machine without onnxruntime-gpu's CUDA provider can show
+WITHOUT_CUDA = pytest.mark.skipif("CUDAExecutionProvider" in onnxruntime.get_available_providers(),
+                                  reason="this machine has CUDA; the error path cannot be shown here")
 
 
 @torch.no_grad()
@@ -154,11 +159,8 @@ def test_cli_chat_session(tiny_artifact):
     assert result.stdout.count("assistant> ") == 3 and "(conversation reset)" in result.stdout
 
 
+@WITHOUT_CUDA
 def test_cuda_without_onnxruntime_gpu_is_a_clear_error(tiny_artifact):
-    import onnxruntime
-
-    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
-        pytest.skip("this machine has CUDA; the error path cannot be shown here")
     with pytest.raises(RuntimeInputError, match="onnxruntime-gpu"):
         Model.load(tiny_artifact("dense_tied"), device="cuda")
 
@@ -173,20 +175,14 @@ def test_demo_runs_offline_and_reports_parity(tmp_path):
     assert (tmp_path / "artifact" / "manifest.json").is_file()
 
 
+@WITHOUT_CUDA
 def test_cuda_graph_decoding_needs_cuda_and_a_shared_buffer(tiny_artifact):
-    import onnxruntime
-
-    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
-        pytest.skip("this machine has CUDA; the error path cannot be shown here")
     with pytest.raises(RuntimeInputError, match="CUDA-graph decoding needs --device cuda"):
         Model.load(tiny_artifact("dense_tied"), device="cpu", cuda_graph=True)
 
 
+@WITHOUT_CUDA
 def test_cli_cuda_graph_flag_reaches_the_session(tiny_artifact, capsys):
-    import onnxruntime
-
-    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
-        pytest.skip("this machine has CUDA; the error path cannot be shown here")
     assert runtime_main(["generate", str(tiny_artifact("dense_tied")), "--prompt", "x", "--cuda-graph"]) == 2
     assert "CUDA-graph decoding needs --device cuda" in capsys.readouterr().err
 
