@@ -47,6 +47,7 @@ LOAD: dict = {"device": "cuda"}  # cpu_fallback=True is added when a graph is re
 SHAPES = {"qwen2-0.5b": QWEN2_0_5B, "qwen2-7b": QWEN2_7B,
           "qwen2-57b-a14b-4l": {**QWEN2_57B_A14B, "num_hidden_layers": 4, "max_window_layers": 4}}
 REPORT: dict = {}
+GREEDY = {"greedy": True, "repetition_penalty": 1.0}  # argmax of the raw logits, as transformers' greedy peers
 # kernel and node profiles wait until every timing of the run is done; each fills its part of the report
 PROFILES: list[Callable[[], None]] = []
 
@@ -166,7 +167,7 @@ def correctness(workdir: Path) -> dict:
             if placement != "ok":
                 LOAD["cpu_fallback"] = True
             model = Model.load(artifact, **LOAD)
-            ours = model.generate(prompt, max_new_tokens=32, greedy=True, repetition_penalty=1.0).output_ids
+            ours = model.generate(prompt, max_new_tokens=32, **GREEDY).output_ids
             reference = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch_dtype).cuda().eval()
             reference.generation_config = transformers.GenerationConfig(
                 do_sample=False, eos_token_id=None, pad_token_id=0,
@@ -176,7 +177,7 @@ def correctness(workdir: Path) -> dict:
             theirs = theirs[: len(ours)]
             top3_agreement = _top3_agreement(reference, prompt, ours, theirs, model.manifest.tokenizer_vocab_size)
             graphed = Model.load(artifact, **LOAD, cuda_graph=True)
-            replayed = graphed.generate(prompt, max_new_tokens=32, greedy=True, repetition_penalty=1.0).output_ids
+            replayed = graphed.generate(prompt, max_new_tokens=32, **GREEDY).output_ids
             with torch.no_grad():  # the first step's greedy margin in transformers fp32: small ones flip in bf16
                 first = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).cuda()(
                     torch.tensor([prompt], device="cuda")).logits[0, -1, : model.manifest.tokenizer_vocab_size].topk(2).values
@@ -188,7 +189,7 @@ def correctness(workdir: Path) -> dict:
                 "each_in_other_top3": top3_agreement,
                 "cuda_only": placement,
                 "full_logits_reads": model.session.full_logits_reads + graphed.session.full_logits_reads,
-                "chunked_prefill_same_tokens": graphed.generate(prompt, max_new_tokens=32, greedy=True, repetition_penalty=1.0,
+                "chunked_prefill_same_tokens": graphed.generate(prompt, max_new_tokens=32, **GREEDY,
                                                                 prefill_chunk=3).output_ids == ours,
             }
     return results
@@ -503,10 +504,9 @@ def variant_timings(artifact: Path, variant: str, prompt: list[int], long_prompt
     options = VARIANTS[variant]
     folder = graph_variant(artifact, variant) if "optimize" in options else artifact
     model = Model.load(folder, **LOAD, **options.get("load", {}), cuda_graph=True)
-    greedy = dict(greedy=True, repetition_penalty=1.0)
-    result = {"cuda_graph": ours_timings(model, [prompt], new_tokens, runs=2, **greedy)}
+    result = {"cuda_graph": ours_timings(model, [prompt], new_tokens, runs=2, **GREEDY)}
     result["same_tokens_as_default"] = result["cuda_graph"]["tokens"] == default_tokens
-    result["prefill_4096_ms"] = ours_timings(model, [long_prompt], 2, runs=2, **greedy)["prefill_ms"]
+    result["prefill_4096_ms"] = ours_timings(model, [long_prompt], 2, runs=2, **GREEDY)["prefill_ms"]
     result["replay"] = replay_timings(model, context)
     return result, model
 
@@ -528,20 +528,19 @@ def speed(workdir: Path, shape: str, prompt_tokens: int, new_tokens: int, copy_t
     prompt = rng.integers(0, vocab, size=prompt_tokens).tolist()
     batch8 = [rng.integers(0, vocab, size=prompt_tokens).tolist() for _ in range(8)]
     long_prompt = rng.integers(0, vocab, size=4096).tolist()
-    greedy = dict(greedy=True, repetition_penalty=1.0)
 
     with PeakMemory() as memory:
         model = Model.load(artifact, **LOAD, cuda_graph=True)
-        model.generate(prompt, max_new_tokens=new_tokens, **greedy)
+        model.generate(prompt, max_new_tokens=new_tokens, **GREEDY)
     report["ours_peak_gib"] = memory.gib
-    report["ours_cuda_graph"] = ours_timings(model, [prompt], new_tokens, runs=2, **greedy)
+    report["ours_cuda_graph"] = ours_timings(model, [prompt], new_tokens, runs=2, **GREEDY)
     report["ours_cuda_graph"]["full_logits_reads"] = model.session.full_logits_reads
     reads = model.session.full_logits_reads
     report["ours_sampling_qwen_defaults"] = ours_timings(model, [prompt], new_tokens, runs=1, do_sample=True, seed=1)
     report["ours_sampling_qwen_defaults"]["full_logits_reads"] = model.session.full_logits_reads - reads
-    prefill_4096 = ours_timings(model, [long_prompt], 2, runs=2, **greedy)
+    prefill_4096 = ours_timings(model, [long_prompt], 2, runs=2, **GREEDY)
     report["ours_prefill_4096_ms"], report["ours_prefill_4096_cold_ms"] = prefill_4096["prefill_ms"], prefill_4096["cold_prefill_ms"]
-    report["ours_batch8_cuda_graph"] = ours_timings(model, batch8, new_tokens, runs=2, **greedy)
+    report["ours_batch8_cuda_graph"] = ours_timings(model, batch8, new_tokens, runs=2, **GREEDY)
     context = prompt_tokens + new_tokens // 2
     report["ours_replay"] = replay_timings(model, context)
     del model
@@ -552,7 +551,7 @@ def speed(workdir: Path, shape: str, prompt_tokens: int, new_tokens: int, copy_t
     report["ours_warm_up"] = {"lengths": plain.warm_up(len(long_prompt)), "seconds": time.perf_counter() - started}
     plain.generate(long_prompt, max_new_tokens=1, greedy=True)
     report["ours_warm_up"]["first_prefill_4096_ms_after"] = plain.last_timings.time_to_first_token_s * 1e3
-    report["ours_plain"] = ours_timings(plain, [prompt], new_tokens, runs=1, **greedy)
+    report["ours_plain"] = ours_timings(plain, [prompt], new_tokens, runs=1, **GREEDY)
     del plain
     print("ours:", json.dumps({k: v for k, v in report.items()}, default=str)[:1500], flush=True)
     if peers:
@@ -686,11 +685,11 @@ def long_context(workdir: Path, prompt_lengths: tuple[int, ...], new_tokens: int
     for length in prompt_lengths:
         prompt = np.random.default_rng(length).integers(0, 400, size=length).tolist()
         try:
-            cold = model.generate(prompt, max_new_tokens=new_tokens, greedy=True, repetition_penalty=1.0,
+            cold = model.generate(prompt, max_new_tokens=new_tokens, **GREEDY,
                                   prefill_chunk=chunk, ignore_eos=True)
             cold_prefill = model.last_timings.time_to_first_token_s
             with PeakMemory() as memory:  # the second, warm run (buffers and CUDA graph already made)
-                warm = model.generate(prompt, max_new_tokens=new_tokens, greedy=True, repetition_penalty=1.0,
+                warm = model.generate(prompt, max_new_tokens=new_tokens, **GREEDY,
                                       prefill_chunk=chunk, ignore_eos=True)
             t = model.last_timings
             results[str(length)] = {"prefill_s": t.time_to_first_token_s, "cold_prefill_s": cold_prefill,
