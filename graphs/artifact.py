@@ -27,7 +27,7 @@ ONNX_TYPE_NAMES = {1: "float32", 10: "float16", 16: "bfloat16", 7: "int64", 6: "
 
 
 def optimize_artifact(artifact: str | Path, target: str, dtype: str | None = None,
-                      pack_gate_up: bool | None = None) -> dict[str, Any]:
+                      pack_gate_up: bool = True) -> dict[str, Any]:
     """Build `onnx/model_{target}.onnx` from the portable graph; returns the manifest's new graph entry.
     `pack_gate_up`: see graphs.pipeline.optimize."""
     artifact = Path(artifact)

@@ -21,10 +21,6 @@ from .fusions import gqa, last_logits, moe, packed_matmul, precision, rms_norm, 
 IR_FLOAT_TYPES = {"float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16, "bfloat16": ir.DataType.BFLOAT16}
 
 
-# gate and up as one GEMM + Split, or two GEMMs: which is faster per target (tools/bench_gpu.py --variants)
-PACK_GATE_UP = {"cpu": True, "cuda": True}
-
-
 class PipelineError(RuntimeError):
     """A pass fired a different number of times than the model implies; the message names it."""
 
@@ -51,18 +47,18 @@ def run_fusion(graph: ir.Graph, facts: ModelFacts, name: str, expected: int, fin
 
 
 def optimize(model: ir.Model, manifest: dict[str, Any], target: str, dtype: str | None = None,
-             only: tuple[str, ...] | None = None, pack_gate_up: bool | None = None) -> list[PassReport]:
+             only: tuple[str, ...] | None = None, pack_gate_up: bool = True) -> list[PassReport]:
     """Rewrite the portable `model` in place for `target` ("cpu" or "cuda"); returns the pass reports.
 
     `only` runs a subset of the fusions (by NAME, still in pipeline order) for tests of one fusion.
-    `pack_gate_up` computes gate and up with one GEMM and a Split (None: the target's default).
+    `pack_gate_up` computes gate and up with one GEMM and a Split; False leaves two GEMMs (faster
+    prefill of long prompts, slower decode on the H100: tools/gpu_notes.md).
     """
     if target not in TARGET_DTYPES:
         raise PipelineError(f"target {target!r} is not supported; choose one of {sorted(TARGET_DTYPES)}")
     dtype = dtype or TARGET_DTYPES[target][0]
     if dtype not in TARGET_DTYPES[target]:
         raise PipelineError(f"{target} graphs run {list(TARGET_DTYPES[target])} (GroupQueryAttention and MoE kernels); not {dtype}")
-    pack_gate_up = PACK_GATE_UP[target] if pack_gate_up is None else pack_gate_up
     facts = ModelFacts.from_manifest(manifest)
     graph = model.graph
     layers, sparse = facts.num_layers, len(facts.sparse_layers)

@@ -25,7 +25,7 @@ def _export(args: argparse.Namespace) -> None:
         _optimize_artifact(artifact, target, None, say)
 
 
-def _optimize_artifact(artifact, target: str, dtype: str | None, say, pack_gate_up: bool | None = None) -> None:
+def _optimize_artifact(artifact, target: str, dtype: str | None, say, pack_gate_up: bool = True) -> None:
     from graphs.artifact import optimize_artifact
 
     entry = optimize_artifact(artifact, target, dtype, pack_gate_up)
@@ -34,7 +34,7 @@ def _optimize_artifact(artifact, target: str, dtype: str | None, say, pack_gate_
 
 def _optimize(args: argparse.Namespace) -> None:
     _optimize_artifact(args.artifact, args.target, args.dtype, lambda message: print(message, file=sys.stderr),
-                       False if args.separate_gate_up else None)
+                       not args.separate_gate_up)
 
 
 def _inspect(args: argparse.Namespace) -> None:

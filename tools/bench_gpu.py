@@ -110,7 +110,6 @@ def build_artifact(checkpoint: Path, folder: Path, dtype: str) -> Path:
 # other ways to build or load ours, timed beside the default with --variants: graphs/ optimize options
 # (a sibling artifact is built) and Model.load options (same artifact)
 VARIANTS = {"two_gemm_gate_up": {"optimize": {"pack_gate_up": False}},
-            "packed_gate_up": {"optimize": {"pack_gate_up": True}},
             "flash_attention": {"load": {"attention_kernel": "flash"}},
             "cudnn_attention": {"load": {"attention_kernel": "cudnn"}}}
 
