@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .kv_cache import KVCache
-from .manifest import CANDIDATE_OUTPUTS, TOTAL_LENGTH_INPUT
+from .manifest import CANDIDATE_OUTPUTS, TOTAL_LENGTH_INPUT, GraphInfo
 
 _graph_ids = itertools.count(1)  # one captured graph per decode buffer set
 
@@ -29,7 +29,7 @@ def no_capture() -> ort.RunOptions:
 class CapturedDecode:
     """Fixed device buffers and a binding for the decode steps of one KV cache."""
 
-    def __init__(self, session: ort.InferenceSession, cache: KVCache, batch: int, vocab: int, candidates: int):
+    def __init__(self, session: ort.InferenceSession, cache: KVCache, batch: int, vocab: int, graph: GraphInfo):
         assert cache.capacity is not None, "graph capture needs the shared KV buffer"
 
         def device_buffer(shape: list[int], dtype: type) -> ort.OrtValue:
@@ -40,11 +40,12 @@ class CapturedDecode:
         self.logits = device_buffer([batch, 1, vocab], np.float32)
         # GroupQueryAttention reads the total length from host memory; it is the capacity at every step
         total_length = ort.OrtValue.ortvalue_from_numpy(np.array(cache.capacity, np.int32))
-        self.candidates = [device_buffer([batch, candidates], dtype) for dtype in (np.float32, np.int64)] if candidates else []
+        k = graph.token_candidates
+        self.candidates = [device_buffer([batch, k], dtype) for dtype in (np.float32, np.int64)] if k else []
         self.binding = session.io_binding()
         self.binding.bind_ortvalue_input("input_ids", self.input_ids)
         self.binding.bind_ortvalue_input("attention_mask", self.attention_mask)
-        if TOTAL_LENGTH_INPUT in {i.name for i in session.get_inputs()}:
+        if TOTAL_LENGTH_INPUT in graph.input_names:
             self.binding.bind_ortvalue_input(TOTAL_LENGTH_INPUT, total_length)
         self._total_length = total_length  # the binding does not keep it alive
         for name, value in zip(cache.past_names(), cache.values, strict=True):
