@@ -27,32 +27,43 @@ def no_capture() -> ort.RunOptions:
 
 
 class CapturedDecode:
-    """Fixed device buffers and a binding for the decode steps of one KV cache."""
+    """Fixed buffers and a binding for the decode steps of one KV cache.
 
-    def __init__(self, session: ort.InferenceSession, cache: KVCache, batch: int, vocab: int, graph: GraphInfo):
+    A step moves two small transfers, not four: input_ids and the attention mask are two views of one
+    int64 buffer (one upload), and the candidates' ids and logits two views of another (one download);
+    each transfer costs a synchronous copy's latency whatever its size. `device` is "cuda" for capture;
+    the same bookkeeping runs on "cpu" (tests), where onnxruntime ignores the graph id."""
+
+    def __init__(self, session: ort.InferenceSession, cache: KVCache, batch: int, vocab: int, graph: GraphInfo,
+                 device: str = "cuda"):
         assert cache.capacity is not None, "graph capture needs the shared KV buffer"
 
-        def device_buffer(shape: list[int], dtype: type) -> ort.OrtValue:
-            return ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, "cuda", 0)
+        def buffer(shape: list[int], dtype: type) -> ort.OrtValue:
+            return ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, 0)
 
-        self.input_ids = device_buffer([batch, 1], np.int64)
-        self.attention_mask = device_buffer([batch, cache.capacity], np.int64)
-        self.logits = device_buffer([batch, 1, vocab], np.float32)
-        # GroupQueryAttention reads the total length from host memory; it is the capacity at every step
-        total_length = ort.OrtValue.ortvalue_from_numpy(np.array(cache.capacity, np.int32))
-        k = graph.token_candidates
-        self.candidates = [device_buffer([batch, k], dtype) for dtype in (np.float32, np.int64)] if k else []
+        def bind_view(bind, name: str, base: ort.OrtValue, offset_bytes: int, dtype: type, shape: list[int]) -> None:
+            bind(name, device, 0, dtype, shape, base.data_ptr() + offset_bytes)
+
+        self.batch, self.width, self.k = batch, cache.capacity, graph.token_candidates
         self.binding = session.io_binding()
-        self.binding.bind_ortvalue_input("input_ids", self.input_ids)
-        self.binding.bind_ortvalue_input("attention_mask", self.attention_mask)
+        self.inputs = buffer([batch * (1 + self.width)], np.int64)  # [input_ids | attention_mask]
+        bind_view(self.binding.bind_input, "input_ids", self.inputs, 0, np.int64, [batch, 1])
+        bind_view(self.binding.bind_input, "attention_mask", self.inputs, 8 * batch, np.int64, [batch, self.width])
+        # GroupQueryAttention reads the total length from host memory; it is the capacity at every step
+        self._total_length = ort.OrtValue.ortvalue_from_numpy(np.array(self.width, np.int32))  # kept alive here
         if TOTAL_LENGTH_INPUT in graph.input_names:
-            self.binding.bind_ortvalue_input(TOTAL_LENGTH_INPUT, total_length)
-        self._total_length = total_length  # the binding does not keep it alive
+            self.binding.bind_ortvalue_input(TOTAL_LENGTH_INPUT, self._total_length)
         for name, value in zip(cache.past_names(), cache.values, strict=True):
             self.binding.bind_ortvalue_input(name, value)
+        self.logits = buffer([batch, 1, vocab], np.float32)
         self.binding.bind_ortvalue_output("logits", self.logits)
-        for name, value in zip(CANDIDATE_OUTPUTS, self.candidates, strict=False):
-            self.binding.bind_ortvalue_output(name, value)
+        self.candidates = None
+        if self.k:  # [top_ids | top_logits], the fp32 half padded to whole int64 words
+            cells = batch * self.k
+            self.candidates = buffer([cells + -(-cells // 2)], np.int64)
+            logits_name, ids_name = CANDIDATE_OUTPUTS
+            bind_view(self.binding.bind_output, ids_name, self.candidates, 0, np.int64, [batch, self.k])
+            bind_view(self.binding.bind_output, logits_name, self.candidates, 8 * cells, np.float32, [batch, self.k])
         for name, value in zip(cache.present_names(), cache.values, strict=True):
             self.binding.bind_ortvalue_output(name, value)
         self.run_options = ort.RunOptions()
@@ -60,9 +71,15 @@ class CapturedDecode:
 
     def step(self, session: ort.InferenceSession, input_ids: np.ndarray,
              attention_mask: np.ndarray) -> tuple[ort.OrtValue, list[np.ndarray]]:
-        """Write this step's inputs into the bound buffers, run (capture or replay); returns the device
-        logits and the candidates copied to the host (empty when the graph has none)."""
-        self.input_ids.update_inplace(np.ascontiguousarray(input_ids, dtype=np.int64))
-        self.attention_mask.update_inplace(np.ascontiguousarray(attention_mask, dtype=np.int64))
+        """Write this step's inputs into the bound buffer, run (capture or replay); returns the device
+        logits and the candidates [top_logits, top_ids] on the host (empty when the graph has none)."""
+        inputs = np.concatenate([np.ravel(input_ids), np.ravel(attention_mask)]).astype(np.int64, copy=False)
+        self.inputs.update_inplace(inputs)
         session.run_with_iobinding(self.binding, self.run_options)
-        return self.logits, [value.numpy() for value in self.candidates]
+        if self.candidates is None:
+            return self.logits, []
+        cells = self.batch * self.k
+        words = self.candidates.numpy()
+        top_ids = words[:cells].reshape(self.batch, self.k)
+        top_logits = words[cells:].view(np.float32)[:cells].reshape(self.batch, self.k)
+        return self.logits, [top_logits, top_ids]

@@ -143,6 +143,9 @@ def choose_from_candidates(top_logits: np.ndarray, top_ids: np.ndarray, config: 
     k = top_logits.shape[1]
     if config.repetition_penalty < 1 or (config.do_sample and not 0 < config.top_k <= k):
         return None
+    plain_greedy = not config.do_sample and config.repetition_penalty == 1.0
+    if plain_greedy and k > 1 and (top_logits[:, 0] > top_logits[:, 1]).all():
+        return top_ids[:, 0]  # every row has one clear best, the full row's argmax (the per-token fast path)
     order = np.argsort(top_ids, axis=-1, kind="stable")
     ids = np.take_along_axis(top_ids, order, axis=-1)
     scores = np.take_along_axis(np.asarray(top_logits, dtype=np.float32), order, axis=-1)

@@ -95,7 +95,8 @@ class GraphSession:
         """Run one call on each row's new tokens and advance `cache`; returns the last token's scores."""
         if self.cuda_graph and input_ids.shape[1] == 1 and attention_mask.shape[1] == cache.capacity:
             if cache.captured is None:
-                cache.captured = CapturedDecode(self.session, cache, len(input_ids), self._vocab, self.graph)
+                cache.captured = CapturedDecode(self.session, cache, len(input_ids), self._vocab, self.graph,
+                                                self.device)
             logits, candidates = cache.captured.step(self.session, input_ids, attention_mask)
             return self._scores(logits, candidates)
         binding = self.session.io_binding()

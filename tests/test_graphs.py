@@ -179,6 +179,21 @@ def test_32_greedy_tokens_through_the_optimized_graph_equal_transformers(tiny_ch
     assert model.session.full_logits_reads == 0  # every token was chosen from the graph's candidates
 
 
+def test_the_captured_step_bookkeeping_gives_the_plain_steps_tokens(tiny_optimized):
+    """CapturedDecode's fixed buffers (ids and mask in one upload, candidates in one download) run on
+    the CPU too, where onnxruntime ignores the graph id: same tokens as the plain step, batched and
+    sampled, and a request of another batch size gets buffers of its own."""
+    artifact = tiny_optimized("moe_shared")
+    plain, fixed = (Model.load(artifact, optimize=False) for _ in range(2))
+    fixed.session.cuda_graph = True  # refused at load on the CPU; the bookkeeping needs no GPU
+    sampled = dict(do_sample=True, top_k=20, top_p=0.8, temperature=0.7, repetition_penalty=1.05, seed=5)
+    for prompts, options in ((PROMPTS[:1], {"greedy": True}), (PROMPTS, {"greedy": True}), (PROMPTS[:1], sampled)):
+        expected = [g.output_ids for g in plain.generate_batch(prompts, max_new_tokens=12, **options)]
+        assert [g.output_ids for g in fixed.generate_batch(prompts, max_new_tokens=12, **options)] == expected
+        assert fixed.session._spare.captured is not None and fixed.session._spare.captured.batch == len(prompts)
+    assert fixed.session.full_logits_reads == 0
+
+
 def test_kv_buffers_are_reused_between_requests_but_never_shared(tiny_optimized):
     """A request of the same batch and capacity gets the last one's buffers (and, on CUDA, its captured
     graph); stale contents change nothing; a chat's buffers are never handed to another request."""

@@ -356,14 +356,52 @@ def replay_timings(model, context: int, steps: int = 200) -> dict:
     def replay():
         session.run_with_iobinding(captured.binding, captured.run_options)
 
+    def async_replay():  # returns at the launch if onnxruntime honours the option for a replay
+        session.run_with_iobinding(captured.binding, no_sync)
+
+    import onnxruntime as ort
+
+    no_sync = ort.RunOptions()
+    no_sync.add_run_config_entry("gpu_graph_id", captured.run_options.get_run_config_entry("gpu_graph_id"))
+    no_sync.add_run_config_entry("disable_synchronize_execution_providers", "1")
+    calls = {"replay_only_ms": replay, "whole_step_ms": lambda: captured.step(session, ids, mask),
+             "inputs_upload_ms": lambda: captured.inputs.update_inplace(np.concatenate([ids.ravel(), mask.ravel()])),
+             "candidates_download_ms": lambda: captured.candidates.numpy(),
+             "async_replay_return_ms": async_replay}
     timings = {}
-    for name, call in (("replay_only_ms", replay), ("whole_step_ms", lambda: captured.step(session, ids, mask))):
+    for name, call in calls.items():
         call()
+        torch.cuda.synchronize()
         started = time.perf_counter()
         for _ in range(steps):
             call()
         timings[name] = (time.perf_counter() - started) * 1e3 / steps
+        torch.cuda.synchronize()
+    timings.update(loop_breakdown(model, context))
     return timings
+
+
+def loop_breakdown(model, prompt_tokens: int, new_tokens: int = 128) -> dict:
+    """A real greedy decode with the session's step timed: per token, the step (inputs, replay,
+    candidates) against everything around it (token choice, bookkeeping, the next step's inputs)."""
+    session, spent = model.session, []
+    step = session.step
+
+    def timed_step(*args, **kwargs):
+        started = time.perf_counter()
+        result = step(*args, **kwargs)
+        spent.append(time.perf_counter() - started)
+        return result
+
+    session.step = timed_step
+    try:
+        model.generate([1] * prompt_tokens, max_new_tokens=new_tokens, ignore_eos=True, **GREEDY)
+    finally:
+        del session.step
+    t = model.last_timings
+    decode_steps = spent[1:]  # the first call is the prefill
+    return {"loop_ms_per_token": t.decode_s * 1e3 / t.decode_tokens,
+            "loop_step_ms": sum(decode_steps) * 1e3 / len(decode_steps)}
 
 
 def kernel_profiles(model, context: int) -> dict:
