@@ -40,19 +40,21 @@ class Model:
     @classmethod
     def load(cls, artifact: str | Path, device: str = "cpu", chat_template: str | Path | None = None,
              optimize: bool = True, graph: str | None = None, cuda_graph: bool = False,
-             cpu_fallback: bool = False, attention_kernel: str | None = None) -> "Model":
+             cpu_fallback: bool = False, attention_kernel: str | None = None, capture_prefill: bool = False) -> "Model":
         """Open an exported artifact on `device` ("cpu" or "cuda"), using the graph optimized for that device
         when the artifact has one (`graph` names another, e.g. "portable"); `chat_template` overrides the
         checkpoint's; `optimize=False` switches onnxruntime's own graph rewrites off; `cuda_graph` captures
         the decode step once and replays it (CUDA only); a graph optimized for CUDA must place every node on
         CUDA unless `cpu_fallback` allows onnxruntime to put some on the CPU; `attention_kernel` ("flash" or
-        "cudnn") pins onnxruntime's attention kernels on CUDA (default: onnxruntime's choice)."""
+        "cudnn") pins onnxruntime's attention kernels on CUDA (default: onnxruntime's choice);
+        `capture_prefill` (with `cuda_graph`) replays batch-1 prompts as captured power-of-two pieces."""
         manifest = load_manifest(artifact)
         generation_path = manifest.artifact / "generation_config.json"
         return cls(
             manifest=manifest,
             session=GraphSession(manifest.graph_for(device, graph), device, optimize=optimize, cuda_graph=cuda_graph,
-                                 cpu_fallback=cpu_fallback, attention_kernel=attention_kernel),
+                                 cpu_fallback=cpu_fallback, attention_kernel=attention_kernel,
+                                 capture_prefill=capture_prefill),
             tokenizer=TextTokenizer(manifest.artifact / "tokenizer.json"),
             chat_template=load_chat_template(manifest.artifact, chat_template),
             generation_config=json.loads(generation_path.read_text()) if generation_path.is_file() else {},

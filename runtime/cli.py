@@ -34,6 +34,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("artifact", help="artifact folder written by `qwen2-onnx export`")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--cuda-graph", action="store_true", help="capture the decode step as a CUDA graph and replay it")
+    parser.add_argument("--capture-prefill", action="store_true",
+                        help="with --cuda-graph: also capture batch-1 prefill, one graph per power-of-two piece length")
     parser.add_argument("--cpu-fallback", action="store_true",
                         help="let onnxruntime run nodes of a CUDA-optimized graph on the CPU (off: every node on CUDA)")
     parser.add_argument("--attention-kernel", choices=["flash", "cudnn"],
@@ -66,7 +68,8 @@ def _options(model: Model, args: argparse.Namespace) -> dict[str, Any]:
 
 def _load(args: argparse.Namespace) -> Model:
     return Model.load(args.artifact, device=args.device, chat_template=args.chat_template, cuda_graph=args.cuda_graph,
-                      cpu_fallback=args.cpu_fallback, attention_kernel=args.attention_kernel)
+                      cpu_fallback=args.cpu_fallback, attention_kernel=args.attention_kernel,
+                      capture_prefill=args.capture_prefill)
 
 
 def run_generate(args: argparse.Namespace) -> None:

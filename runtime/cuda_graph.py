@@ -1,10 +1,11 @@
-"""Decode steps captured once as a CUDA graph and replayed (onnxruntime's `enable_cuda_graph`).
+"""Steps captured once as a CUDA graph and replayed (onnxruntime's `enable_cuda_graph`).
 
-A replay reuses the captured kernels and every buffer address, so a decode step must keep its shapes
-and bindings: the KV cache is the shared buffer (fixed capacity), the attention mask has the buffer's
+A replay reuses the captured kernels and every buffer address, so a step must keep its shapes and
+bindings: the KV cache is the shared buffer (fixed capacity), the attention mask has the buffer's
 width (runtime/padding.py), and input_ids, attention_mask, logits and the token candidates live in
-device buffers that are bound once and overwritten in place each step. Prefill runs in the same
-session with gpu_graph_id -1, which onnxruntime never captures.
+device buffers that are bound once and overwritten in place each step. One graph is captured per
+number of new tokens a step feeds: 1 for decode and, when prefill is captured too, each power-of-two
+piece length a batch-1 prompt is cut into. Other prefills run with gpu_graph_id -1, never captured.
 """
 
 from __future__ import annotations
@@ -26,16 +27,16 @@ def no_capture() -> ort.RunOptions:
     return options
 
 
-class CapturedDecode:
-    """Fixed buffers and a binding for the decode steps of one KV cache.
+class CapturedStep:
+    """Fixed buffers and a binding for the steps of one KV cache that feed `tokens` new tokens per row.
 
     A step moves two small transfers, not four: input_ids and the attention mask are two views of one
     int64 buffer (one upload), and the candidates' ids and logits two views of another (one download);
     each transfer costs a synchronous copy's latency whatever its size. `device` is "cuda" for capture;
     the same bookkeeping runs on "cpu" (tests), where onnxruntime ignores the graph id."""
 
-    def __init__(self, session: ort.InferenceSession, cache: KVCache, batch: int, vocab: int, graph: GraphInfo,
-                 device: str = "cuda"):
+    def __init__(self, session: ort.InferenceSession, cache: KVCache, batch: int, tokens: int, vocab: int,
+                 graph: GraphInfo, device: str = "cuda"):
         assert cache.capacity is not None, "graph capture needs the shared KV buffer"
 
         def buffer(shape: list[int], dtype: type) -> ort.OrtValue:
@@ -46,9 +47,9 @@ class CapturedDecode:
 
         self.batch, self.width, self.k = batch, cache.capacity, graph.token_candidates
         self.binding = session.io_binding()
-        self.inputs = buffer([batch * (1 + self.width)], np.int64)  # [input_ids | attention_mask]
-        bind_view(self.binding.bind_input, "input_ids", self.inputs, 0, np.int64, [batch, 1])
-        bind_view(self.binding.bind_input, "attention_mask", self.inputs, 8 * batch, np.int64, [batch, self.width])
+        self.inputs = buffer([batch * (tokens + self.width)], np.int64)  # [input_ids | attention_mask]
+        bind_view(self.binding.bind_input, "input_ids", self.inputs, 0, np.int64, [batch, tokens])
+        bind_view(self.binding.bind_input, "attention_mask", self.inputs, 8 * batch * tokens, np.int64, [batch, self.width])
         # GroupQueryAttention reads the total length from host memory; it is the capacity at every step
         self._total_length = ort.OrtValue.ortvalue_from_numpy(np.array(self.width, np.int32))  # kept alive here
         if TOTAL_LENGTH_INPUT in graph.input_names:

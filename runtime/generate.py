@@ -22,6 +22,7 @@ from .tokenizer import TextTokenizer
 
 
 CAPACITY_STEP = 512  # shared KV buffers are allocated in multiples of this many positions
+LONGEST_CAPTURED_PIECE = 4096  # captured prefill: one graph per power of two up to this many tokens
 
 
 @dataclass
@@ -80,6 +81,9 @@ class DecodeLoop:
         self.padding = PADDINGS[session.graph.padding](manifest.pad_token_id)
         if self.cache.capacity is not None:  # shared buffer: decode steps use a mask of the buffer's width
             self.padding.decode_width = self.cache.capacity
+        # a session that replays captured prefill takes a batch-1 prompt in pieces at the buffer's width
+        pieces = getattr(session, "captures_prefill", False) and len(prompts) == 1
+        self.piece_width = self.cache.capacity if pieces else None
 
     def __iter__(self) -> Iterator[list[int | None]]:
         # the session marked the buffers busy when it handed them out; they return to it when the loop ends
@@ -91,7 +95,7 @@ class DecodeLoop:
     def _steps(self) -> Iterator[list[int | None]]:
         rng = np.random.default_rng(self.sampling.seed)
         started = time.perf_counter()
-        ids, mask, positions = self.padding.prefill(self.prompts, self._prefill_leading_chunks())
+        ids, mask, positions = self.padding.prefill(self.prompts, self._prefill_leading_chunks(), self.piece_width)
         seen = [np.array(prompt, dtype=np.int64) for prompt in self.prompts]
         done = [False] * len(self.prompts)
         for step in range(self.max_new_tokens):
@@ -133,11 +137,18 @@ class DecodeLoop:
         """Feed a long batch-1 prompt `prefill_chunk` tokens at a time, all but the last chunk, so the
         activations of one call stay bounded; returns where the final chunk starts. Each chunk after the
         first continues the cached prefix (the path chat reuse takes). Batches are prefilled at once:
-        GroupQueryAttention continues a prompt only for batch 1."""
+        GroupQueryAttention continues a prompt only for batch 1. With captured prefill the chunks are
+        power-of-two pieces (at most `prefill_chunk`), each replaying the graph captured for its length."""
         start = self.timings.reused_prompt_tokens
+        prompt = self.prompts[0]
+        if self.piece_width is not None:
+            longest = min(self.prefill_chunk or LONGEST_CAPTURED_PIECE, LONGEST_CAPTURED_PIECE)
+            for size in power_of_two_pieces(len(prompt) - start, longest)[:-1]:
+                self.session.step(*self.padding.prefill([prompt[: start + size]], start, self.piece_width), self.cache)
+                start += size
+            return start
         if self.prefill_chunk is None or len(self.prompts) != 1:
             return start
-        prompt = self.prompts[0]
         while len(prompt) - start > self.prefill_chunk:
             end = start + self.prefill_chunk
             self.session.step(*self.padding.prefill([prompt[:end]], start), self.cache)
@@ -156,6 +167,16 @@ class DecodeLoop:
                 generation.finish_reason = "stop_string"
                 return True
         return len(generation.output_ids) >= self.max_new_tokens
+
+
+def power_of_two_pieces(count: int, longest: int) -> list[int]:
+    """`count` tokens as power-of-two pieces, largest first, none over `longest`: few distinct lengths,
+    so few captured graphs serve every prompt length."""
+    cap = 1 << (longest.bit_length() - 1)  # the largest power of two <= longest
+    pieces = [cap] * (count // cap)
+    rest = count % cap
+    pieces += [1 << bit for bit in reversed(range(rest.bit_length())) if rest >> bit & 1]
+    return pieces
 
 
 def check_request(manifest: Manifest, prompts: list[list[int]], max_new_tokens: int) -> None:

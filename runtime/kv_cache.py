@@ -28,7 +28,7 @@ class KVCache:
     layout: str
     capacity: int | None = None  # shared_buffer only
     tokens: list[list[int]] = field(default_factory=list)  # ids whose keys and values are held, per row
-    captured: Any = None  # cuda_graph.CapturedDecode bound to these buffers, once a decode step made one
+    captured: dict[int, Any] = field(default_factory=dict)  # new tokens per row -> cuda_graph.CapturedStep
     busy: bool = False  # a decode loop runs on it or a chat keeps it: the session must not hand it out again
 
     def past_names(self) -> list[str]:

@@ -17,7 +17,9 @@ class LeftPadding:
         self.mask: np.ndarray | None = None
         self.positions: np.ndarray | None = None
 
-    def prefill(self, prompts: list[list[int]], reused: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def prefill(self, prompts: list[list[int]], reused: int,
+                width: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        assert width is None, "the concat layout's masks grow with the cache"
         if reused:  # batch 1 continuing a cached conversation
             prompt = prompts[0]
             self.mask = np.ones((1, len(prompt)), np.int64)
@@ -46,16 +48,17 @@ class RightPadding:
         # decode step's shapes identical, which CUDA-graph replay needs; GQA reads lengths from the ones
         self.decode_width: int | None = None
 
-    def prefill(self, prompts: list[list[int]], reused: int) -> tuple[np.ndarray, np.ndarray, None]:
+    def prefill(self, prompts: list[list[int]], reused: int, width: int | None = None) -> tuple[np.ndarray, np.ndarray, None]:
+        """`width`: the mask's (the KV buffer's capacity for captured pieces; default the longest row)."""
         if reused:
             self.lengths = np.array([len(prompts[0])], np.int64)
-            return np.array([prompts[0][reused:]], dtype=np.int64), self._mask(), None
+            return np.array([prompts[0][reused:]], dtype=np.int64), self._mask(width), None
         longest = max(len(prompt) for prompt in prompts)
         ids = np.full((len(prompts), longest), self.pad, dtype=np.int64)
         for row, prompt in enumerate(prompts):
             ids[row, : len(prompt)] = prompt
         self.lengths = np.array([len(prompt) for prompt in prompts], np.int64)
-        return ids, self._mask(), None
+        return ids, self._mask(width), None
 
     def decode(self, tokens: list[int]) -> tuple[np.ndarray, np.ndarray, None]:
         self.lengths = self.lengths + 1

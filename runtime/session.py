@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import RuntimeInputError
-from .cuda_graph import CapturedDecode, no_capture
+from .cuda_graph import CapturedStep, no_capture
 from .kv_cache import KVCache, new_cache
 from .manifest import CANDIDATE_OUTPUTS, TOTAL_LENGTH_INPUT, GraphInfo, Manifest
 
@@ -39,8 +39,9 @@ class StepScores:
 
 class GraphSession:
     def __init__(self, graph: GraphInfo, device: str = "cpu", optimize: bool = True, cuda_graph: bool = False,
-                 cpu_fallback: bool = False, attention_kernel: str | None = None):
+                 cpu_fallback: bool = False, attention_kernel: str | None = None, capture_prefill: bool = False):
         """`cuda_graph` captures the decode step once and replays it (CUDA, shared-buffer graphs only);
+        `capture_prefill` (with `cuda_graph`) also captures batch-1 prefill, one graph per piece length;
         `cpu_fallback` lets onnxruntime place nodes of a CUDA-optimized graph on the CPU;
         `attention_kernel` ("flash", "cudnn") pins GroupQueryAttention's CUDA kernel family."""
         if device not in PROVIDERS:
@@ -58,6 +59,8 @@ class GraphSession:
         if cuda_graph and (device != "cuda" or graph.kv_layout != "shared_buffer"):
             raise RuntimeInputError("CUDA-graph decoding needs --device cuda and a graph with the shared KV buffer "
                                     "(qwen2-onnx optimize ARTIFACT --target cuda)")
+        if capture_prefill and not cuda_graph:
+            raise RuntimeInputError("capturing prefill needs CUDA-graph decoding too: pass --cuda-graph as well")
         if attention_kernel is not None and (device != "cuda" or attention_kernel not in ATTENTION_KERNELS):
             raise RuntimeInputError(f"--attention-kernel {attention_kernel!r}: choose one of {sorted(ATTENTION_KERNELS)}, "
                                     "with --device cuda (the CPU has one attention kernel)")
@@ -71,6 +74,7 @@ class GraphSession:
                                     "pass --cpu-fallback (Model.load(..., cpu_fallback=True)) to allow it") from error
         self.device = device
         self.cuda_graph = cuda_graph
+        self.captures_prefill = capture_prefill  # the decode loop then cuts batch-1 prompts into captured pieces
         self.graph = graph
         self._vocab = self.session.get_outputs()[0].shape[-1]
         self.full_logits_reads = 0  # steps whose whole logits row was copied to the host
@@ -93,11 +97,12 @@ class GraphSession:
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray | None,
              cache: KVCache) -> StepScores:
         """Run one call on each row's new tokens and advance `cache`; returns the last token's scores."""
-        if self.cuda_graph and input_ids.shape[1] == 1 and attention_mask.shape[1] == cache.capacity:
-            if cache.captured is None:
-                cache.captured = CapturedDecode(self.session, cache, len(input_ids), self._vocab, self.graph,
-                                                self.device)
-            logits, candidates = cache.captured.step(self.session, input_ids, attention_mask)
+        batch, tokens = input_ids.shape
+        if self._captured(batch, tokens, attention_mask.shape[1], cache):
+            if tokens not in cache.captured:
+                cache.captured[tokens] = CapturedStep(self.session, cache, batch, tokens, self._vocab, self.graph,
+                                                      self.device)
+            logits, candidates = cache.captured[tokens].step(self.session, input_ids, attention_mask)
             return self._scores(logits, candidates)
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
@@ -123,6 +128,12 @@ class GraphSession:
         if not shared:
             cache.values = outputs[1 + len(candidates):]
         return self._scores(outputs[0], [value.numpy() for value in outputs[1 : 1 + len(candidates)]])
+
+    def _captured(self, batch: int, tokens: int, width: int, cache: KVCache) -> bool:
+        """Replayed as a CUDA graph: decode steps, and batch-1 prefill pieces when prefill is captured,
+        at the buffer's width (a fixed shape per piece length)."""
+        piece = tokens == 1 or (self.captures_prefill and batch == 1)
+        return self.cuda_graph and piece and width == cache.capacity
 
     def _scores(self, logits: ort.OrtValue, candidates: list[np.ndarray]) -> StepScores:
         def full() -> np.ndarray:

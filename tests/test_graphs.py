@@ -190,8 +190,27 @@ def test_the_captured_step_bookkeeping_gives_the_plain_steps_tokens(tiny_optimiz
     for prompts, options in ((PROMPTS[:1], {"greedy": True}), (PROMPTS, {"greedy": True}), (PROMPTS[:1], sampled)):
         expected = [g.output_ids for g in plain.generate_batch(prompts, max_new_tokens=12, **options)]
         assert [g.output_ids for g in fixed.generate_batch(prompts, max_new_tokens=12, **options)] == expected
-        assert fixed.session._spare.captured is not None and fixed.session._spare.captured.batch == len(prompts)
+        assert fixed.session._spare.captured[1].batch == len(prompts)
     assert fixed.session.full_logits_reads == 0
+
+
+def test_captured_prefill_pieces_give_the_plain_tokens(tiny_optimized):
+    """Captured prefill cuts a batch-1 prompt into power-of-two pieces at the buffer's width, one
+    captured step per piece length (on the CPU the same bookkeeping, uncaptured): same tokens as one
+    plain prefill, also when a chat continues a cached prompt and with a prefill_chunk limit."""
+    artifact = tiny_optimized("dense_untied_sharded")
+    plain, pieces = (Model.load(artifact, optimize=False) for _ in range(2))
+    pieces.session.cuda_graph = pieces.session.captures_prefill = True  # refused at load on the CPU
+    prompt = (PROMPTS[0] * 4)[:23]  # 16 + 4 + 2 + 1
+    for options in ({}, {"prefill_chunk": 6}):  # 4 + 4 + 4 + 4 + 4 + 2 + 1
+        expected = plain.generate(prompt, max_new_tokens=8, greedy=True, **options).output_ids
+        assert pieces.generate(prompt, max_new_tokens=8, greedy=True, **options).output_ids == expected
+    assert sorted(pieces.session._spare.captured) == [1, 2, 4, 16]
+    chats = [model.chat() for model in (plain, pieces)]
+    for _ in range(2):
+        replies = ["".join(chat.send("More please", max_new_tokens=6, greedy=True)) for chat in chats]
+        assert replies[0] == replies[1]
+    assert pieces.last_timings.reused_prompt_tokens > 0
 
 
 def test_kv_buffers_are_reused_between_requests_but_never_shared(tiny_optimized):

@@ -111,7 +111,9 @@ def build_artifact(checkpoint: Path, folder: Path, dtype: str) -> Path:
 # (a sibling artifact is built) and Model.load options (same artifact)
 VARIANTS = {"two_gemm_gate_up": {"optimize": {"pack_gate_up": False}},
             "flash_attention": {"load": {"attention_kernel": "flash"}},
-            "cudnn_attention": {"load": {"attention_kernel": "cudnn"}}}
+            "cudnn_attention": {"load": {"attention_kernel": "cudnn"}},
+            "captured_prefill": {"load": {"capture_prefill": True}},
+            "captured_prefill_two_gemm": {"optimize": {"pack_gate_up": False}, "load": {"capture_prefill": True}}}
 
 
 def graph_variant(artifact: Path, variant: str) -> Path:
@@ -455,7 +457,7 @@ def captured_step(model, context: int):
     for _ in loop:
         pass
     mask = (np.arange(loop.cache.capacity) < context).astype(np.int64)[None]
-    return loop.cache.captured, model.session.session, np.ones((1, 1), np.int64), mask
+    return loop.cache.captured[1], model.session.session, np.ones((1, 1), np.int64), mask
 
 
 def kernel_profile(call, repeats: int) -> dict:
@@ -540,8 +542,14 @@ def variant_timings(artifact: Path, variant: str, prompt: list[int], long_prompt
 
     options = VARIANTS[variant]
     folder = graph_variant(artifact, variant) if "optimize" in options else artifact
-    model = Model.load(folder, **LOAD, **options.get("load", {}), cuda_graph=True)
-    result = {"cuda_graph": ours_timings(model, [prompt], new_tokens, runs=2, **GREEDY)}
+    with PeakMemory() as memory:  # load, and a first prefill of each timed length (captures, if any)
+        model = Model.load(folder, **LOAD, **options.get("load", {}), cuda_graph=True)
+        first_prefill_ms = []
+        for first in (prompt, long_prompt):
+            model.generate(first, max_new_tokens=2, **GREEDY)
+            first_prefill_ms.append(model.last_timings.time_to_first_token_s * 1e3)
+    result = {"cuda_graph": ours_timings(model, [prompt], new_tokens, runs=2, **GREEDY), "peak_gib": memory.gib,
+              "first_prefill_ms": first_prefill_ms}
     result["same_tokens_as_default"] = result["cuda_graph"]["tokens"] == default_tokens
     result["prefill_4096_ms"] = ours_timings(model, [long_prompt], 2, runs=2, **GREEDY)["prefill_ms"]
     result["replay"] = replay_timings(model, context)
