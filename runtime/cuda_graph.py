@@ -4,8 +4,9 @@ A replay reuses the captured kernels and every buffer address, so a step must ke
 bindings: the KV cache is the shared buffer (fixed capacity), the attention mask has the buffer's
 width (runtime/padding.py), and input_ids, attention_mask, logits and the token candidates live in
 device buffers that are bound once and overwritten in place each step. One graph is captured per
-number of new tokens a step feeds: 1 for decode and, when prefill is captured too, each power-of-two
-piece length a batch-1 prompt is cut into. Other prefills run with gpu_graph_id -1, never captured.
+number of new tokens a step feeds: 1 for decode (mask of the buffer's width) and, when prefill is
+captured too, each bucket length a fresh batch-1 prompt is padded to (mask of that length). Other
+prefills run with gpu_graph_id -1, never captured.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import onnxruntime as ort
 from .kv_cache import KVCache
 from .manifest import CANDIDATE_OUTPUTS, TOTAL_LENGTH_INPUT, GraphInfo
 
-_graph_ids = itertools.count(1)  # one captured graph per decode buffer set
+_graph_ids = itertools.count(1)  # one captured graph per step shape and KV buffer set
+LONGEST_CAPTURED_PROMPT = 4096  # longer prompts are GPU-bound: a capture's memory would not pay
 
 
 def no_capture() -> ort.RunOptions:
@@ -28,15 +30,16 @@ def no_capture() -> ort.RunOptions:
 
 
 class CapturedStep:
-    """Fixed buffers and a binding for the steps of one KV cache that feed `tokens` new tokens per row.
+    """Fixed buffers and a binding for the steps of one KV cache that feed `tokens` new tokens per row
+    with a mask `width` wide.
 
     A step moves two small transfers, not four: input_ids and the attention mask are two views of one
     int64 buffer (one upload), and the candidates' ids and logits two views of another (one download);
     each transfer costs a synchronous copy's latency whatever its size. `device` is "cuda" for capture;
     the same bookkeeping runs on "cpu" (tests), where onnxruntime ignores the graph id."""
 
-    def __init__(self, session: ort.InferenceSession, cache: KVCache, batch: int, tokens: int, vocab: int,
-                 graph: GraphInfo, device: str = "cuda"):
+    def __init__(self, session: ort.InferenceSession, cache: KVCache, batch: int, tokens: int, width: int,
+                 vocab: int, graph: GraphInfo, device: str = "cuda"):
         assert cache.capacity is not None, "graph capture needs the shared KV buffer"
 
         def buffer(shape: list[int], dtype: type) -> ort.OrtValue:
@@ -45,12 +48,12 @@ class CapturedStep:
         def bind_view(bind, name: str, base: ort.OrtValue, offset_bytes: int, dtype: type, shape: list[int]) -> None:
             bind(name, device, 0, dtype, shape, base.data_ptr() + offset_bytes)
 
-        self.batch, self.width, self.k = batch, cache.capacity, graph.token_candidates
+        self.batch, self.width, self.k = batch, width, graph.token_candidates
         self.binding = session.io_binding()
         self.inputs = buffer([batch * (tokens + self.width)], np.int64)  # [input_ids | attention_mask]
         bind_view(self.binding.bind_input, "input_ids", self.inputs, 0, np.int64, [batch, tokens])
         bind_view(self.binding.bind_input, "attention_mask", self.inputs, 8 * batch * tokens, np.int64, [batch, self.width])
-        # GroupQueryAttention reads the total length from host memory; it is the capacity at every step
+        # GroupQueryAttention reads the total length from host memory: the mask's width, fixed per graph
         self._total_length = ort.OrtValue.ortvalue_from_numpy(np.array(self.width, np.int32))  # kept alive here
         if TOTAL_LENGTH_INPUT in graph.input_names:
             self.binding.bind_ortvalue_input(TOTAL_LENGTH_INPUT, self._total_length)

@@ -15,6 +15,7 @@ import numpy as np
 from .errors import RuntimeInputError
 from .kv_cache import KVCache
 from .manifest import Manifest
+from .cuda_graph import LONGEST_CAPTURED_PROMPT
 from .padding import PADDINGS
 from .sampling import SamplingConfig, choose_from_candidates, choose_tokens
 from .session import GraphSession, StepScores
@@ -22,7 +23,6 @@ from .tokenizer import TextTokenizer
 
 
 CAPACITY_STEP = 512  # shared KV buffers are allocated in multiples of this many positions
-LONGEST_CAPTURED_PIECE = 4096  # captured prefill: one graph per power of two up to this many tokens
 
 
 @dataclass
@@ -73,17 +73,20 @@ class DecodeLoop:
         self.generations = [Generation(list(prompt)) for prompt in prompts]
         self.timings = Timings()
         needed = max(len(prompt) for prompt in prompts) + max_new_tokens
+        reuse = cache.reusable_prefix(prompts[0], needed) if cache is not None and len(prompts) == 1 else 0
+        # a fresh batch-1 prompt on a session that captures prefill is padded to a bucket length, whose
+        # captured graph is replayed; the padded positions' keys are overwritten by the decode steps
+        self.prompt_bucket = None
+        if getattr(session, "captures_prefill", False) and len(prompts) == 1 and not reuse:
+            self.prompt_bucket = captured_prompt_length(len(prompts[0]), manifest.context_length)
+        needed = max(needed, self.prompt_bucket or 0)
         # shared buffers get headroom, so a chat's next turns usually fit and reuse them
         capacity = min(manifest.context_length, -(-needed // CAPACITY_STEP) * CAPACITY_STEP)
-        reuse = cache.reusable_prefix(prompts[0], needed) if cache is not None and len(prompts) == 1 else 0
         self.cache = cache if reuse else session.empty_cache(manifest, len(prompts), capacity)
         self.timings.reused_prompt_tokens = reuse
         self.padding = PADDINGS[session.graph.padding](manifest.pad_token_id)
         if self.cache.capacity is not None:  # shared buffer: decode steps use a mask of the buffer's width
             self.padding.decode_width = self.cache.capacity
-        # a session that replays captured prefill takes a batch-1 prompt in pieces at the buffer's width
-        pieces = getattr(session, "captures_prefill", False) and len(prompts) == 1
-        self.piece_width = self.cache.capacity if pieces else None
 
     def __iter__(self) -> Iterator[list[int | None]]:
         # the session marked the buffers busy when it handed them out; they return to it when the loop ends
@@ -95,7 +98,10 @@ class DecodeLoop:
     def _steps(self) -> Iterator[list[int | None]]:
         rng = np.random.default_rng(self.sampling.seed)
         started = time.perf_counter()
-        ids, mask, positions = self.padding.prefill(self.prompts, self._prefill_leading_chunks(), self.piece_width)
+        if self.prompt_bucket:
+            ids, mask, positions = self.padding.prefill(self.prompts, 0, self.prompt_bucket)
+        else:
+            ids, mask, positions = self.padding.prefill(self.prompts, self._prefill_leading_chunks())
         seen = [np.array(prompt, dtype=np.int64) for prompt in self.prompts]
         done = [False] * len(self.prompts)
         for step in range(self.max_new_tokens):
@@ -137,18 +143,11 @@ class DecodeLoop:
         """Feed a long batch-1 prompt `prefill_chunk` tokens at a time, all but the last chunk, so the
         activations of one call stay bounded; returns where the final chunk starts. Each chunk after the
         first continues the cached prefix (the path chat reuse takes). Batches are prefilled at once:
-        GroupQueryAttention continues a prompt only for batch 1. With captured prefill the chunks are
-        power-of-two pieces (at most `prefill_chunk`), each replaying the graph captured for its length."""
+        GroupQueryAttention continues a prompt only for batch 1."""
         start = self.timings.reused_prompt_tokens
-        prompt = self.prompts[0]
-        if self.piece_width is not None:
-            longest = min(self.prefill_chunk or LONGEST_CAPTURED_PIECE, LONGEST_CAPTURED_PIECE)
-            for size in power_of_two_pieces(len(prompt) - start, longest)[:-1]:
-                self.session.step(*self.padding.prefill([prompt[: start + size]], start, self.piece_width), self.cache)
-                start += size
-            return start
         if self.prefill_chunk is None or len(self.prompts) != 1:
             return start
+        prompt = self.prompts[0]
         while len(prompt) - start > self.prefill_chunk:
             end = start + self.prefill_chunk
             self.session.step(*self.padding.prefill([prompt[:end]], start), self.cache)
@@ -169,14 +168,17 @@ class DecodeLoop:
         return len(generation.output_ids) >= self.max_new_tokens
 
 
-def power_of_two_pieces(count: int, longest: int) -> list[int]:
-    """`count` tokens as power-of-two pieces, largest first, none over `longest`: few distinct lengths,
-    so few captured graphs serve every prompt length."""
-    cap = 1 << (longest.bit_length() - 1)  # the largest power of two <= longest
-    pieces = [cap] * (count // cap)
-    rest = count % cap
-    pieces += [1 << bit for bit in reversed(range(rest.bit_length())) if rest >> bit & 1]
-    return pieces
+def captured_prompt_length(length: int, context_length: int) -> int | None:
+    """The bucket a prompt of `length` tokens is padded to for a captured prefill: four lengths per
+    octave (at most 25% padding, 16 at least), so few graphs serve every length; None past
+    LONGEST_CAPTURED_PROMPT or the context, where the GPU work outweighs the host's and a capture's
+    memory would not pay."""
+    if length <= 16:
+        bucket = 16
+    else:
+        step = (1 << (length - 1).bit_length()) // 8  # a quarter of the octave [top / 2, top]
+        bucket = -(-length // step) * step
+    return bucket if bucket <= min(LONGEST_CAPTURED_PROMPT, context_length - 1) else None
 
 
 def check_request(manifest: Manifest, prompts: list[list[int]], max_new_tokens: int) -> None:

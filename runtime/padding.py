@@ -49,16 +49,16 @@ class RightPadding:
         self.decode_width: int | None = None
 
     def prefill(self, prompts: list[list[int]], reused: int, width: int | None = None) -> tuple[np.ndarray, np.ndarray, None]:
-        """`width`: the mask's (the KV buffer's capacity for captured pieces; default the longest row)."""
+        """`width` pads a fresh prompt further, to a captured graph's length (default: the longest row)."""
         if reused:
             self.lengths = np.array([len(prompts[0])], np.int64)
-            return np.array([prompts[0][reused:]], dtype=np.int64), self._mask(width), None
-        longest = max(len(prompt) for prompt in prompts)
+            return np.array([prompts[0][reused:]], dtype=np.int64), self._mask(), None
+        longest = width or max(len(prompt) for prompt in prompts)
         ids = np.full((len(prompts), longest), self.pad, dtype=np.int64)
         for row, prompt in enumerate(prompts):
             ids[row, : len(prompt)] = prompt
         self.lengths = np.array([len(prompt) for prompt in prompts], np.int64)
-        return ids, self._mask(width), None
+        return ids, self._mask(longest), None
 
     def decode(self, tokens: list[int]) -> tuple[np.ndarray, np.ndarray, None]:
         self.lengths = self.lengths + 1

@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import RuntimeInputError
-from .cuda_graph import CapturedStep, no_capture
+from .cuda_graph import LONGEST_CAPTURED_PROMPT, CapturedStep, no_capture
 from .kv_cache import KVCache, new_cache
 from .manifest import CANDIDATE_OUTPUTS, TOTAL_LENGTH_INPUT, GraphInfo, Manifest
 
@@ -41,7 +41,7 @@ class GraphSession:
     def __init__(self, graph: GraphInfo, device: str = "cpu", optimize: bool = True, cuda_graph: bool = False,
                  cpu_fallback: bool = False, attention_kernel: str | None = None, capture_prefill: bool = False):
         """`cuda_graph` captures the decode step once and replays it (CUDA, shared-buffer graphs only);
-        `capture_prefill` (with `cuda_graph`) also captures batch-1 prefill, one graph per piece length;
+        `capture_prefill` (with `cuda_graph`) also captures fresh batch-1 prompts, one graph per bucket length;
         `cpu_fallback` lets onnxruntime place nodes of a CUDA-optimized graph on the CPU;
         `attention_kernel` ("flash", "cudnn") pins GroupQueryAttention's CUDA kernel family."""
         if device not in PROVIDERS:
@@ -74,7 +74,7 @@ class GraphSession:
                                     "pass --cpu-fallback (Model.load(..., cpu_fallback=True)) to allow it") from error
         self.device = device
         self.cuda_graph = cuda_graph
-        self.captures_prefill = capture_prefill  # the decode loop then cuts batch-1 prompts into captured pieces
+        self.captures_prefill = capture_prefill  # the decode loop then pads fresh batch-1 prompts to buckets
         self.graph = graph
         self._vocab = self.session.get_outputs()[0].shape[-1]
         self.full_logits_reads = 0  # steps whose whole logits row was copied to the host
@@ -97,11 +97,11 @@ class GraphSession:
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray | None,
              cache: KVCache) -> StepScores:
         """Run one call on each row's new tokens and advance `cache`; returns the last token's scores."""
-        batch, tokens = input_ids.shape
-        if self._captured(batch, tokens, attention_mask.shape[1], cache):
+        (batch, tokens), width = input_ids.shape, attention_mask.shape[1]
+        if self._captured(batch, tokens, width, cache):
             if tokens not in cache.captured:
-                cache.captured[tokens] = CapturedStep(self.session, cache, batch, tokens, self._vocab, self.graph,
-                                                      self.device)
+                cache.captured[tokens] = CapturedStep(self.session, cache, batch, tokens, width, self._vocab,
+                                                      self.graph, self.device)
             logits, candidates = cache.captured[tokens].step(self.session, input_ids, attention_mask)
             return self._scores(logits, candidates)
         binding = self.session.io_binding()
@@ -130,10 +130,11 @@ class GraphSession:
         return self._scores(outputs[0], [value.numpy() for value in outputs[1 : 1 + len(candidates)]])
 
     def _captured(self, batch: int, tokens: int, width: int, cache: KVCache) -> bool:
-        """Replayed as a CUDA graph: decode steps, and batch-1 prefill pieces when prefill is captured,
-        at the buffer's width (a fixed shape per piece length)."""
-        piece = tokens == 1 or (self.captures_prefill and batch == 1)
-        return self.cuda_graph and piece and width == cache.capacity
+        """Replayed as a CUDA graph: decode steps (mask of the buffer's width) and, when prefill is
+        captured, fresh batch-1 prompts (mask as wide as the prompt, a bucket length)."""
+        decode = tokens == 1 and width == cache.capacity
+        prompt = self.captures_prefill and batch == 1 and 1 < tokens == width <= LONGEST_CAPTURED_PROMPT
+        return self.cuda_graph and (decode or prompt)
 
     def _scores(self, logits: ort.OrtValue, candidates: list[np.ndarray]) -> StepScores:
         def full() -> np.ndarray:

@@ -19,6 +19,7 @@ from graphs.fusions import packed_matmul
 from graphs.fusions.moe import interleave_gate_up
 from graphs.pipeline import PipelineError, optimize
 from runtime import Model
+from runtime.generate import captured_prompt_length
 from runtime.kv_cache import new_cache
 from runtime.manifest import load_manifest
 from runtime.padding import RightPadding
@@ -194,23 +195,29 @@ def test_the_captured_step_bookkeeping_gives_the_plain_steps_tokens(tiny_optimiz
     assert fixed.session.full_logits_reads == 0
 
 
-def test_captured_prefill_pieces_give_the_plain_tokens(tiny_optimized):
-    """Captured prefill cuts a batch-1 prompt into power-of-two pieces at the buffer's width, one
-    captured step per piece length (on the CPU the same bookkeeping, uncaptured): same tokens as one
-    plain prefill, also when a chat continues a cached prompt and with a prefill_chunk limit."""
+def test_captured_prefill_pads_a_fresh_prompt_to_its_bucket(tiny_optimized):
+    """Captured prefill pads a fresh batch-1 prompt to a bucket length (one captured step per bucket;
+    on the CPU the same bookkeeping, uncaptured): same tokens as the unpadded prefill, and a chat's
+    continuation, which is not padded, still matches."""
     artifact = tiny_optimized("dense_untied_sharded")
-    plain, pieces = (Model.load(artifact, optimize=False) for _ in range(2))
-    pieces.session.cuda_graph = pieces.session.captures_prefill = True  # refused at load on the CPU
-    prompt = (PROMPTS[0] * 4)[:23]  # 16 + 4 + 2 + 1
-    for options in ({}, {"prefill_chunk": 6}):  # 4 + 4 + 4 + 4 + 4 + 2 + 1
-        expected = plain.generate(prompt, max_new_tokens=8, greedy=True, **options).output_ids
-        assert pieces.generate(prompt, max_new_tokens=8, greedy=True, **options).output_ids == expected
-    assert sorted(pieces.session._spare.captured) == [1, 2, 4, 16]
-    chats = [model.chat() for model in (plain, pieces)]
+    plain, padded = (Model.load(artifact, optimize=False) for _ in range(2))
+    padded.session.cuda_graph = padded.session.captures_prefill = True  # refused at load on the CPU
+    for length in (23, 16, 5):  # buckets 24, 16, 16
+        prompt = (PROMPTS[0] * 6)[:length]
+        expected = plain.generate(prompt, max_new_tokens=8, greedy=True).output_ids
+        assert padded.generate(prompt, max_new_tokens=8, greedy=True).output_ids == expected
+    assert sorted(padded.session._spare.captured) == [1, 16, 24]  # one KV buffer served all three
+    chats = [model.chat() for model in (plain, padded)]
     for _ in range(2):
         replies = ["".join(chat.send("More please", max_new_tokens=6, greedy=True)) for chat in chats]
         assert replies[0] == replies[1]
-    assert pieces.last_timings.reused_prompt_tokens > 0
+    assert padded.last_timings.reused_prompt_tokens > 0
+
+
+def test_captured_prompt_lengths():
+    assert [captured_prompt_length(n, 32768) for n in (1, 16, 17, 20, 21, 33, 512, 513, 600, 4096)] == \
+        [16, 16, 20, 20, 24, 40, 512, 640, 640, 4096]
+    assert captured_prompt_length(4097, 32768) is None and captured_prompt_length(100, 64) is None
 
 
 def test_kv_buffers_are_reused_between_requests_but_never_shared(tiny_optimized):

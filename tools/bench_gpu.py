@@ -551,6 +551,12 @@ def variant_timings(artifact: Path, variant: str, prompt: list[int], long_prompt
     result = {"cuda_graph": ours_timings(model, [prompt], new_tokens, runs=2, **GREEDY), "peak_gib": memory.gib,
               "first_prefill_ms": first_prefill_ms}
     result["same_tokens_as_default"] = result["cuda_graph"]["tokens"] == default_tokens
+    if model.session.captures_prefill:  # a prompt padded to its bucket (500 -> 512) against the same prompt unpadded
+        odd = prompt[:500]
+        padded = model.generate(odd, max_new_tokens=32, **GREEDY).output_ids
+        model.session.captures_prefill = False
+        result["padded_prompt_same_tokens"] = padded == model.generate(odd, max_new_tokens=32, **GREEDY).output_ids
+        model.session.captures_prefill = True
     result["prefill_4096_ms"] = ours_timings(model, [long_prompt], 2, runs=2, **GREEDY)["prefill_ms"]
     result["replay"] = replay_timings(model, context)
     return result, model
