@@ -12,10 +12,10 @@ from typing import Iterator
 
 import numpy as np
 
+from .cuda_graph import LONGEST_CAPTURED_PROMPT
 from .errors import RuntimeInputError
 from .kv_cache import KVCache
 from .manifest import Manifest
-from .cuda_graph import LONGEST_CAPTURED_PROMPT
 from .padding import PADDINGS
 from .sampling import SamplingConfig, choose_from_candidates, choose_tokens
 from .session import GraphSession, StepScores

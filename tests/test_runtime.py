@@ -187,6 +187,13 @@ def test_cli_cuda_graph_flag_reaches_the_session(tiny_artifact, capsys):
     assert "CUDA-graph decoding needs --device cuda" in capsys.readouterr().err
 
 
+def test_captured_prefill_needs_cuda_graph_decoding(tiny_artifact, capsys):
+    with pytest.raises(RuntimeInputError, match="capturing prefill needs CUDA-graph decoding"):
+        Model.load(tiny_artifact("dense_tied"), capture_prefill=True)
+    assert runtime_main(["generate", str(tiny_artifact("dense_tied")), "--prompt", "x", "--capture-prefill"]) == 2
+    assert "pass --cuda-graph as well" in capsys.readouterr().err
+
+
 def test_cli_rejects_a_bad_prefill_chunk(tiny_artifact, capsys):
     assert runtime_main(["generate", str(tiny_artifact("dense_tied")), "--prompt", "x", "--prefill-chunk", "0"]) == 2
     assert "prefill_chunk=0" in capsys.readouterr().err
