@@ -47,7 +47,8 @@ class Model:
         the decode step once and replays it (CUDA only); a graph optimized for CUDA must place every node on
         CUDA unless `cpu_fallback` allows onnxruntime to put some on the CPU; `attention_kernel` ("flash" or
         "cudnn") pins onnxruntime's attention kernels on CUDA (default: onnxruntime's choice);
-        `capture_prefill` (with `cuda_graph`) replays batch-1 prompts as captured power-of-two pieces."""
+        `capture_prefill` (with `cuda_graph`) pads a fresh batch-1 prompt to a bucket length and replays
+        that bucket's captured graph."""
         manifest = load_manifest(artifact)
         generation_path = manifest.artifact / "generation_config.json"
         return cls(

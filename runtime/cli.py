@@ -35,7 +35,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--cuda-graph", action="store_true", help="capture the decode step as a CUDA graph and replay it")
     parser.add_argument("--capture-prefill", action="store_true",
-                        help="with --cuda-graph: also capture batch-1 prefill, one graph per power-of-two piece length")
+                        help="with --cuda-graph: also capture a fresh batch-1 prompt, padded to one of four bucket "
+                             "lengths per octave (up to 4,096 tokens), one graph per bucket")
     parser.add_argument("--cpu-fallback", action="store_true",
                         help="let onnxruntime run nodes of a CUDA-optimized graph on the CPU (off: every node on CUDA)")
     parser.add_argument("--attention-kernel", choices=["flash", "cudnn"],

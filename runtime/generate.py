@@ -77,7 +77,7 @@ class DecodeLoop:
         # a fresh batch-1 prompt on a session that captures prefill is padded to a bucket length, whose
         # captured graph is replayed; the padded positions' keys are overwritten by the decode steps
         self.prompt_bucket = None
-        if getattr(session, "captures_prefill", False) and len(prompts) == 1 and not reuse:
+        if session.captures_prefill and len(prompts) == 1 and not reuse:
             self.prompt_bucket = captured_prompt_length(len(prompts[0]), manifest.context_length)
         needed = max(needed, self.prompt_bucket or 0)
         # shared buffers get headroom, so a chat's next turns usually fit and reuse them
