@@ -16,7 +16,7 @@ from typing import Any, Iterator, Union
 
 from .chat import ChatTemplate, Message, load_chat_template
 from .errors import RuntimeInputError
-from .generate import DecodeLoop, Generation, Timings
+from .generate import DecodeLoop, Generation, Timings, captured_prompt_buckets
 from .kv_cache import KVCache
 from .manifest import Manifest, load_manifest
 from .sampling import SamplingConfig, sampling_from_generation_config
@@ -40,15 +40,16 @@ class Model:
     @classmethod
     def load(cls, artifact: str | Path, device: str = "cpu", chat_template: str | Path | None = None,
              optimize: bool = True, graph: str | None = None, cuda_graph: bool = False,
-             cpu_fallback: bool = False, attention_kernel: str | None = None, capture_prefill: bool = False) -> "Model":
+             cpu_fallback: bool = False, attention_kernel: str | None = None,
+             capture_prefill: bool | None = None) -> "Model":
         """Open an exported artifact on `device` ("cpu" or "cuda"), using the graph optimized for that device
         when the artifact has one (`graph` names another, e.g. "portable"); `chat_template` overrides the
         checkpoint's; `optimize=False` switches onnxruntime's own graph rewrites off; `cuda_graph` captures
         the decode step once and replays it (CUDA only); a graph optimized for CUDA must place every node on
         CUDA unless `cpu_fallback` allows onnxruntime to put some on the CPU; `attention_kernel` ("flash" or
         "cudnn") pins onnxruntime's attention kernels on CUDA (default: onnxruntime's choice);
-        `capture_prefill` (with `cuda_graph`) pads a fresh batch-1 prompt to a bucket length and replays
-        that bucket's captured graph."""
+        with `cuda_graph`, a fresh batch-1 prompt is padded to a bucket length and that bucket's captured
+        graph replayed too, unless `capture_prefill=False`."""
         manifest = load_manifest(artifact)
         generation_path = manifest.artifact / "generation_config.json"
         return cls(
@@ -111,11 +112,12 @@ class Model:
 
     def warm_up(self, max_prompt_tokens: int | None = None) -> list[int]:
         """Prefill a prompt of each power-of-two length up to `max_prompt_tokens` (default: the context,
-        at most WARM_UP_LIMIT) and decode one step after the first, discarding the results, so
-        onnxruntime's first-use work for each prompt size happens here instead of inside a request.
-        On CUDA that is mostly the MoE kernel's GEMM tactic profiling, which runs once per MoE node
-        for each power-of-two token count up to 8,192 (10.4 s for the first 4,096-token prompt at
-        Qwen2-57B-A14B shapes with 4 layers). Returns the prompt lengths run."""
+        at most WARM_UP_LIMIT), and of every captured prompt bucket up to it when prefill is captured,
+        and decode one step after the first, discarding the results, so onnxruntime's first-use work
+        for each prompt size happens here instead of inside a request. On CUDA that is the MoE
+        kernel's GEMM tactic profiling, which runs once per MoE node for each power-of-two token count
+        up to 8,192 (10.4 s for the first 4,096-token prompt at Qwen2-57B-A14B shapes with 4 layers),
+        and each bucket's capture (0.1-1.2 s at 7B shapes). Returns the prompt lengths run."""
         context = self.manifest.context_length
         limit = min(context - 1, WARM_UP_LIMIT) if max_prompt_tokens is None else max_prompt_tokens
         if not 0 < limit < context:
@@ -123,6 +125,8 @@ class Model:
                                     f"({context - 1}); pass the longest prompt you expect")
         # powers of two up to the one at or above the limit, none past the context
         lengths = list(dict.fromkeys(min(2**k, context - 1) for k in range(1, max(limit - 1, 1).bit_length() + 1)))
+        if self.session.captures_prefill:
+            lengths = sorted({*lengths, *captured_prompt_buckets(max(lengths), context)})
         timings = self.last_timings
         for index, length in enumerate(lengths):
             self.generate([self.manifest.pad_token_id] * length, max_new_tokens=2 if index == 0 else 1,

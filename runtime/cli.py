@@ -34,9 +34,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("artifact", help="artifact folder written by `qwen2-onnx export`")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--cuda-graph", action="store_true", help="capture the decode step as a CUDA graph and replay it")
-    parser.add_argument("--capture-prefill", action="store_true",
-                        help="with --cuda-graph: also capture a fresh batch-1 prompt, padded to one of four bucket "
-                             "lengths per octave (up to 4,096 tokens), one graph per bucket")
+    parser.add_argument("--capture-prefill", action=argparse.BooleanOptionalAction, default=None,
+                        help="capture a fresh batch-1 prompt too, padded to one of four bucket lengths per octave "
+                             "(up to 4,096 tokens), one graph per bucket (default: on with --cuda-graph)")
     parser.add_argument("--cpu-fallback", action="store_true",
                         help="let onnxruntime run nodes of a CUDA-optimized graph on the CPU (off: every node on CUDA)")
     parser.add_argument("--attention-kernel", choices=["flash", "cudnn"],

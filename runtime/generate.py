@@ -181,6 +181,12 @@ def captured_prompt_length(length: int, context_length: int) -> int | None:
     return bucket if bucket <= min(LONGEST_CAPTURED_PROMPT, context_length - 1) else None
 
 
+def captured_prompt_buckets(longest: int, context_length: int) -> list[int]:
+    """Every bucket length a prompt of at most `longest` tokens can be padded to."""
+    buckets = {captured_prompt_length(n, context_length) for n in range(1, longest + 1)}
+    return sorted(bucket for bucket in buckets if bucket is not None)
+
+
 def check_request(manifest: Manifest, prompts: list[list[int]], max_new_tokens: int) -> None:
     """Refuse impossible requests before any work, with the numbers."""
     if not prompts or any(not prompt for prompt in prompts):

@@ -19,7 +19,7 @@ from graphs.fusions import packed_matmul
 from graphs.fusions.moe import interleave_gate_up
 from graphs.pipeline import PipelineError, optimize
 from runtime import Model
-from runtime.generate import captured_prompt_length
+from runtime.generate import captured_prompt_buckets, captured_prompt_length
 from runtime.kv_cache import new_cache
 from runtime.manifest import load_manifest
 from runtime.padding import RightPadding
@@ -212,6 +212,16 @@ def test_captured_prefill_pads_a_fresh_prompt_to_its_bucket(tiny_optimized):
         replies = ["".join(chat.send("More please", max_new_tokens=6, greedy=True)) for chat in chats]
         assert replies[0] == replies[1]
     assert padded.last_timings.reused_prompt_tokens > 0
+
+
+def test_warm_up_also_runs_every_captured_bucket(tiny_optimized):
+    model = Model.load(tiny_optimized("dense_untied_sharded"), optimize=False)
+    model.session.cuda_graph = model.session.captures_prefill = True  # refused at load on the CPU
+    assert model.warm_up(20) == [2, 4, 8, 16, 20, 24, 28, 32]
+    assert sorted(model.session._spare.captured) == [1, 16, 20, 24, 28, 32]
+    assert captured_prompt_buckets(40, 32768) == [16, 20, 24, 28, 32, 40]
+    buckets = captured_prompt_buckets(5000, 32768)  # none past LONGEST_CAPTURED_PROMPT
+    assert len(buckets) == 1 + 4 * 8 and buckets[-3:] == [3072, 3584, 4096]
 
 
 def test_captured_prompt_lengths():

@@ -12,6 +12,7 @@ import transformers
 
 from runtime import Model, RuntimeInputError
 from runtime.cli import main as runtime_main
+from runtime.session import prefill_captured
 
 from conftest import VARIANTS
 from reference import load_reference
@@ -192,6 +193,14 @@ def test_captured_prefill_needs_cuda_graph_decoding(tiny_artifact, capsys):
         Model.load(tiny_artifact("dense_tied"), capture_prefill=True)
     assert runtime_main(["generate", str(tiny_artifact("dense_tied")), "--prompt", "x", "--capture-prefill"]) == 2
     assert "pass --cuda-graph as well" in capsys.readouterr().err
+
+
+def test_prefill_is_captured_by_default_with_cuda_graph_decoding(tiny_artifact):
+    assert [prefill_captured(cuda_graph, None) for cuda_graph in (True, False)] == [True, False]
+    assert prefill_captured(True, False) is False and prefill_captured(True, True) is True
+    assert Model.load(tiny_artifact("dense_tied")).session.captures_prefill is False
+    assert runtime_main(["generate", str(tiny_artifact("dense_tied")), "--prompt", "x", "--max-new-tokens", "2",
+                         "--no-capture-prefill"]) == 0
 
 
 def test_cli_rejects_a_bad_prefill_chunk(tiny_artifact, capsys):

@@ -112,8 +112,7 @@ def build_artifact(checkpoint: Path, folder: Path, dtype: str) -> Path:
 VARIANTS = {"two_gemm_gate_up": {"optimize": {"pack_gate_up": False}},
             "flash_attention": {"load": {"attention_kernel": "flash"}},
             "cudnn_attention": {"load": {"attention_kernel": "cudnn"}},
-            "captured_prefill": {"load": {"capture_prefill": True}},
-            "captured_prefill_two_gemm": {"optimize": {"pack_gate_up": False}, "load": {"capture_prefill": True}}}
+            "uncaptured_prefill": {"load": {"capture_prefill": False}}}
 
 
 def graph_variant(artifact: Path, variant: str) -> Path:
@@ -551,15 +550,66 @@ def variant_timings(artifact: Path, variant: str, prompt: list[int], long_prompt
     result = {"cuda_graph": ours_timings(model, [prompt], new_tokens, runs=2, **GREEDY), "peak_gib": memory.gib,
               "first_prefill_ms": first_prefill_ms}
     result["same_tokens_as_default"] = result["cuda_graph"]["tokens"] == default_tokens
-    if model.session.captures_prefill:  # a prompt padded to its bucket (500 -> 512) against the same prompt unpadded
-        odd = prompt[:500]
-        padded = model.generate(odd, max_new_tokens=32, **GREEDY).output_ids
-        model.session.captures_prefill = False
-        result["padded_prompt_same_tokens"] = padded == model.generate(odd, max_new_tokens=32, **GREEDY).output_ids
-        model.session.captures_prefill = True
+    if model.session.captures_prefill:
+        result["padded_prompt_same_tokens"] = padded_prompt_same_tokens(model, prompt)
     result["prefill_4096_ms"] = ours_timings(model, [long_prompt], 2, runs=2, **GREEDY)["prefill_ms"]
     result["replay"] = replay_timings(model, context)
     return result, model
+
+
+def padded_prompt_same_tokens(model, prompt: list[int]) -> bool:
+    """A prompt padded to its captured bucket (500 -> 512) gives the tokens of the same prompt unpadded."""
+    odd = prompt[:500]
+    padded = model.generate(odd, max_new_tokens=32, **GREEDY).output_ids
+    model.session.captures_prefill = False
+    try:
+        return padded == model.generate(odd, max_new_tokens=32, **GREEDY).output_ids
+    finally:
+        model.session.captures_prefill = True
+
+
+@section("bucket_sweep")
+def bucket_sweep(workdir: Path, shape: str, lengths: tuple[int, ...]) -> dict:
+    """Prompts of many lengths, each a new bucket: time to first token (first use, then warm) and the
+    device memory in use after it, with prefill uncaptured and captured. Shows whether every captured
+    bucket graph keeps memory of its own and what each length gains."""
+    from runtime import Model
+
+    _, artifact = prepare(workdir, shape)
+    rng = np.random.default_rng(1)
+    prompts = {n: rng.integers(0, 400, size=n).tolist() for n in lengths}
+    result = {}
+    for name, options in (("uncaptured", {"capture_prefill": False}), ("captured", {})):
+        gc_collect()
+        base = device_used_gib()
+        model = Model.load(artifact, **LOAD, **options, cuda_graph=True)
+        rows = []
+        for n, prompt in prompts.items():
+            first = ttft_ms(model, prompt)
+            warm = statistics.median(ttft_ms(model, prompt) for _ in range(3))
+            rows.append({"tokens": n, "first_ms": first, "warm_ms": warm, "used_gib": device_used_gib() - base})
+        tokens = model.generate(prompts[lengths[-1]], max_new_tokens=16, **GREEDY).output_ids
+        result[name] = {"rows": rows, "tokens": tokens}
+        del model
+    result["same_tokens"] = result["captured"]["tokens"] == result["uncaptured"]["tokens"]
+    return result
+
+
+def gc_collect() -> None:
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def device_used_gib() -> float:
+    free, total = torch.cuda.mem_get_info()
+    return (total - free) / 2**30
+
+
+def ttft_ms(model, prompt: list[int]) -> float:
+    model.generate(prompt, max_new_tokens=1, **GREEDY)
+    return model.last_timings.time_to_first_token_s * 1e3
 
 
 @section("speed")
@@ -586,6 +636,7 @@ def speed(workdir: Path, shape: str, prompt_tokens: int, new_tokens: int, copy_t
     report["ours_peak_gib"] = memory.gib
     report["ours_cuda_graph"] = ours_timings(model, [prompt], new_tokens, runs=2, **GREEDY)
     report["ours_cuda_graph"]["full_logits_reads"] = model.session.full_logits_reads
+    report["ours_padded_prompt_same_tokens"] = padded_prompt_same_tokens(model, prompt)
     reads = model.session.full_logits_reads
     report["ours_sampling_qwen_defaults"] = ours_timings(model, [prompt], new_tokens, runs=1, do_sample=True, seed=1)
     report["ours_sampling_qwen_defaults"]["full_logits_reads"] = model.session.full_logits_reads - reads
@@ -809,6 +860,8 @@ def main() -> None:
     parser.add_argument("--prefill-chunk", type=int, default=8192)
     parser.add_argument("--prepare", action="store_true", help="only write the checkpoints and build the artifacts")
     parser.add_argument("--variants", default="", help="also time ours built or loaded these ways: " + ", ".join(VARIANTS))
+    parser.add_argument("--bucket-sweep", default="", help="comma-separated prompt lengths: first and warm prefill, "
+                        "memory, captured against uncaptured, at each shape of --shapes")
     parser.add_argument("--ours-only", action="store_true", help="skip transformers and onnxruntime-genai")
     args = parser.parse_args()
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
@@ -833,7 +886,12 @@ def main() -> None:
     copy_tb_s = REPORT.get("bandwidth", {}).get("copy_tb_s", 3.0)
     genai = not args.no_genai and REPORT["environment"].get("onnxruntime_genai") is not None
     args.out.mkdir(parents=True, exist_ok=True)
-    for shape in filter(None, args.shapes.split(",")):
+    sweep = tuple(int(n) for n in filter(None, args.bucket_sweep.split(",")))
+    for shape in filter(None, args.shapes.split(",")) if sweep else ():
+        bucket_sweep(args.workdir, shape, sweep)
+        REPORT[f"bucket_sweep/{shape}"] = REPORT.pop("bucket_sweep")
+        (args.out / "bench_gpu.json").write_text(json.dumps(REPORT, indent=2, default=str))
+    for shape in filter(None, args.shapes.split(",")) if not sweep else ():
         speed(args.workdir, shape, args.prompt_tokens, args.new_tokens, copy_tb_s, genai, variants, not args.ours_only)
         REPORT[f"speed/{shape}"] = REPORT.pop("speed")
         (args.out / "bench_gpu.json").write_text(json.dumps(REPORT, indent=2, default=str))
