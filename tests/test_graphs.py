@@ -195,11 +195,13 @@ def test_the_captured_step_bookkeeping_gives_the_plain_steps_tokens(tiny_optimiz
     assert fixed.session.full_logits_reads == 0
 
 
-def test_captured_prefill_pads_a_fresh_prompt_to_its_bucket(tiny_optimized):
+@pytest.mark.parametrize("variant", ["dense_untied_sharded", "sliding_window", "moe_shared"])
+def test_captured_prefill_pads_a_fresh_prompt_to_its_bucket(tiny_optimized, variant):
     """Captured prefill pads a fresh batch-1 prompt to a bucket length (one captured step per bucket;
-    on the CPU the same bookkeeping, uncaptured): same tokens as the unpadded prefill, and a chat's
-    continuation, which is not padded, still matches."""
-    artifact = tiny_optimized("dense_untied_sharded")
+    on the CPU the same bookkeeping, uncaptured): same tokens as the unpadded prefill, also with
+    sliding-window layers (prompts longer than the window) and MoE, and a chat's continuation, which
+    is not padded, still matches."""
+    artifact = tiny_optimized(variant)
     plain, padded = (Model.load(artifact, optimize=False) for _ in range(2))
     padded.session.cuda_graph = padded.session.captures_prefill = True  # refused at load on the CPU
     for length in (23, 16, 5):  # buckets 24, 16, 16
