@@ -41,7 +41,7 @@ class Model:
     def load(cls, artifact: str | Path, device: str = "cpu", chat_template: str | Path | None = None,
              optimize: bool = True, graph: str | None = None, cuda_graph: bool = False,
              cpu_fallback: bool = False, attention_kernel: str | None = None,
-             capture_prefill: bool | None = None) -> "Model":
+             capture_prefill: bool | None = None, pipelined_decode: bool | None = None) -> "Model":
         """Open an exported artifact on `device` ("cpu" or "cuda"), using the graph optimized for that device
         when the artifact has one (`graph` names another, e.g. "portable"); `chat_template` overrides the
         checkpoint's; `optimize=False` switches onnxruntime's own graph rewrites off; `cuda_graph` captures
@@ -49,14 +49,15 @@ class Model:
         CUDA unless `cpu_fallback` allows onnxruntime to put some on the CPU; `attention_kernel` ("flash" or
         "cudnn") pins onnxruntime's attention kernels on CUDA (default: onnxruntime's choice);
         with `cuda_graph`, a fresh batch-1 prompt is padded to a bucket length and that bucket's captured
-        graph replayed too, unless `capture_prefill=False`."""
+        graph replayed too, unless `capture_prefill=False`; and batch-1 greedy decoding queues each step
+        before the host has read the previous one, unless `pipelined_decode=False`."""
         manifest = load_manifest(artifact)
         generation_path = manifest.artifact / "generation_config.json"
         return cls(
             manifest=manifest,
             session=GraphSession(manifest.graph_for(device, graph), device, optimize=optimize, cuda_graph=cuda_graph,
                                  cpu_fallback=cpu_fallback, attention_kernel=attention_kernel,
-                                 capture_prefill=capture_prefill),
+                                 capture_prefill=capture_prefill, pipelined_decode=pipelined_decode),
             tokenizer=TextTokenizer(manifest.artifact / "tokenizer.json"),
             chat_template=load_chat_template(manifest.artifact, chat_template),
             generation_config=json.loads(generation_path.read_text()) if generation_path.is_file() else {},

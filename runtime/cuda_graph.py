@@ -39,32 +39,38 @@ class CapturedStep:
     the same bookkeeping runs on "cpu" (tests), where onnxruntime ignores the graph id."""
 
     def __init__(self, session: ort.InferenceSession, cache: KVCache, batch: int, tokens: int, width: int,
-                 vocab: int, graph: GraphInfo, device: str = "cuda"):
+                 vocab: int, graph: GraphInfo, device: str = "cuda", candidates: ort.OrtValue | None = None,
+                 ids_from: ort.OrtValue | None = None):
+        """`candidates` and `ids_from` (DecodePipeline): the candidates buffer to write, and another
+        step's candidates buffer whose first id is this step's input token (the mask then is the
+        only input the host writes)."""
         assert cache.capacity is not None, "graph capture needs the shared KV buffer"
-
-        def buffer(shape: list[int], dtype: type) -> ort.OrtValue:
-            return ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, 0)
 
         def bind_view(bind, name: str, base: ort.OrtValue, offset_bytes: int, dtype: type, shape: list[int]) -> None:
             bind(name, device, 0, dtype, shape, base.data_ptr() + offset_bytes)
 
         self.batch, self.width, self.k = batch, width, graph.token_candidates
         self.binding = session.io_binding()
-        self.inputs = buffer([batch * (tokens + self.width)], np.int64)  # [input_ids | attention_mask]
-        bind_view(self.binding.bind_input, "input_ids", self.inputs, 0, np.int64, [batch, tokens])
-        bind_view(self.binding.bind_input, "attention_mask", self.inputs, 8 * batch * tokens, np.int64, [batch, self.width])
+        if ids_from is None:
+            self.inputs = device_buffer([batch * (tokens + self.width)], np.int64, device)  # [input_ids | attention_mask]
+            bind_view(self.binding.bind_input, "input_ids", self.inputs, 0, np.int64, [batch, tokens])
+        else:
+            self.inputs = device_buffer([batch * self.width], np.int64, device)  # [attention_mask]
+            bind_view(self.binding.bind_input, "input_ids", ids_from, 0, np.int64, [batch, tokens])
+        mask_offset = 0 if ids_from is not None else 8 * batch * tokens
+        bind_view(self.binding.bind_input, "attention_mask", self.inputs, mask_offset, np.int64, [batch, self.width])
         # GroupQueryAttention reads the total length from host memory: the mask's width, fixed per graph
         self._total_length = ort.OrtValue.ortvalue_from_numpy(np.array(self.width, np.int32))  # kept alive here
         if TOTAL_LENGTH_INPUT in graph.input_names:
             self.binding.bind_ortvalue_input(TOTAL_LENGTH_INPUT, self._total_length)
         for name, value in zip(cache.past_names(), cache.values, strict=True):
             self.binding.bind_ortvalue_input(name, value)
-        self.logits = buffer([batch, 1, vocab], np.float32)
+        self.logits = device_buffer([batch, 1, vocab], np.float32, device)
         self.binding.bind_ortvalue_output("logits", self.logits)
-        self.candidates = None
+        self.candidates = candidates
         if self.k:  # [top_ids | top_logits], the fp32 half padded to whole int64 words
             cells = batch * self.k
-            self.candidates = buffer([cells + -(-cells // 2)], np.int64)
+            self.candidates = candidates if candidates is not None else candidates_buffer(batch, self.k, device)
             logits_name, ids_name = CANDIDATE_OUTPUTS
             bind_view(self.binding.bind_output, ids_name, self.candidates, 0, np.int64, [batch, self.k])
             bind_view(self.binding.bind_output, logits_name, self.candidates, 8 * cells, np.float32, [batch, self.k])
@@ -72,18 +78,100 @@ class CapturedStep:
             self.binding.bind_ortvalue_output(name, value)
         self.run_options = ort.RunOptions()
         self.run_options.add_run_config_entry("gpu_graph_id", str(next(_graph_ids)))
+        # the same replay, returning once it is queued (DecodePipeline waits on an event instead)
+        self.queue_options = ort.RunOptions()
+        self.queue_options.add_run_config_entry("gpu_graph_id", self.run_options.get_run_config_entry("gpu_graph_id"))
+        self.queue_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        self.runs = 0
 
-    def step(self, session: ort.InferenceSession, input_ids: np.ndarray,
-             attention_mask: np.ndarray) -> tuple[ort.OrtValue, list[np.ndarray]]:
-        """Write this step's inputs into the bound buffer, run (capture or replay); returns the device
-        logits and the candidates [top_logits, top_ids] on the host (empty when the graph has none)."""
+    def step(self, session: ort.InferenceSession, input_ids: np.ndarray, attention_mask: np.ndarray,
+             stream=None) -> tuple[ort.OrtValue, list[np.ndarray]]:
+        """Write this step's inputs into the bound buffer (through onnxruntime's compute `stream` when
+        it is ours, so the write is ordered before the run), run (capture or replay); returns the
+        device logits and the candidates [top_logits, top_ids] on the host (empty when none)."""
         inputs = np.concatenate([np.ravel(input_ids), np.ravel(attention_mask)]).astype(np.int64, copy=False)
-        self.inputs.update_inplace(inputs)
+        if stream is not None:
+            stream.write(self.inputs, inputs)
+        else:
+            self.inputs.update_inplace(inputs)
         session.run_with_iobinding(self.binding, self.run_options)
+        self.runs += 1
         if self.candidates is None:
             return self.logits, []
+        return self.logits, self.read_candidates()
+
+    def read_candidates(self) -> list[np.ndarray]:
+        """[top_logits, top_ids], each [batch, K], copied to the host (after the step has run)."""
         cells = self.batch * self.k
         words = self.candidates.numpy()
         top_ids = words[:cells].reshape(self.batch, self.k)
         top_logits = words[cells:].view(np.float32)[:cells].reshape(self.batch, self.k)
-        return self.logits, [top_logits, top_ids]
+        return [top_logits, top_ids]
+
+
+class DecodePipeline:
+    """Two captured decode steps that feed each other for batch-1 greedy decoding: each step's input
+    token is the other step's best candidate, read on the device, so step n+1 is queued before the
+    host has seen step n's token and the GPU never waits for the host between steps.
+
+    The host still decides every token from the candidates (repetition penalty, ties); when its
+    choice differs from the best candidate, the step queued with the wrong token is queued again
+    after the right token has been written (`rerun`): its KV slot and outputs are simply rewritten.
+    Each step has its own mask, logits and candidates buffers; a step's mask is written only after
+    that step has been waited for, and through the stream, so it is ordered behind the work queued."""
+
+    def __init__(self, session: ort.InferenceSession, cache: KVCache, width: int, vocab: int, graph: GraphInfo,
+                 stream, device: str = "cuda"):
+        assert graph.token_candidates, "the pipeline feeds steps from the graph's token candidates"
+        candidates = [candidates_buffer(1, graph.token_candidates, device) for _ in range(2)]
+        self.steps = [CapturedStep(session, cache, 1, 1, width, vocab, graph, device, candidates[i], candidates[1 - i])
+                      for i in range(2)]
+        self.session, self.stream = session, stream
+        self.events: list = [None, None]
+        self.reruns = 0  # steps queued again because the host chose another token than the best candidate
+
+    def feed(self, step: int, token: int) -> None:
+        """Make `token` the input of `step`: the first id of the other step's candidates buffer."""
+        source = self.steps[1 - step].candidates
+        words = np.zeros(source.shape(), np.int64)
+        words[0] = token
+        self.stream.write(source, words)
+
+    def launch(self, step: int, attention_mask: np.ndarray | None) -> None:
+        """Queue `step` with this mask (None: the mask it last ran with). The first two runs of each
+        step are synchronous: onnxruntime runs the graph once before capturing it on the second."""
+        captured = self.steps[step]
+        if attention_mask is not None:
+            self.stream.write(captured.inputs, np.ravel(attention_mask).astype(np.int64, copy=False))
+        warming = captured.runs < 2
+        self.session.run_with_iobinding(captured.binding, captured.run_options if warming else captured.queue_options)
+        captured.runs += 1
+        self.events[step] = self.stream.record()
+
+    def rerun(self, step: int, token: int) -> None:
+        self.reruns += 1
+        self.feed(step, token)
+        self.launch(step, None)
+
+    def wait(self, step: int) -> tuple[ort.OrtValue, list[np.ndarray]]:
+        """Wait for `step`; its logits (device) and candidates [top_logits, top_ids] (host)."""
+        self.stream.wait(self.events[step])
+        self.events[step] = None
+        captured = self.steps[step]
+        return captured.logits, captured.read_candidates()
+
+    def drain(self) -> None:
+        """Wait for whatever is still queued (a step launched for a token that never came)."""
+        for step, event in enumerate(self.events):
+            if event is not None:
+                self.wait(step)
+
+
+def device_buffer(shape: list[int], dtype: type, device: str) -> ort.OrtValue:
+    return ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, 0)
+
+
+def candidates_buffer(batch: int, k: int, device: str) -> ort.OrtValue:
+    """[top_ids | top_logits] of `batch` rows as int64 words; the fp32 half padded to whole words."""
+    cells = batch * k
+    return device_buffer([cells + -(-cells // 2)], np.int64, device)

@@ -104,30 +104,71 @@ class DecodeLoop:
             ids, mask, positions = self.padding.prefill(self.prompts, self._prefill_leading_chunks())
         seen = [np.array(prompt, dtype=np.int64) for prompt in self.prompts]
         done = [False] * len(self.prompts)
-        for step in range(self.max_new_tokens):
-            tokens = self._choose(self.session.step(ids, mask, positions, self.cache), seen, rng)
-            new: list[int | None] = []
-            for row, token in enumerate(tokens.tolist()):
-                if done[row]:
-                    new.append(None)
-                    continue
-                new.append(token)
-                seen[row] = np.append(seen[row], token)
-                done[row] = self._record(self.generations[row], token)
-            if step == 0:
-                self.timings.time_to_first_token_s = time.perf_counter() - started
-            else:
-                self.timings.decode_tokens += sum(token is not None for token in new)
+        new = self._accept(self._choose(self.session.step(ids, mask, positions, self.cache), seen, rng), seen, done)
+        self.timings.time_to_first_token_s = time.perf_counter() - started
+        yield new
+        decode = self._pipelined_decode if self._pipelines() else self._decode
+        for new in decode(new, seen, done, rng):
+            self.timings.decode_tokens += sum(token is not None for token in new)
             yield new
-            if all(done):
-                break
-            ids, mask, positions = self.padding.decode([self.manifest.pad_token_id if t is None else t for t in new])
         for generation in self.generations:
             generation.finish_reason = generation.finish_reason or "length"
             generation.text = self.tokenizer.decode(generation.output_ids)
         self.timings.decode_s = time.perf_counter() - started - self.timings.time_to_first_token_s
         # the last sampled token was never fed, so the cache holds everything before it
         self.cache.tokens = [g.prompt_ids + g.output_ids[:-1] for g in self.generations]
+
+    def _decode(self, new: list[int | None], seen: list[np.ndarray], done: list[bool],
+                rng: np.random.Generator) -> Iterator[list[int | None]]:
+        """One step at a time: feed the last tokens, choose the next ones."""
+        while not all(done):
+            ids, mask, positions = self.padding.decode([self.manifest.pad_token_id if t is None else t for t in new])
+            new = self._accept(self._choose(self.session.step(ids, mask, positions, self.cache), seen, rng), seen, done)
+            yield new
+
+    def _pipelines(self) -> bool:
+        """Batch-1 greedy decoding on a session that queues steps ahead (runtime/cuda_graph.py)."""
+        return (self.session.pipelines_decode and len(self.prompts) == 1 and not self.sampling.do_sample
+                and self.cache.capacity is not None and bool(self.session.graph.token_candidates))
+
+    def _pipelined_decode(self, new: list[int | None], seen: list[np.ndarray], done: list[bool],
+                          rng: np.random.Generator) -> Iterator[list[int | None]]:
+        """As _decode for one greedy row, but step n+1 is queued, reading step n's best candidate on the
+        device, before the host reads step n; a host choice other than that candidate queues step n+1
+        again with the right token (DecodePipeline.rerun)."""
+        if all(done):
+            return
+        pipeline, generation = self.session.decode_pipeline(self.cache), self.generations[0]
+        current = 0
+        pipeline.feed(current, new[0])
+        pipeline.launch(current, self.padding.decode(new)[1])
+        try:
+            while not all(done):
+                ahead = len(generation.output_ids) + 1 < self.max_new_tokens  # a step after this one is due
+                if ahead:
+                    next_mask = self.padding.decode([self.manifest.pad_token_id])[1]  # the token comes from the device
+                    pipeline.launch(1 - current, next_mask)
+                logits, (top_logits, top_ids) = pipeline.wait(current)
+                tokens = self._choose(StepScores(top_logits, top_ids, self.session.full_reader(logits)), seen, rng)
+                if ahead and tokens[0] != top_ids[0, 0]:
+                    pipeline.rerun(1 - current, int(tokens[0]))
+                new = self._accept(tokens, seen, done)
+                yield new
+                current = 1 - current
+        finally:
+            pipeline.drain()  # a step queued before a stop token still writes into the cache's buffers
+
+    def _accept(self, tokens: np.ndarray, seen: list[np.ndarray], done: list[bool]) -> list[int | None]:
+        """Record each unfinished row's token; None for rows already done."""
+        new: list[int | None] = []
+        for row, token in enumerate(tokens.tolist()):
+            if done[row]:
+                new.append(None)
+                continue
+            new.append(token)
+            seen[row] = np.append(seen[row], token)
+            done[row] = self._record(self.generations[row], token)
+        return new
 
     def _choose(self, scores: StepScores, seen: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
         """From the device's candidates when they decide it, else from the full row (copied to the host)."""

@@ -29,6 +29,7 @@ class KVCache:
     capacity: int | None = None  # shared_buffer only
     tokens: list[list[int]] = field(default_factory=list)  # ids whose keys and values are held, per row
     captured: dict[int, Any] = field(default_factory=dict)  # new tokens per row -> cuda_graph.CapturedStep
+    pipeline: Any = None  # cuda_graph.DecodePipeline of this cache's batch-1 greedy decode, made on first use
     busy: bool = False  # a decode loop runs on it or a chat keeps it: the session must not hand it out again
 
     def past_names(self) -> list[str]:

@@ -15,7 +15,8 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import RuntimeInputError
-from .cuda_graph import LONGEST_CAPTURED_PROMPT, CapturedStep, no_capture
+from .cuda_graph import LONGEST_CAPTURED_PROMPT, CapturedStep, DecodePipeline, no_capture
+from .cuda_stream import DeviceStream
 from .kv_cache import KVCache, new_cache
 from .manifest import CANDIDATE_OUTPUTS, TOTAL_LENGTH_INPUT, GraphInfo, Manifest
 
@@ -39,10 +40,12 @@ class StepScores:
 
 class GraphSession:
     def __init__(self, graph: GraphInfo, device: str = "cpu", optimize: bool = True, cuda_graph: bool = False,
-                 cpu_fallback: bool = False, attention_kernel: str | None = None, capture_prefill: bool | None = None):
+                 cpu_fallback: bool = False, attention_kernel: str | None = None, capture_prefill: bool | None = None,
+                 pipelined_decode: bool | None = None):
         """`cuda_graph` captures the decode step once and replays it (CUDA, shared-buffer graphs only);
         `capture_prefill` also captures fresh batch-1 prompts, one graph per bucket length (default: on
-        with `cuda_graph`, see prefill_captured);
+        with `cuda_graph`, see prefill_captured); `pipelined_decode` queues each batch-1 greedy step
+        before the host has read the previous one (default: on with `cuda_graph`, see DecodePipeline);
         `cpu_fallback` lets onnxruntime place nodes of a CUDA-optimized graph on the CPU;
         `attention_kernel` ("flash", "cudnn") pins GroupQueryAttention's CUDA kernel family."""
         if device not in PROVIDERS:
@@ -61,10 +64,15 @@ class GraphSession:
             raise RuntimeInputError("CUDA-graph decoding needs --device cuda and a graph with the shared KV buffer "
                                     "(qwen2-onnx optimize ARTIFACT --target cuda)")
         capture_prefill = prefill_captured(cuda_graph, capture_prefill)
+        if pipelined_decode and not cuda_graph:
+            raise RuntimeInputError("pipelined decoding needs CUDA-graph decoding too: pass --cuda-graph as well")
+        # onnxruntime computes on a stream of ours, so the decode loop can wait for one step at a time
+        self.stream = DeviceStream() if cuda_graph and pipelined_decode is not False else None
         if attention_kernel is not None and (device != "cuda" or attention_kernel not in ATTENTION_KERNELS):
             raise RuntimeInputError(f"--attention-kernel {attention_kernel!r}: choose one of {sorted(ATTENTION_KERNELS)}, "
                                     "with --device cuda (the CPU has one attention kernel)")
-        settings = session_settings(graph, device, optimize, cuda_graph, cpu_fallback, attention_kernel)
+        settings = session_settings(graph, device, optimize, cuda_graph, cpu_fallback, attention_kernel,
+                                    self.stream.handle if self.stream else None)
         try:
             self.session = ort.InferenceSession(str(graph.path), *settings)
         except Exception as error:  # onnxruntime raises its own types; name the way out
@@ -75,6 +83,7 @@ class GraphSession:
         self.device = device
         self.cuda_graph = cuda_graph
         self.captures_prefill = capture_prefill  # the decode loop then pads fresh batch-1 prompts to buckets
+        self.pipelines_decode = self.stream is not None  # batch-1 greedy steps are queued ahead (decode loop)
         self.graph = graph
         self._vocab = self.session.get_outputs()[0].shape[-1]
         self.full_logits_reads = 0  # steps whose whole logits row was copied to the host
@@ -102,7 +111,7 @@ class GraphSession:
             if tokens not in cache.captured:
                 cache.captured[tokens] = CapturedStep(self.session, cache, batch, tokens, width, self._vocab,
                                                       self.graph, self.device)
-            logits, candidates = cache.captured[tokens].step(self.session, input_ids, attention_mask)
+            logits, candidates = cache.captured[tokens].step(self.session, input_ids, attention_mask, self.stream)
             return self._scores(logits, candidates)
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
@@ -129,6 +138,12 @@ class GraphSession:
             cache.values = outputs[1 + len(candidates):]
         return self._scores(outputs[0], [value.numpy() for value in outputs[1 : 1 + len(candidates)]])
 
+    def decode_pipeline(self, cache: KVCache) -> DecodePipeline:
+        """The two steps that feed each other for `cache`'s batch-1 greedy decode (made once per cache)."""
+        if cache.pipeline is None:
+            cache.pipeline = DecodePipeline(self.session, cache, cache.capacity, self._vocab, self.graph, self.stream, self.device)
+        return cache.pipeline
+
     def _captured(self, batch: int, tokens: int, width: int, cache: KVCache) -> bool:
         """Replayed as a CUDA graph: decode steps (mask of the buffer's width) and, when prefill is
         captured, fresh batch-1 prompts (mask as wide as the prompt, a bucket length)."""
@@ -137,12 +152,16 @@ class GraphSession:
         return self.cuda_graph and (decode or prompt)
 
     def _scores(self, logits: ort.OrtValue, candidates: list[np.ndarray]) -> StepScores:
+        top_logits, top_ids = candidates or (None, None)
+        return StepScores(top_logits, top_ids, self.full_reader(logits))
+
+    def full_reader(self, logits: ort.OrtValue) -> Callable[[], np.ndarray]:
+        """A deferred copy of the last-token logits row to the host, counted in full_logits_reads."""
         def full() -> np.ndarray:
             self.full_logits_reads += 1
             return logits.numpy()[:, -1, :].astype(np.float32)
 
-        top_logits, top_ids = candidates or (None, None)
-        return StepScores(top_logits, top_ids, full)
+        return full
 
 
 def prefill_captured(cuda_graph: bool, capture_prefill: bool | None) -> bool:
@@ -154,8 +173,8 @@ def prefill_captured(cuda_graph: bool, capture_prefill: bool | None) -> bool:
     return cuda_graph if capture_prefill is None else capture_prefill
 
 
-def session_settings(graph: GraphInfo, device: str, optimize: bool, cuda_graph: bool,
-                     cpu_fallback: bool, attention_kernel: str | None = None) -> tuple[ort.SessionOptions, list]:
+def session_settings(graph: GraphInfo, device: str, optimize: bool, cuda_graph: bool, cpu_fallback: bool,
+                     attention_kernel: str | None = None, stream: int | None = None) -> tuple[ort.SessionOptions, list]:
     """Session options and providers. A graph optimized for CUDA must run every node on CUDA: the CPU
     fallback is switched off, so a node onnxruntime would place on the CPU is an error at load, not a
     silent host round trip in every step."""
@@ -168,7 +187,8 @@ def session_settings(graph: GraphInfo, device: str, optimize: bool, cuda_graph: 
     # two: peak memory stays near weights + KV + activations
     options.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
     cuda_options = {"arena_extend_strategy": "kSameAsRequested", **({"enable_cuda_graph": "1"} if cuda_graph else {}),
-                    **({"sdpa_kernel": str(ATTENTION_KERNELS[attention_kernel])} if attention_kernel else {})}
+                    **({"sdpa_kernel": str(ATTENTION_KERNELS[attention_kernel])} if attention_kernel else {}),
+                    **({"user_compute_stream": str(stream)} if stream else {})}
     cuda = (PROVIDERS["cuda"], cuda_options)
     if graph.target == "cuda" and not cpu_fallback:
         options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")

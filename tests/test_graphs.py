@@ -4,6 +4,7 @@ onnxruntime's own graph optimizations are off in every session here, so its fusi
 """
 
 import collections
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -19,6 +20,7 @@ from graphs.fusions import packed_matmul
 from graphs.fusions.moe import interleave_gate_up
 from graphs.pipeline import PipelineError, optimize
 from runtime import Model
+from runtime.cuda_stream import HostStream
 from runtime.generate import captured_prompt_buckets, captured_prompt_length
 from runtime.kv_cache import new_cache
 from runtime.manifest import load_manifest
@@ -214,6 +216,47 @@ def test_captured_prefill_pads_a_fresh_prompt_to_its_bucket(tiny_optimized, vari
         replies = ["".join(chat.send("More please", max_new_tokens=6, greedy=True)) for chat in chats]
         assert replies[0] == replies[1]
     assert padded.last_timings.reused_prompt_tokens > 0
+
+
+def pipelined(model: Model) -> Model:
+    """Drive `model`'s CPU session as a CUDA-graph session that pipelines decode steps (refused at
+    load on the CPU; onnxruntime's CPU provider ignores the graph ids and runs synchronously)."""
+    model.session.cuda_graph = model.session.pipelines_decode = True
+    model.session.stream = HostStream()
+    return model
+
+
+@pytest.mark.parametrize("variant", ["dense_untied_sharded", "sliding_window", "moe_shared"])
+def test_pipelined_greedy_decode_gives_the_step_by_step_tokens(tiny_optimized, variant):
+    """Steps fed by each other's best candidate on the device give the host loop's greedy tokens; with
+    a repetition penalty the host often picks another token and the queued step runs again."""
+    artifact = tiny_optimized(variant)
+    plain, fast = Model.load(artifact, optimize=False), pipelined(Model.load(artifact, optimize=False))
+    for penalty in (1.0, 1.8):
+        for prompt in (PROMPTS[0], PROMPTS[1] * 3):
+            expected = plain.generate(prompt, max_new_tokens=24, greedy=True, repetition_penalty=penalty).output_ids
+            assert fast.generate(prompt, max_new_tokens=24, greedy=True, repetition_penalty=penalty).output_ids == expected
+    pipeline = fast.session._spare.pipeline
+    assert pipeline is not None and pipeline.reruns > 0 and 1 not in fast.session._spare.captured
+
+
+def test_pipelined_decode_stops_where_the_step_by_step_loop_stops(tiny_optimized):
+    artifact = tiny_optimized("dense_untied_sharded")
+    plain, fast = Model.load(artifact, optimize=False), pipelined(Model.load(artifact, optimize=False))
+    for new_tokens in (1, 2, 3):
+        assert fast.generate(PROMPTS[0], max_new_tokens=new_tokens, greedy=True).output_ids == \
+            plain.generate(PROMPTS[0], max_new_tokens=new_tokens, greedy=True).output_ids
+    free = plain.generate(PROMPTS[0], max_new_tokens=12, greedy=True, ignore_eos=True).output_ids
+    for model in (plain, fast):
+        model.manifest = dataclasses.replace(model.manifest, stop_token_ids=(free[4],))
+    stopped = fast.generate(PROMPTS[0], max_new_tokens=12, greedy=True)
+    assert stopped.output_ids == free[: free.index(free[4]) + 1] and stopped.finish_reason == "stop_token"
+    assert all(event is None for event in fast.session._spare.pipeline.events)  # nothing left queued
+    chats = [model.chat() for model in (plain, fast)]  # the cache holds what the pipelined loop accepted
+    for _ in range(2):
+        replies = ["".join(chat.send("More please", max_new_tokens=6, greedy=True)) for chat in chats]
+        assert replies[0] == replies[1]
+    assert fast.last_timings.reused_prompt_tokens > 0
 
 
 def test_warm_up_also_runs_every_captured_bucket(tiny_optimized):

@@ -112,7 +112,8 @@ def build_artifact(checkpoint: Path, folder: Path, dtype: str) -> Path:
 VARIANTS = {"two_gemm_gate_up": {"optimize": {"pack_gate_up": False}},
             "flash_attention": {"load": {"attention_kernel": "flash"}},
             "cudnn_attention": {"load": {"attention_kernel": "cudnn"}},
-            "uncaptured_prefill": {"load": {"capture_prefill": False}}}
+            "uncaptured_prefill": {"load": {"capture_prefill": False}},
+            "unpipelined_decode": {"load": {"pipelined_decode": False}}}
 
 
 def graph_variant(artifact: Path, variant: str) -> Path:
@@ -400,9 +401,10 @@ def loop_breakdown(model, prompt_tokens: int, new_tokens: int = 128) -> dict:
     finally:
         del session.step
     t = model.last_timings
-    decode_steps = spent[1:]  # the first call is the prefill
+    decode_steps = spent[1:]  # the first call is the prefill; a pipelined decode makes no other
     return {"loop_ms_per_token": t.decode_s * 1e3 / t.decode_tokens,
-            "loop_step_ms": sum(decode_steps) * 1e3 / len(decode_steps)}
+            "loop_step_ms": sum(decode_steps) * 1e3 / len(decode_steps) if decode_steps else None,
+            "pipeline_reruns": model.session._spare.pipeline.reruns if model.session._spare.pipeline else None}
 
 
 def kernel_profiles(model, context: int) -> dict:
@@ -452,9 +454,13 @@ def prefill_node_profile(model, prompt_tokens: int) -> dict:
 def captured_step(model, context: int):
     """The captured decode step of a cache whose attention reads `context` positions, as in the middle of
     a timed run, with that step's inputs."""
-    loop = model.decode_loop([[1] * context], max_new_tokens=2, greedy=True)
-    for _ in loop:
-        pass
+    pipelines, model.session.pipelines_decode = model.session.pipelines_decode, False  # the one-step graph
+    try:
+        loop = model.decode_loop([[1] * context], max_new_tokens=2, greedy=True)
+        for _ in loop:
+            pass
+    finally:
+        model.session.pipelines_decode = pipelines
     mask = (np.arange(loop.cache.capacity) < context).astype(np.int64)[None]
     return loop.cache.captured[1], model.session.session, np.ones((1, 1), np.int64), mask
 
