@@ -57,7 +57,7 @@ class DeviceStream:
         self._call("cuEventDestroy_v2", event)
 
     def _call(self, name: str, *args) -> None:
-        if name != "cuInit":  # driver calls act on the calling thread's current context
+        if getattr(self, "_context", None):  # driver calls act on the calling thread's current context
             self._cuda.cuCtxSetCurrent(self._context)
         status = getattr(self._cuda, name)(*args)
         if status != 0:
