@@ -563,6 +563,24 @@ def variant_timings(artifact: Path, variant: str, prompt: list[int], long_prompt
     return result, model
 
 
+def pipelining_ab(model, prompt: list[int], new_tokens: int, rounds: int = 3) -> dict:
+    """Batch-1 greedy decode ms/token of one model with pipelined steps and step by step, alternated
+    round by round so neither gets the better part of the run (clocks, host load), for the timed
+    prompt and for a prompt of one repeated id (the loop breakdown's, which measured the other way)."""
+    saved, result = model.session.pipelines_decode, {}
+    try:
+        for kind, tokens in (("random_prompt", prompt), ("repeated_id_prompt", [1] * len(prompt))):
+            times: dict = {"pipelined": [], "step_by_step": []}
+            for _ in range(rounds):
+                for name, on in (("pipelined", True), ("step_by_step", False)):
+                    model.session.pipelines_decode = on
+                    times[name].append(ours_timings(model, [tokens], new_tokens, runs=1, **GREEDY)["decode_ms_per_token"])
+            result[kind] = {**{f"{name}_median": statistics.median(v) for name, v in times.items()}, "rounds": times}
+    finally:
+        model.session.pipelines_decode = saved
+    return result
+
+
 def padded_prompt_same_tokens(model, prompt: list[int]) -> bool:
     """A prompt padded to its captured bucket (500 -> 512) gives the tokens of the same prompt unpadded."""
     odd = prompt[:500]
@@ -643,6 +661,8 @@ def speed(workdir: Path, shape: str, prompt_tokens: int, new_tokens: int, copy_t
     report["ours_cuda_graph"] = ours_timings(model, [prompt], new_tokens, runs=2, **GREEDY)
     report["ours_cuda_graph"]["full_logits_reads"] = model.session.full_logits_reads
     report["ours_padded_prompt_same_tokens"] = padded_prompt_same_tokens(model, prompt)
+    if model.session.stream is not None:
+        report["ours_pipelining_ab"] = pipelining_ab(model, prompt, new_tokens)
     reads = model.session.full_logits_reads
     report["ours_sampling_qwen_defaults"] = ours_timings(model, [prompt], new_tokens, runs=1, do_sample=True, seed=1)
     report["ours_sampling_qwen_defaults"]["full_logits_reads"] = model.session.full_logits_reads - reads
