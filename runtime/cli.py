@@ -37,6 +37,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--capture-prefill", action=argparse.BooleanOptionalAction, default=None,
                         help="capture a fresh batch-1 prompt too, padded to one of four bucket lengths per octave "
                              "(up to 4,096 tokens), one graph per bucket (default: on with --cuda-graph)")
+    parser.add_argument("--pipelined-decode", action=argparse.BooleanOptionalAction, default=None,
+                        help="queue each batch-1 greedy step before the host has read the previous one "
+                             "(default: on with --cuda-graph)")
     parser.add_argument("--cpu-fallback", action="store_true",
                         help="let onnxruntime run nodes of a CUDA-optimized graph on the CPU (off: every node on CUDA)")
     parser.add_argument("--attention-kernel", choices=["flash", "cudnn"],
@@ -70,7 +73,7 @@ def _options(model: Model, args: argparse.Namespace) -> dict[str, Any]:
 def _load(args: argparse.Namespace) -> Model:
     return Model.load(args.artifact, device=args.device, chat_template=args.chat_template, cuda_graph=args.cuda_graph,
                       cpu_fallback=args.cpu_fallback, attention_kernel=args.attention_kernel,
-                      capture_prefill=args.capture_prefill)
+                      capture_prefill=args.capture_prefill, pipelined_decode=args.pipelined_decode)
 
 
 def run_generate(args: argparse.Namespace) -> None:

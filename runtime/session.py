@@ -9,7 +9,7 @@ those come back to the host; the full logits row stays on the device unless toke
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import onnxruntime as ort
@@ -64,10 +64,8 @@ class GraphSession:
             raise RuntimeInputError("CUDA-graph decoding needs --device cuda and a graph with the shared KV buffer "
                                     "(qwen2-onnx optimize ARTIFACT --target cuda)")
         capture_prefill = prefill_captured(cuda_graph, capture_prefill)
-        if pipelined_decode and not cuda_graph:
-            raise RuntimeInputError("pipelined decoding needs CUDA-graph decoding too: pass --cuda-graph as well")
         # onnxruntime computes on a stream of ours, so the decode loop can wait for one step at a time
-        self.stream = DeviceStream() if cuda_graph and pipelined_decode is not False else None
+        self.stream = compute_stream(cuda_graph, pipelined_decode)
         if attention_kernel is not None and (device != "cuda" or attention_kernel not in ATTENTION_KERNELS):
             raise RuntimeInputError(f"--attention-kernel {attention_kernel!r}: choose one of {sorted(ATTENTION_KERNELS)}, "
                                     "with --device cuda (the CPU has one attention kernel)")
@@ -171,6 +169,23 @@ def prefill_captured(cuda_graph: bool, capture_prefill: bool | None) -> bool:
     if capture_prefill and not cuda_graph:
         raise RuntimeInputError("capturing prefill needs CUDA-graph decoding too: pass --cuda-graph as well")
     return cuda_graph if capture_prefill is None else capture_prefill
+
+
+def compute_stream(cuda_graph: bool, pipelined_decode: bool | None, make: Callable[[], Any] = DeviceStream) -> Any:
+    """The stream pipelined decoding needs (cuda_stream.DeviceStream), or None without it. By default
+    pipelining comes with `cuda_graph` where the CUDA driver library can be opened, and is simply off
+    where it cannot; asked for explicitly, a failure is an error that says so."""
+    if pipelined_decode and not cuda_graph:
+        raise RuntimeInputError("pipelined decoding needs CUDA-graph decoding too: pass --cuda-graph as well")
+    if not cuda_graph or pipelined_decode is False:
+        return None
+    try:
+        return make()
+    except (OSError, RuntimeError) as error:  # no libcuda.so.1 here, or the driver refused
+        if pipelined_decode:
+            raise RuntimeInputError(f"pipelined decoding needs the CUDA driver library (libcuda.so.1): {error}; "
+                                    "pass --no-pipelined-decode (pipelined_decode=False)") from error
+        return None
 
 
 def session_settings(graph: GraphInfo, device: str, optimize: bool, cuda_graph: bool, cpu_fallback: bool,

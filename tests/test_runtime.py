@@ -12,7 +12,7 @@ import transformers
 
 from runtime import Model, RuntimeInputError
 from runtime.cli import main as runtime_main
-from runtime.session import prefill_captured
+from runtime.session import compute_stream, prefill_captured
 
 from conftest import VARIANTS
 from reference import load_reference
@@ -192,6 +192,24 @@ def test_captured_prefill_needs_cuda_graph_decoding(tiny_artifact, capsys):
     with pytest.raises(RuntimeInputError, match="capturing prefill needs CUDA-graph decoding"):
         Model.load(tiny_artifact("dense_tied"), capture_prefill=True)
     assert runtime_main(["generate", str(tiny_artifact("dense_tied")), "--prompt", "x", "--capture-prefill"]) == 2
+    assert "pass --cuda-graph as well" in capsys.readouterr().err
+
+
+def test_pipelined_decode_comes_with_cuda_graph_decoding_where_the_driver_opens():
+    def missing():
+        raise OSError("libcuda.so.1: cannot open shared object file")
+
+    assert compute_stream(True, None, lambda: "stream") == "stream"
+    assert compute_stream(True, None, missing) is None  # by default: simply off
+    assert compute_stream(False, None, missing) is None and compute_stream(True, False, missing) is None
+    with pytest.raises(RuntimeInputError, match="needs the CUDA driver library"):
+        compute_stream(True, True, missing)
+    with pytest.raises(RuntimeInputError, match="pipelined decoding needs CUDA-graph decoding"):
+        compute_stream(False, True)
+
+
+def test_cli_pipelined_decode_needs_cuda_graph_decoding(tiny_artifact, capsys):
+    assert runtime_main(["generate", str(tiny_artifact("dense_tied")), "--prompt", "x", "--pipelined-decode"]) == 2
     assert "pass --cuda-graph as well" in capsys.readouterr().err
 
 
