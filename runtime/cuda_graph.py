@@ -82,7 +82,6 @@ class CapturedStep:
         self.queue_options = ort.RunOptions()
         self.queue_options.add_run_config_entry("gpu_graph_id", self.run_options.get_run_config_entry("gpu_graph_id"))
         self.queue_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
-        self.runs = 0
 
     def step(self, session: ort.InferenceSession, input_ids: np.ndarray, attention_mask: np.ndarray,
              stream=None) -> tuple[ort.OrtValue, list[np.ndarray]]:
@@ -95,7 +94,6 @@ class CapturedStep:
         else:
             self.inputs.update_inplace(inputs)
         session.run_with_iobinding(self.binding, self.run_options)
-        self.runs += 1
         if self.candidates is None:
             return self.logits, []
         return self.logits, self.read_candidates()
@@ -128,6 +126,7 @@ class DecodePipeline:
                       for i in range(2)]
         self.session, self.stream = session, stream
         self.events: list = [None, None]
+        self.runs = [0, 0]  # per step: the first two run synchronously (see launch)
         self.reruns = 0  # steps queued again because the host chose another token than the best candidate
 
     def feed(self, step: int, token: int) -> None:
@@ -143,9 +142,9 @@ class DecodePipeline:
         captured = self.steps[step]
         if attention_mask is not None:
             self.stream.write(captured.inputs, np.ravel(attention_mask).astype(np.int64, copy=False))
-        warming = captured.runs < 2
+        warming = self.runs[step] < 2
         self.session.run_with_iobinding(captured.binding, captured.run_options if warming else captured.queue_options)
-        captured.runs += 1
+        self.runs[step] += 1
         self.events[step] = self.stream.record()
 
     def rerun(self, step: int, token: int) -> None:

@@ -64,11 +64,11 @@ class GraphSession:
             raise RuntimeInputError("CUDA-graph decoding needs --device cuda and a graph with the shared KV buffer "
                                     "(qwen2-onnx optimize ARTIFACT --target cuda)")
         capture_prefill = prefill_captured(cuda_graph, capture_prefill)
-        # onnxruntime computes on a stream of ours, so the decode loop can wait for one step at a time
-        self.stream = compute_stream(cuda_graph, pipelined_decode)
         if attention_kernel is not None and (device != "cuda" or attention_kernel not in ATTENTION_KERNELS):
             raise RuntimeInputError(f"--attention-kernel {attention_kernel!r}: choose one of {sorted(ATTENTION_KERNELS)}, "
                                     "with --device cuda (the CPU has one attention kernel)")
+        # onnxruntime computes on a stream of ours, so the decode loop can wait for one step at a time
+        self.stream = compute_stream(cuda_graph, pipelined_decode)
         settings = session_settings(graph, device, optimize, cuda_graph, cpu_fallback, attention_kernel,
                                     self.stream.handle if self.stream else None)
         try:

@@ -245,11 +245,9 @@ class PeakMemory:
     competes for the interpreter."""
 
     def __enter__(self) -> "PeakMemory":
-        import gc
         import threading
 
-        gc.collect()  # sessions dropped before this point release their device memory now, not inside
-        torch.cuda.empty_cache()
+        gc_collect()  # sessions dropped before this point release their device memory now, not inside
         free, self.total = torch.cuda.mem_get_info()
         self.base, self.peak, self._stop = self.total - free, 0, threading.Event()
 
@@ -620,6 +618,7 @@ def bucket_sweep(workdir: Path, shape: str, lengths: tuple[int, ...]) -> dict:
 
 
 def gc_collect() -> None:
+    """Release the device memory of sessions and tensors dropped so far."""
     import gc
 
     gc.collect()
