@@ -8,41 +8,36 @@ manifest last, so an interrupted run leaves the artifact as it was.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Any
 
 import onnx
 import onnx_ir as ir
 
-from qwen2_export.files import aligned_offset, file_record
+from artifact import contract
 
-from .fusions.token_candidates import OUTPUTS
-from .pipeline import PassReport, optimize
+from .fusions import packed_matmul
+from .pipeline import PASSES, PassReport, optimize
 
-PORTABLE_DATA = "model.onnx_data"
-INLINE_BYTES = 1024
-ONNX_TYPE_NAMES = {1: "float32", 10: "float16", 16: "bfloat16", 7: "int64", 6: "int32"}
+TYPE_NAMES = {number: name for name, number in contract.ELEMENT_TYPES.items()}
 
 
 def optimize_artifact(artifact: str | Path, target: str, dtype: str | None = None,
-                      pack_gate_up: bool = True) -> dict[str, Any]:
+                      pack_gate_up: bool = True) -> contract.GraphEntry:
     """Build `onnx/model_{target}.onnx` from the portable graph; returns the manifest's new graph entry.
-    `pack_gate_up`: see graphs.pipeline.optimize."""
+    `pack_gate_up=False` computes gate and up with two GEMMs instead of one and a Split (faster prefill
+    of long prompts, slower decode on the H100: tools/gpu_notes.md)."""
     artifact = Path(artifact)
-    manifest_path = artifact / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    portable = next(g for g in manifest["graphs"] if g["name"] == "portable")
-    model = ir.load(artifact / portable["file"])
-    reports = optimize(model, manifest, target, dtype, pack_gate_up=pack_gate_up)
-    graph_file, data_file = f"onnx/model_{target}.onnx", f"model_{target}.onnx_data"
-    write_graph(model, artifact / graph_file, data_file)
-    entry = graph_entry(artifact, model, target, graph_file, [graph_file, f"onnx/{data_file}", f"onnx/{PORTABLE_DATA}"], reports)
-    manifest["graphs"] = [g for g in manifest["graphs"] if g["name"] != entry["name"]] + [entry]
-    manifest_tmp = manifest_path.with_suffix(".json.partial")
-    manifest_tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(manifest_tmp, manifest_path)
+    manifest = contract.read_manifest(artifact)
+    model = ir.load(artifact / manifest.graph(contract.PORTABLE_GRAPH).file)
+    passes = PASSES if pack_gate_up else tuple(p for p in PASSES if p is not packed_matmul.GATE_UP)
+    reports = optimize(model, manifest, target, dtype, passes)
+    graph_file = contract.graph_file(target)
+    write_graph(model, artifact / graph_file, contract.data_file(target))
+    folder = contract.GRAPH_FOLDER
+    files = [graph_file, f"{folder}/{contract.data_file(target)}", f"{folder}/{contract.data_file()}"]
+    entry = graph_entry(artifact, model, target, files, reports)
+    contract.write_manifest(artifact, manifest.with_graph(entry))
     return entry
 
 
@@ -68,13 +63,13 @@ def write_new_weights(model: ir.Model, path: Path, location: str) -> Path:
     with path.open("wb") as f:
         for name, value in model.graph.initializers.items():
             tensor = value.const_value
-            if isinstance(tensor, ir.ExternalTensor) and Path(tensor.location).name == PORTABLE_DATA:
+            if isinstance(tensor, ir.ExternalTensor) and Path(tensor.location).name == contract.data_file():
                 continue
             data = tensor.tobytes()
-            if len(data) <= INLINE_BYTES:
+            if len(data) <= contract.INLINE_BYTES:
                 value.const_value = ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=name)
                 continue
-            offset = aligned_offset(offset, len(data))
+            offset = contract.aligned_offset(offset, len(data))
             f.seek(offset)
             f.write(data)
             value.const_value = ir.ExternalTensor(location, offset, len(data), tensor.dtype, shape=tensor.shape,
@@ -83,39 +78,25 @@ def write_new_weights(model: ir.Model, path: Path, location: str) -> Path:
     return path
 
 
-def graph_entry(artifact: Path, model: ir.Model, target: str, graph_file: str, files: list[str],
-                reports: list[PassReport]) -> dict[str, Any]:
-    def describe(value: ir.Value) -> dict[str, Any]:
-        dims = [d if isinstance(d, int) else str(d) for d in value.shape]
-        return {"name": value.name, "dtype": ONNX_TYPE_NAMES[int(value.dtype)], "dims": dims}
-
-    return {
-        "name": f"optimized-{target}",
-        "file": graph_file,
-        "target": target,
-        "files": {f: file_record(artifact / f) for f in files},
-        "opset": model.opset_imports.get("", 23),
-        # past and present share one buffer per layer: bind the same OrtValue to past_key_values.i.* and
-        # present.i.*; its length is the capacity the runtime chooses (prompt + new tokens, at most the context)
-        "kv_cache": {"layout": "shared_buffer", "order": "key, value per layer", "dims": "[batch, kv_heads, capacity, head_dim]"},
-        # rows are right-padded: attention_mask is 1 on each row's tokens (cached and new), 0 after
-        "padding": "right",
-        "logits": "last_token",  # [batch, 1, vocab]: each row's last real token, fp32
-        # the graph input total_sequence_length: int32 scalar in host memory, the attention_mask's width
-        "total_sequence_length": "attention_mask width",
-        **candidates_entry(model.graph),
-        "activation_dtype": ONNX_TYPE_NAMES[int(next(v for v in model.graph.inputs if v.name.startswith("past")).dtype)],
-        "passes": [r.describe() for r in reports],
-        "inputs": [describe(v) for v in model.graph.inputs],
-        "outputs": [describe(v) for v in model.graph.outputs],
-    }
+def tensor_spec(value: ir.Value) -> contract.TensorSpec:
+    return contract.TensorSpec(value.name, TYPE_NAMES[int(value.dtype)],
+                               tuple(d if isinstance(d, int) else str(d) for d in value.shape))
 
 
-def candidates_entry(graph: ir.Graph) -> dict[str, Any]:
-    """Describe the device-side next-token candidates, when the graph has them."""
-    outputs = {v.name: v for v in graph.outputs}
-    if not all(name in outputs for name in OUTPUTS):
-        return {}
-    # top_logits / top_ids [batch, k]: the k best scores of each row's logits over the tokenizer's
-    # vocabulary, best first, and their token ids
-    return {"token_candidates": {"k": outputs[OUTPUTS[0]].shape[-1], "outputs": list(OUTPUTS)}}
+def graph_entry(artifact: Path, model: ir.Model, target: str, files: list[str],
+                reports: list[PassReport]) -> contract.GraphEntry:
+    outputs = {v.name: v for v in model.graph.outputs}
+    candidates = outputs.get(contract.CANDIDATE_OUTPUTS[0])
+    past = next(v for v in model.graph.inputs if v.name.startswith(contract.PAST))
+    return contract.GraphEntry(
+        name=contract.optimized_graph_name(target), file=files[0], target=target,
+        files={f: contract.FileRecord.of(artifact / f) for f in files},
+        opset=model.opset_imports.get("", contract.PORTABLE_OPSET),
+        # past and present share one buffer per layer, rows are right-padded, logits come for each row's last token
+        kv_layout=contract.SHARED_BUFFER, padding=contract.RIGHT, logits=contract.LAST_TOKEN,
+        inputs=tuple(tensor_spec(v) for v in model.graph.inputs),
+        outputs=tuple(tensor_spec(v) for v in model.graph.outputs),
+        activation_dtype=TYPE_NAMES[int(past.dtype)],
+        token_candidates=candidates.shape[-1] if candidates is not None else 0,
+        passes=tuple(r.count() for r in reports),
+    )

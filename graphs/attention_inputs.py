@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from .build import add_node, constant
+from artifact import contract
 
-TOTAL_LENGTH_INPUT = "total_sequence_length"
+from .build import add_node, constant
 
 
 @dataclass(frozen=True)
@@ -29,12 +29,12 @@ class AttentionLengths:
 
 
 def attention_lengths(graph: ir.Graph) -> AttentionLengths:
-    mask = next(v for v in graph.inputs if v.name == "attention_mask")
+    mask = next(v for v in graph.inputs if v.name == contract.ATTENTION_MASK)
     one = constant(graph, "attention/one", np.array(1, np.int64))
     axis = constant(graph, "attention/axis_1", np.array([1], np.int64))
     (lengths,) = add_node(graph, "ReduceSum", [mask, axis], {"keepdims": 0}, name="attention/lengths")
     (last,) = add_node(graph, "Sub", [lengths, one], name="attention/last_index")
     (seqlens,) = add_node(graph, "Cast", [last], {"to": ir.DataType.INT32}, name="attention/seqlens_k")
-    total = ir.Value(name=TOTAL_LENGTH_INPUT, shape=ir.Shape([]), type=ir.TensorType(ir.DataType.INT32))
+    total = ir.Value(name=contract.TOTAL_SEQUENCE_LENGTH, shape=ir.Shape([]), type=ir.TensorType(ir.DataType.INT32))
     graph.inputs.append(total)
     return AttentionLengths(seqlens, total, last)

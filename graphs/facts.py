@@ -1,9 +1,13 @@
-"""What the exporter knows about the model, read from manifest.json, so passes verify instead of guess."""
+"""What the passes know: the exporter's facts about the model (from the manifest), so passes verify
+instead of guess, and what earlier passes established, handed on as values rather than node names."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+
+from artifact import contract
+
+from .attention_inputs import AttentionLengths
 
 TARGET_DTYPES = {"cpu": ("float32",), "cuda": ("float16", "bfloat16")}
 
@@ -27,24 +31,24 @@ class ModelFacts:
     tokenizer_vocab_size: int  # ids the tokenizer can produce; embedding rows past it are padding
 
     @classmethod
-    def from_manifest(cls, manifest: dict[str, Any]) -> "ModelFacts":
-        model, rope = manifest["model"], manifest["rope"]
-        moe = model.get("moe") or {}
-        windows = tuple(model["sliding_window"] if t == "sliding_attention" else None for t in model["layer_types"])
+    def from_manifest(cls, manifest: contract.Manifest) -> "ModelFacts":
+        model, moe = manifest.model, manifest.model.moe
         return cls(
-            num_layers=model["num_hidden_layers"],
-            num_heads=model["num_attention_heads"],
-            num_kv_heads=model["num_key_value_heads"],
-            head_dim=model["head_dim"],
-            hidden_size=model["hidden_size"],
-            rms_norm_eps=model["rms_norm_eps"],
-            windows=windows,
-            sparse_layers=tuple(moe.get("sparse_layers", ())),
-            experts_per_token=moe.get("num_experts_per_tok", 0),
-            normalize_routing=bool(moe.get("norm_topk_prob", False)),
-            context_length=model["context_length"],
-            attention_factor=rope["attention_factor"],
-            inv_freq_initializer=rope["inv_freq_initializer"],
-            tied_embeddings=model["tie_word_embeddings"],
-            tokenizer_vocab_size=manifest["tokenizer"]["vocab_size"],
+            num_layers=model.num_hidden_layers, num_heads=model.num_attention_heads,
+            num_kv_heads=model.num_key_value_heads, head_dim=model.head_dim, hidden_size=model.hidden_size,
+            rms_norm_eps=model.rms_norm_eps, windows=tuple(model.window_of(i) for i in range(model.num_hidden_layers)),
+            sparse_layers=moe.sparse_layers if moe else (), experts_per_token=moe.num_experts_per_tok if moe else 0,
+            normalize_routing=bool(moe and moe.norm_topk_prob), context_length=model.context_length,
+            attention_factor=manifest.rope.attention_factor, inv_freq_initializer=manifest.rope.inv_freq_initializer,
+            tied_embeddings=model.tie_word_embeddings, tokenizer_vocab_size=manifest.tokenizer.vocab_size,
         )
+
+
+@dataclass(frozen=True)
+class PassFacts:
+    """Handed from pass to pass: a pass's build returns these facts, updated where it changed them."""
+
+    model: ModelFacts
+    lengths: AttentionLengths  # seqlens_k and the total-length input, made once before the passes
+    float_type: str  # the target's float type (contract.FLOAT_TYPES): weights, activations and KV
+    last_token_logits: bool = False  # the final norm and lm_head see one position per row

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import collections
-import json
 from pathlib import Path
 
 import onnx
+
+from artifact import contract
 
 
 def op_histogram(graph_path: Path) -> dict[str, int]:
@@ -19,16 +20,16 @@ def op_histogram(graph_path: Path) -> dict[str, int]:
 def describe_artifact(artifact: str | Path) -> str:
     """A readable report of every graph in the artifact's manifest."""
     artifact = Path(artifact)
-    manifest = json.loads((artifact / "manifest.json").read_text())
-    lines = [f"{artifact}: {manifest['architecture']}, {manifest['model']['num_hidden_layers']} layers, dtype {manifest['dtype']}"]
-    for graph in manifest["graphs"]:
-        histogram = op_histogram(artifact / graph["file"])
-        lines.append(f"\ngraph {graph['name']} ({graph['file']}, target {graph['target']}, "
-                     f"KV {graph['kv_cache']['layout']}, {graph['padding']} padding): {sum(histogram.values())} nodes")
+    manifest = contract.read_manifest(artifact)
+    lines = [f"{artifact}: {manifest.architecture}, {manifest.model.num_hidden_layers} layers, dtype {manifest.dtype}"]
+    for graph in manifest.graphs:
+        histogram = op_histogram(artifact / graph.file)
+        lines.append(f"\ngraph {graph.name} ({graph.file}, target {graph.target}, "
+                     f"KV {graph.kv_layout}, {graph.padding} padding): {sum(histogram.values())} nodes")
         lines += [f"  {count:6d}  {op}" for op, count in histogram.items()]
-        for kind in ("inputs", "outputs"):
+        for kind, specs in (("inputs", graph.inputs), ("outputs", graph.outputs)):
             lines.append(f"  {kind}:")
-            lines += [f"    {spec['name']}: {spec['dtype']} {spec['dims']}" for spec in graph[kind]]
-        if "passes" in graph:
-            lines.append("  passes: " + ", ".join(f"{p['pass']} x{p['fired']}" for p in graph["passes"]))
+            lines += [f"    {spec.name}: {spec.dtype} {list(spec.dims)}" for spec in specs]
+        if graph.passes:
+            lines.append("  passes: " + ", ".join(f"{p.name} x{p.fired}" for p in graph.passes))
     return "\n".join(lines)

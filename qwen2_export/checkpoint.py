@@ -20,16 +20,13 @@ from typing import Iterator
 import torch
 
 from .config import Qwen2Config
+from .errors import CheckpointError
 from .model import Qwen2ForCausalLM, build_model
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 CHUNK_BYTES = 64 << 20
-
-
-class CheckpointError(ValueError):
-    """The checkpoint folder is incomplete or does not match config.json; the message says what to fix."""
 
 
 @dataclass(frozen=True)

@@ -14,13 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
+
 ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "Qwen2MoeForCausalLM": "qwen2_moe"}
 ROPE_TYPES = ("default", "linear", "yarn")
 LAYER_TYPES = ("full_attention", "sliding_attention")
-
-
-class ConfigError(ValueError):
-    """config.json describes something we cannot export; the message names the key and the fix."""
 
 
 @dataclass(frozen=True)

@@ -24,27 +24,21 @@ import onnx_ir as ir
 import onnxscript.optimizer
 import torch
 
+from artifact import contract
+
 from . import io_spec
-from .checkpoint import CHUNK_BYTES, CheckpointError, TensorEntry, list_tensors, plan_placements, read_chunks
+from .checkpoint import CHUNK_BYTES, TensorEntry, list_tensors, plan_placements, read_chunks
 from .config import Qwen2Config, load_config
-from .files import aligned_offset
-from .manifest import write_manifest
+from .errors import CheckpointError, ExportError
+from .manifest import portable_manifest
 from .model import build_model
 from .rope import rope_parameters
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-IR_DTYPES = {torch.float32: ir.DataType.FLOAT, torch.float16: ir.DataType.FLOAT16, torch.bfloat16: ir.DataType.BFLOAT16}
-OPSET = 23
-GRAPH_FILE = "onnx/model.onnx"
-DATA_FILE = "model.onnx_data"  # relative to the graph, as ONNX external data locations are
-REQUIRED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
-OPTIONAL_FILES = ("generation_config.json", "chat_template.jinja")
+GRAPH_FILE = contract.graph_file()
+DATA_FILE = contract.data_file()
 
 Progress = Callable[[str], None]
-
-
-class ExportError(RuntimeError):
-    """The export cannot proceed; the message says why and what to do."""
 
 
 @dataclass(frozen=True)
@@ -72,7 +66,7 @@ def export_checkpoint(
     source, target = Path(checkpoint_dir), Path(output_dir)
     if target.exists() and not force:
         raise ExportError(f"{target} already exists; pass --force to replace it")
-    missing = [name for name in REQUIRED_FILES if not (source / name).is_file()]
+    missing = [name for name in contract.CHECKPOINT_FILES if not (source / name).is_file()]
     config = load_config(source)
     if missing:
         raise CheckpointError(f"{source} lacks {missing}; an artifact carries the tokenizer, copy those files in")
@@ -85,7 +79,7 @@ def export_checkpoint(
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
-        (staging / "onnx").mkdir()
+        (staging / contract.GRAPH_FOLDER).mkdir()
         started = time.monotonic()
         progress(f"tracing {config.architecture} ({config.num_hidden_layers} layers, {dtype})")
         graph = trace_to_onnx(model, config, torch_dtype)
@@ -93,16 +87,16 @@ def export_checkpoint(
         aliases = _parameter_aliases(model)
         transposed = fold_weight_transposes(graph, _whole_parameters(plan, entries, aliases))
         slots = lay_out(graph)
-        data_path = staging / "onnx" / DATA_FILE
+        data_path = staging / contract.GRAPH_FOLDER / DATA_FILE
         write_weights(data_path, graph, slots, transposed, aliases, entries, plan, config, progress)
         attach_external_data(graph, slots, data_path.parent)
         optimize_graph(graph, slots)
         onnx.save_model(ir.serde.serialize_model(graph), staging / GRAPH_FILE)
         onnx.checker.check_model(str(staging / GRAPH_FILE))
-        for name in REQUIRED_FILES + OPTIONAL_FILES:
+        for name in contract.CHECKPOINT_FILES + contract.OPTIONAL_CHECKPOINT_FILES:
             if (source / name).is_file():
                 shutil.copy2(source / name, staging / name)
-        write_manifest(staging, config, torch_dtype, GRAPH_FILE, DATA_FILE)
+        contract.write_manifest(staging, portable_manifest(staging, config, torch_dtype))
         _move_into_place(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -123,7 +117,7 @@ def trace_to_onnx(model: torch.nn.Module, config: Qwen2Config, dtype: torch.dtyp
             example,
             dynamo=True,
             optimize=False,  # constant folding would need the weights we deliberately do not load
-            opset_version=OPSET,
+            opset_version=contract.PORTABLE_OPSET,
             input_names=[spec.name for spec in inputs],
             output_names=[spec.name for spec in outputs],
             # forward(input_ids, attention_mask, position_ids, *past): the varargs form one tuple
@@ -179,7 +173,7 @@ def lay_out(graph: ir.Model) -> dict[str, Slot]:
     slots, offset = {}, 0
     for name, value in graph.graph.initializers.items():
         length = value.const_value.nbytes
-        offset = aligned_offset(offset, length)
+        offset = contract.aligned_offset(offset, length)
         slots[name] = Slot(offset, length)
         offset += length
     return slots
@@ -198,7 +192,7 @@ def write_weights(
 ) -> None:
     """Stream every checkpoint tensor, cast, into its initializer's slot; derived tables are computed."""
     initializer_of = {aliases.get(name, name): name for name in graph.graph.initializers}
-    dtype_of = {name: _torch_dtype(value) for name, value in graph.graph.initializers.items()}
+    dtype_of = {name: io_spec.TORCH_DTYPES[int(value.const_value.dtype)] for name, value in graph.graph.initializers.items()}
     total = sum(entry.end - entry.start for entry in entries)
     done, last_report, written = 0, time.monotonic(), set()
     with data_path.open("wb") as f:
@@ -275,11 +269,6 @@ def _parameter_aliases(model: torch.nn.Module) -> dict[str, str]:
     """Every name of a shared parameter -> its canonical name (tied lm_head -> embed_tokens)."""
     canonical = {id(p): name for name, p in model.named_parameters()}
     return {name: canonical[id(p)] for name, p in model.named_parameters(remove_duplicate=False)}
-
-
-def _torch_dtype(value: ir.Value) -> torch.dtype:
-    by_ir = {v: k for k, v in IR_DTYPES.items()}
-    return by_ir[value.const_value.dtype]
 
 
 def _move_into_place(staging: Path, target: Path) -> None:

@@ -1,51 +1,30 @@
-"""The graph's inputs and outputs, described once: names, element types and symbolic dims.
+"""The portable graph's inputs and outputs as tracing needs them: the contract's specs with torch dtypes,
+and example inputs.
 
-Follows the optimum / transformers.js convention so existing onnxruntime loops can drive the graph.
+Names and dims come from artifact.contract (the optimum / transformers.js convention, so existing
+onnxruntime loops can drive the graph); this module only adds what tracing needs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
+
+from artifact import contract
 
 from .config import Qwen2Config
 
-ONNX_TYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int64: "int64"}
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int64: "int64"}
+# by ONNX element type number (contract.ELEMENT_TYPES), as onnx_ir's DataType values are
+TORCH_DTYPES = {contract.ELEMENT_TYPES[name]: dtype for dtype, name in DTYPE_NAMES.items()}
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: torch.dtype
-    dims: tuple[str | int, ...]
-
-    def describe(self) -> dict:
-        """JSON form for the manifest."""
-        return {"name": self.name, "dtype": ONNX_TYPE_NAMES[self.dtype], "dims": list(self.dims)}
+def graph_inputs(config: Qwen2Config, dtype: torch.dtype) -> tuple[contract.TensorSpec, ...]:
+    return contract.portable_inputs(config.num_hidden_layers, config.num_key_value_heads, config.head_dim, DTYPE_NAMES[dtype])
 
 
-def kv_names(layers: int, prefix: str) -> list[str]:
-    """`past_key_values.{i}.key|value` or `present.{i}.key|value`, key before value, layer by layer."""
-    return [f"{prefix}.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
-
-
-def graph_inputs(config: Qwen2Config, dtype: torch.dtype) -> list[TensorSpec]:
-    kv_dims = ("batch_size", config.num_key_value_heads, "past_sequence_length", config.head_dim)
-    return [
-        TensorSpec("input_ids", torch.int64, ("batch_size", "sequence_length")),
-        TensorSpec("attention_mask", torch.int64, ("batch_size", "total_sequence_length")),
-        TensorSpec("position_ids", torch.int64, ("batch_size", "sequence_length")),
-        *(TensorSpec(name, dtype, kv_dims) for name in kv_names(config.num_hidden_layers, "past_key_values")),
-    ]
-
-
-def graph_outputs(config: Qwen2Config, dtype: torch.dtype) -> list[TensorSpec]:
-    kv_dims = ("batch_size", config.num_key_value_heads, "total_sequence_length", config.head_dim)
-    return [
-        TensorSpec("logits", torch.float32, ("batch_size", "sequence_length", config.vocab_size)),
-        *(TensorSpec(name, dtype, kv_dims) for name in kv_names(config.num_hidden_layers, "present")),
-    ]
+def graph_outputs(config: Qwen2Config, dtype: torch.dtype) -> tuple[contract.TensorSpec, ...]:
+    return contract.portable_outputs(config.num_hidden_layers, config.num_key_value_heads, config.head_dim,
+                                     config.vocab_size, DTYPE_NAMES[dtype])
 
 
 def example_inputs(config: Qwen2Config, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, ...]:

@@ -11,7 +11,8 @@ from typing import Callable
 
 import torch
 
-from .config import ConfigError, RopeConfig
+from .config import RopeConfig
+from .errors import ConfigError
 
 
 def default_inv_freq(rope: RopeConfig, dim: int) -> tuple[torch.Tensor, float]:

@@ -14,23 +14,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Union
 
+from artifact import contract
+
 from .chat import ChatTemplate, Message, load_chat_template
 from .errors import RuntimeInputError
-from .generate import DecodeLoop, Generation, Timings, captured_prompt_buckets
+from .generate import DecodeLoop, Generation, Timings, pad_token_id
 from .kv_cache import KVCache
-from .manifest import Manifest, load_manifest
-from .sampling import SamplingConfig, sampling_from_generation_config
-from .session import GraphSession
+from .sampling import SAMPLING_OPTIONS, SamplingConfig, sampling_from_generation_config
+from .session import GraphSession, StepsFactory
 from .stream import TextStream
 from .tokenizer import TextTokenizer
 
 Prompt = Union[str, list[Message], list[int]]  # raw text, chat messages, or token ids
 WARM_UP_LIMIT = 8192  # onnxruntime's MoE kernel treats larger token counts like 8,192
+LOOP_OPTIONS = ("max_new_tokens", "stop_strings", "greedy", "prefill_chunk", "ignore_eos")
 
 
 @dataclass
 class Model:
-    manifest: Manifest
+    manifest: contract.Manifest
+    artifact: Path
     session: GraphSession
     tokenizer: TextTokenizer
     chat_template: ChatTemplate | None
@@ -40,32 +43,38 @@ class Model:
     @classmethod
     def load(cls, artifact: str | Path, device: str = "cpu", chat_template: str | Path | None = None,
              optimize: bool = True, graph: str | None = None, cuda_graph: bool = False,
-             cpu_fallback: bool = False, attention_kernel: str | None = None,
-             capture_prefill: bool | None = None, pipelined_decode: bool | None = None) -> "Model":
+             cpu_fallback: bool = False, steps: StepsFactory | None = None) -> "Model":
         """Open an exported artifact on `device` ("cpu" or "cuda"), using the graph optimized for that device
         when the artifact has one (`graph` names another, e.g. "portable"); `chat_template` overrides the
         checkpoint's; `optimize=False` switches onnxruntime's own graph rewrites off; `cuda_graph` captures
-        the decode step once and replays it (CUDA only); a graph optimized for CUDA must place every node on
-        CUDA unless `cpu_fallback` allows onnxruntime to put some on the CPU; `attention_kernel` ("flash" or
-        "cudnn") pins onnxruntime's attention kernels on CUDA (default: onnxruntime's choice);
-        with `cuda_graph`, a fresh batch-1 prompt is padded to a bucket length and that bucket's captured
-        graph replayed too, unless `capture_prefill=False`; and batch-1 greedy decoding queues each step
-        before the host has read the previous one, unless `pipelined_decode=False`."""
-        manifest = load_manifest(artifact)
-        generation_path = manifest.artifact / "generation_config.json"
+        steps once and replays them (CUDA only: decode steps, fresh batch-1 prompts padded to a bucket
+        length, and batch-1 greedy decoding queued one step ahead); a graph optimized for CUDA must place
+        every node on CUDA unless `cpu_fallback` allows onnxruntime to put some on the CPU. `steps` makes
+        the step runner (runtime.steps, runtime.cuda_graph) instead of the choice from device and
+        cuda_graph. Raises RuntimeInputError for a bad artifact or option."""
+        artifact = Path(artifact)
+        try:
+            manifest = contract.read_manifest(artifact)
+        except contract.ArtifactError as error:
+            raise RuntimeInputError(str(error)) from error
+        generation_path = artifact / contract.GENERATION_CONFIG_FILE
         return cls(
             manifest=manifest,
-            session=GraphSession(manifest.graph_for(device, graph), device, optimize=optimize, cuda_graph=cuda_graph,
-                                 cpu_fallback=cpu_fallback, attention_kernel=attention_kernel,
-                                 capture_prefill=capture_prefill, pipelined_decode=pipelined_decode),
-            tokenizer=TextTokenizer(manifest.artifact / "tokenizer.json"),
-            chat_template=load_chat_template(manifest.artifact, chat_template),
+            artifact=artifact,
+            session=GraphSession(manifest, artifact, choose_graph(manifest, device, graph), device, cuda_graph=cuda_graph,
+                                 cpu_fallback=cpu_fallback, optimize=optimize, steps=steps),
+            tokenizer=TextTokenizer(artifact / contract.TOKENIZER_FILE),
+            chat_template=load_chat_template(artifact, chat_template),
             generation_config=json.loads(generation_path.read_text()) if generation_path.is_file() else {},
         )
 
     def sampling(self, greedy: bool = False, **overrides: Any) -> SamplingConfig:
         """generation_config.json's defaults with `overrides` (temperature, top_k, top_p, min_p,
         repetition_penalty, seed, do_sample) applied; `greedy` turns sampling off."""
+        unknown = sorted(set(overrides) - set(SAMPLING_OPTIONS))
+        if unknown:
+            raise RuntimeInputError(f"unknown generation option(s) {unknown}; the options are "
+                                    f"{sorted(LOOP_OPTIONS + SAMPLING_OPTIONS)}")
         if greedy:
             overrides["do_sample"] = False
         return sampling_from_generation_config(self.generation_config, **overrides)
@@ -86,10 +95,11 @@ class Model:
 
     def decode_loop(self, prompts: list[Prompt], max_new_tokens: int = 128, stop_strings: tuple[str, ...] = (),
                     cache: KVCache | None = None, greedy: bool = False, prefill_chunk: int | None = None,
-                    ignore_eos: bool = False, **sampling: Any) -> DecodeLoop:
+                    ignore_eos: bool = False, keep_cache: bool = False, **sampling: Any) -> DecodeLoop:
+        """The loop of one request (runtime/generate.py), not yet started; generate and stream drive it."""
         return DecodeLoop(self.session, self.manifest, self.tokenizer, [self.encode(p) for p in prompts],
                           self.sampling(greedy, **sampling), max_new_tokens, stop_strings, cache, prefill_chunk,
-                          ignore_eos)
+                          ignore_eos, keep_cache)
 
     def generate_batch(self, prompts: list[Prompt], **options: Any) -> list[Generation]:
         """Generate for several prompts at once (one batch, padded as the graph's manifest entry says)."""
@@ -119,24 +129,36 @@ class Model:
         kernel's GEMM tactic profiling, which runs once per MoE node for each power-of-two token count
         up to 8,192 (10.4 s for the first 4,096-token prompt at Qwen2-57B-A14B shapes with 4 layers),
         and each bucket's capture (0.1-1.2 s at 7B shapes). Returns the prompt lengths run."""
-        context = self.manifest.context_length
+        context = self.manifest.model.context_length
         limit = min(context - 1, WARM_UP_LIMIT) if max_prompt_tokens is None else max_prompt_tokens
         if not 0 < limit < context:
             raise RuntimeInputError(f"warm-up length {limit} must be between 1 and the context length minus one "
                                     f"({context - 1}); pass the longest prompt you expect")
         # powers of two up to the one at or above the limit, none past the context
         lengths = list(dict.fromkeys(min(2**k, context - 1) for k in range(1, max(limit - 1, 1).bit_length() + 1)))
-        if self.session.captures_prefill:
-            lengths = sorted({*lengths, *captured_prompt_buckets(max(lengths), context)})
+        lengths = sorted({*lengths, *self.session.steps.prompt_buckets(max(lengths), context)})
         timings = self.last_timings
         for index, length in enumerate(lengths):
-            self.generate([self.manifest.pad_token_id] * length, max_new_tokens=2 if index == 0 else 1,
+            self.generate([pad_token_id(self.manifest)] * length, max_new_tokens=2 if index == 0 else 1,
                           greedy=True, ignore_eos=True)
         self.last_timings = timings  # the last request's, as before
         return lengths
 
     def chat(self, system: str | None = None) -> "ChatSession":
         return ChatSession(self, [{"role": "system", "content": system}] if system else [])
+
+
+def choose_graph(manifest: contract.Manifest, device: str, name: str | None = None) -> contract.GraphEntry:
+    """The graph called `name`, else the one optimized for `device`, else the portable one."""
+    if name is not None:
+        graph = manifest.graph(name)
+        if graph is None:
+            raise RuntimeInputError(f"the artifact has no graph {name!r}; it has {[g.name for g in manifest.graphs]}")
+        return graph
+    graph = next((g for g in manifest.graphs if g.target == device), manifest.graph(contract.PORTABLE_GRAPH))
+    if graph is None:
+        raise RuntimeInputError(f"the artifact has no graph for {device!r}; targets: {[g.target for g in manifest.graphs]}")
+    return graph
 
 
 def stream_text(loop: DecodeLoop, tokenizer: TextTokenizer) -> Iterator[str]:
@@ -179,14 +201,13 @@ class ChatSession:
         """Add a user turn and stream the assistant's reply; the reply joins the history at the end."""
         self.messages.append({"role": "user", "content": text})
         ids = self.prompt_ids()
-        loop = self.model.decode_loop([ids], cache=self.cache, **options)
+        loop = self.model.decode_loop([ids], cache=self.cache, keep_cache=True, **options)
         yield from stream_text(loop, self.model.tokenizer)
         self.model.last_timings = loop.timings
         reply = self.last_reply = loop.generations[0]
         if self.cache is not None and self.cache is not loop.cache:
-            self.cache.busy = False  # rebuilt: the old buffers may serve other requests again
-        self.cache = loop.cache
-        self.cache.busy = True  # kept for the next turn
+            self.model.session.caches.give_back(self.cache)  # rebuilt: the old buffers may serve other requests
+        self.cache = loop.cache  # kept for the next turn
         self.messages.append({"role": "assistant", "content": reply.text})
         self._seen_ids = ids + reply.output_ids
         self._seen_text = self.model.tokenizer.decode(self._seen_ids, skip_special_tokens=False)
@@ -194,6 +215,6 @@ class ChatSession:
     def reset(self) -> None:
         """Forget every turn but the system prompt, and the cache."""
         if self.cache is not None:
-            self.cache.busy = False
+            self.model.session.caches.give_back(self.cache)
         self.messages = [m for m in self.messages[:1] if m["role"] == "system"]
         self.cache, self._seen_text, self._seen_ids = None, "", []

@@ -4,29 +4,134 @@ A replay reuses the captured kernels and every buffer address, so a step must ke
 bindings: the KV cache is the shared buffer (fixed capacity), the attention mask has the buffer's
 width (runtime/padding.py), and input_ids, attention_mask, logits and the token candidates live in
 device buffers that are bound once and overwritten in place each step. One graph is captured per
-number of new tokens a step feeds: 1 for decode (mask of the buffer's width) and, when prefill is
-captured too, each bucket length a fresh batch-1 prompt is padded to (mask of that length). Other
-prefills run with gpu_graph_id -1, never captured.
+cache and number of new tokens a step feeds: 1 for decode (mask of the buffer's width) and each bucket
+length a fresh batch-1 prompt is padded to (mask of that length). Other prefills (chat continuations,
+batches, chunks) run with gpu_graph_id -1, never captured.
+
+CapturedSteps does this; PipelinedSteps also queues batch-1 greedy decode steps one ahead (DecodePipeline).
+On the CPU, onnxruntime ignores the graph ids: the same bookkeeping runs there uncaptured (tests).
+Measured on the H100 (tools/gpu_notes.md): captured prompt buckets took 1.5-3x less time than uncaptured
+prefill at 0.5B shapes and up to 20% less up to 512 tokens at 7B; pipelining took 0.5B decode from 1.59
+to 1.35 ms/token; both are therefore always on with `cuda_graph`.
 """
 
 from __future__ import annotations
 
 import itertools
+import weakref
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
+from artifact import contract
+
 from .kv_cache import KVCache
-from .manifest import CANDIDATE_OUTPUTS, TOTAL_LENGTH_INPUT, GraphInfo
+from .steps import PlainSteps, StepInputs, StepScores
 
 _graph_ids = itertools.count(1)  # one captured graph per step shape and KV buffer set
 LONGEST_CAPTURED_PROMPT = 4096  # longer prompts are GPU-bound: a capture's memory would not pay
 
 
-def no_capture() -> ort.RunOptions:
-    options = ort.RunOptions()
-    options.add_run_config_entry("gpu_graph_id", "-1")
-    return options
+def captured_prompt_length(length: int, context_length: int) -> int | None:
+    """The bucket a prompt of `length` tokens is padded to for a captured prefill: four lengths per
+    octave (at most 25% padding, 16 at least), so few graphs serve every length; None past
+    LONGEST_CAPTURED_PROMPT or the context, where the GPU work outweighs the host's and a capture's
+    memory would not pay."""
+    if length <= 16:
+        bucket = 16
+    else:
+        step = (1 << (length - 1).bit_length()) // 8  # a quarter of the octave [top / 2, top]
+        bucket = -(-length // step) * step
+    return bucket if bucket <= min(LONGEST_CAPTURED_PROMPT, context_length - 1) else None
+
+
+def captured_prompt_buckets(longest: int, context_length: int) -> list[int]:
+    """Every bucket length a prompt of at most `longest` tokens can be padded to."""
+    buckets = {captured_prompt_length(n, context_length) for n in range(1, longest + 1)}
+    return sorted(bucket for bucket in buckets if bucket is not None)
+
+
+class CapturedSteps(PlainSteps):
+    """Decode steps and fresh batch-1 prompt buckets replayed from captured graphs; other steps plain."""
+
+    def __init__(self, session: ort.InferenceSession, graph: contract.GraphEntry, device: str):
+        super().__init__(session, graph, device)
+        self.vocab = session.get_outputs()[0].shape[-1]
+        self.captured: weakref.WeakKeyDictionary[KVCache, dict[int, CapturedStep]] = weakref.WeakKeyDictionary()
+
+    def prompt_bucket(self, length: int, context_length: int) -> int | None:
+        return captured_prompt_length(length, context_length)
+
+    def prompt_buckets(self, longest: int, context_length: int) -> list[int]:
+        return captured_prompt_buckets(longest, context_length)
+
+    def step(self, inputs: StepInputs, cache: KVCache, next_mask: np.ndarray | None = None) -> StepScores:
+        (batch, tokens), width = inputs.input_ids.shape, inputs.attention_mask.shape[1]
+        decode = tokens == 1 and width == cache.capacity
+        prompt = batch == 1 and 1 < tokens == width <= LONGEST_CAPTURED_PROMPT
+        if not (decode or prompt):
+            return super().step(inputs, cache)
+        steps = self.captured.setdefault(cache, {})
+        if tokens not in steps:
+            steps[tokens] = CapturedStep(self.session, cache, batch, tokens, width, self.vocab, self.graph, self.device)
+        logits, candidates = steps[tokens].step(self.session, inputs.input_ids, inputs.attention_mask, self.write)
+        return self.scores(logits, candidates)
+
+    def run_options(self) -> ort.RunOptions:
+        options = ort.RunOptions()  # an uncaptured step on a session that captures
+        options.add_run_config_entry("gpu_graph_id", "-1")
+        return options
+
+    def write(self, target: ort.OrtValue, data: np.ndarray) -> None:
+        """Write a step's inputs into its bound device buffer."""
+        target.update_inplace(np.ascontiguousarray(data))
+
+
+class PipelinedSteps(CapturedSteps):
+    """As CapturedSteps, and a batch-1 decode step given the next step's mask queues that next step,
+    fed by this step's best candidate on the device, before the host has read this one (DecodePipeline).
+    `stream` is the CUDA stream onnxruntime computes on (cuda_stream.DeviceStream): writes are ordered
+    on it and each step is waited for through an event."""
+
+    def __init__(self, session: ort.InferenceSession, graph: contract.GraphEntry, device: str, stream: Any):
+        super().__init__(session, graph, device)
+        self.stream = stream
+        self.pipelines: weakref.WeakKeyDictionary[KVCache, DecodePipeline] = weakref.WeakKeyDictionary()
+
+    def step(self, inputs: StepInputs, cache: KVCache, next_mask: np.ndarray | None = None) -> StepScores:
+        pipeline = self.pipelines.get(cache)
+        queued = pipeline is not None and pipeline.queued is not None
+        (batch, tokens), width = inputs.input_ids.shape, inputs.attention_mask.shape[1]
+        decode = batch == 1 and tokens == 1 and width == cache.capacity and bool(self.graph.token_candidates)
+        if not queued and not (decode and next_mask is not None):
+            return super().step(inputs, cache)
+        if pipeline is None:
+            pipeline = self.pipelines[cache] = DecodePipeline(self.session, cache, width, self.vocab, self.graph,
+                                                              self.stream, self.device)
+        logits, candidates = pipeline.step(int(inputs.input_ids[0, 0]), inputs.attention_mask, next_mask)
+        return self.scores(logits, candidates)
+
+    def settle(self, cache: KVCache) -> None:
+        pipeline = self.pipelines.get(cache)
+        if pipeline is not None:
+            pipeline.drain()
+
+    def write(self, target: ort.OrtValue, data: np.ndarray) -> None:
+        self.stream.write(target, data)  # ordered behind the work already queued
+
+
+def captured_steps_factory() -> tuple[Any, int | None]:
+    """The runner `cuda_graph` gets, and the stream onnxruntime must compute on (None: its own). Pipelined
+    where the CUDA driver library opens (the stream is reached through it), captured step by step where
+    it does not."""
+    from .cuda_stream import DeviceStream
+
+    try:
+        stream = DeviceStream()
+    except (OSError, RuntimeError):  # no libcuda.so.1 here, or the driver refused
+        return CapturedSteps, None
+    return (lambda session, graph, device: PipelinedSteps(session, graph, device, stream)), stream.handle
 
 
 class CapturedStep:
@@ -39,7 +144,7 @@ class CapturedStep:
     the same bookkeeping runs on "cpu" (tests), where onnxruntime ignores the graph id."""
 
     def __init__(self, session: ort.InferenceSession, cache: KVCache, batch: int, tokens: int, width: int,
-                 vocab: int, graph: GraphInfo, device: str = "cuda", candidates: ort.OrtValue | None = None,
+                 vocab: int, graph: contract.GraphEntry, device: str = "cuda", candidates: ort.OrtValue | None = None,
                  ids_from: ort.OrtValue | None = None):
         """`candidates` and `ids_from` (DecodePipeline): the candidates buffer to write, and another
         step's candidates buffer whose first id is this step's input token (the mask then is the
@@ -53,25 +158,25 @@ class CapturedStep:
         self.binding = session.io_binding()
         if ids_from is None:
             self.inputs = device_buffer([batch * (tokens + self.width)], np.int64, device)  # [input_ids | attention_mask]
-            bind_view(self.binding.bind_input, "input_ids", self.inputs, 0, np.int64, [batch, tokens])
+            bind_view(self.binding.bind_input, contract.INPUT_IDS, self.inputs, 0, np.int64, [batch, tokens])
         else:
             self.inputs = device_buffer([batch * self.width], np.int64, device)  # [attention_mask]
-            bind_view(self.binding.bind_input, "input_ids", ids_from, 0, np.int64, [batch, tokens])
+            bind_view(self.binding.bind_input, contract.INPUT_IDS, ids_from, 0, np.int64, [batch, tokens])
         mask_offset = 0 if ids_from is not None else 8 * batch * tokens
-        bind_view(self.binding.bind_input, "attention_mask", self.inputs, mask_offset, np.int64, [batch, self.width])
+        bind_view(self.binding.bind_input, contract.ATTENTION_MASK, self.inputs, mask_offset, np.int64, [batch, self.width])
         # GroupQueryAttention reads the total length from host memory: the mask's width, fixed per graph
         self._total_length = ort.OrtValue.ortvalue_from_numpy(np.array(self.width, np.int32))  # kept alive here
-        if TOTAL_LENGTH_INPUT in graph.input_names:
-            self.binding.bind_ortvalue_input(TOTAL_LENGTH_INPUT, self._total_length)
+        if contract.TOTAL_SEQUENCE_LENGTH in graph.input_names:
+            self.binding.bind_ortvalue_input(contract.TOTAL_SEQUENCE_LENGTH, self._total_length)
         for name, value in zip(cache.past_names(), cache.values, strict=True):
             self.binding.bind_ortvalue_input(name, value)
         self.logits = device_buffer([batch, 1, vocab], np.float32, device)
-        self.binding.bind_ortvalue_output("logits", self.logits)
+        self.binding.bind_ortvalue_output(contract.LOGITS, self.logits)
         self.candidates = candidates
         if self.k:  # [top_ids | top_logits], the fp32 half padded to whole int64 words
             cells = batch * self.k
             self.candidates = candidates if candidates is not None else candidates_buffer(batch, self.k, device)
-            logits_name, ids_name = CANDIDATE_OUTPUTS
+            logits_name, ids_name = contract.CANDIDATE_OUTPUTS
             bind_view(self.binding.bind_output, ids_name, self.candidates, 0, np.int64, [batch, self.k])
             bind_view(self.binding.bind_output, logits_name, self.candidates, 8 * cells, np.float32, [batch, self.k])
         for name, value in zip(cache.present_names(), cache.values, strict=True):
@@ -84,15 +189,11 @@ class CapturedStep:
         self.queue_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
 
     def step(self, session: ort.InferenceSession, input_ids: np.ndarray, attention_mask: np.ndarray,
-             stream=None) -> tuple[ort.OrtValue, list[np.ndarray]]:
-        """Write this step's inputs into the bound buffer (through onnxruntime's compute `stream` when
-        it is ours, so the write is ordered before the run), run (capture or replay); returns the
-        device logits and the candidates [top_logits, top_ids] on the host (empty when none)."""
-        inputs = np.concatenate([np.ravel(input_ids), np.ravel(attention_mask)]).astype(np.int64, copy=False)
-        if stream is not None:
-            stream.write(self.inputs, inputs)
-        else:
-            self.inputs.update_inplace(inputs)
+             write) -> tuple[ort.OrtValue, list[np.ndarray]]:
+        """Write this step's inputs into the bound buffer with `write` (through onnxruntime's compute
+        stream when it is ours, so the write is ordered before the run), run (capture or replay);
+        returns the device logits and the candidates [top_logits, top_ids] on the host (empty when none)."""
+        write(self.inputs, np.concatenate([np.ravel(input_ids), np.ravel(attention_mask)]).astype(np.int64, copy=False))
         session.run_with_iobinding(self.binding, self.run_options)
         if self.candidates is None:
             return self.logits, []
@@ -118,7 +219,7 @@ class DecodePipeline:
     Each step has its own mask, logits and candidates buffers; a step's mask is written only after
     that step has been waited for, and through the stream, so it is ordered behind the work queued."""
 
-    def __init__(self, session: ort.InferenceSession, cache: KVCache, width: int, vocab: int, graph: GraphInfo,
+    def __init__(self, session: ort.InferenceSession, cache: KVCache, width: int, vocab: int, graph: contract.GraphEntry,
                  stream, device: str = "cuda"):
         assert graph.token_candidates, "the pipeline feeds steps from the graph's token candidates"
         candidates = [candidates_buffer(1, graph.token_candidates, device) for _ in range(2)]
@@ -128,6 +229,29 @@ class DecodePipeline:
         self.events: list = [None, None]
         self.runs = [0, 0]  # per step: the first two run synchronously (see launch)
         self.reruns = 0  # steps queued again because the host chose another token than the best candidate
+        self.current: int | None = None  # the step last waited for
+        self.queued: int | None = None  # the step queued ahead, fed by the current step's best candidate
+        self.fed_with = -1  # that candidate's id
+
+    def step(self, token: int, mask: np.ndarray, next_mask: np.ndarray | None) -> tuple[ort.OrtValue, list[np.ndarray]]:
+        """Run the decode step that feeds `token` with `mask`; with `next_mask`, queue the step after it
+        first, fed by this step's best candidate. The step may already be queued by the previous call:
+        then `token` is the host's choice, and the step runs again when it differs from the candidate
+        that fed it. Returns this step's logits (device) and candidates [top_logits, top_ids] (host)."""
+        current = self.queued
+        if current is None:  # nothing queued: start the pair with the host's token
+            current = 0
+            self.feed(current, token)
+            self.launch(current, mask)
+        elif token != self.fed_with:
+            self.rerun(current, token)
+        self.queued = None
+        if next_mask is not None:
+            self.launch(1 - current, next_mask)
+            self.queued = 1 - current
+        logits, (top_logits, top_ids) = self.wait(current)
+        self.current, self.fed_with = current, int(top_ids[0, 0])  # the token the queued step reads
+        return logits, [top_logits, top_ids]
 
     def feed(self, step: int, token: int) -> None:
         """Make `token` the input of `step`: the first id of the other step's candidates buffer."""
@@ -164,6 +288,7 @@ class DecodePipeline:
         for step, event in enumerate(self.events):
             if event is not None:
                 self.wait(step)
+        self.queued = None
 
 
 def device_buffer(shape: list[int], dtype: type, device: str) -> ort.OrtValue:

@@ -62,19 +62,3 @@ class DeviceStream:
         status = getattr(self._cuda, name)(*args)
         if status != 0:
             raise RuntimeError(f"CUDA driver call {name} failed with error {status}")
-
-
-class HostStream:
-    """The same interface on the CPU, where onnxruntime runs synchronously: writes are immediate and
-    events are already complete (tests drive the pipelined decode loop through it)."""
-
-    handle = None
-
-    def write(self, target: ort.OrtValue, data: np.ndarray) -> None:
-        target.update_inplace(np.ascontiguousarray(data))
-
-    def record(self) -> None:
-        return None
-
-    def wait(self, event: None) -> None:
-        pass

@@ -1,5 +1,5 @@
-"""The one error type the runtime raises for bad input; messages name the problem and the fix."""
+"""The runtime's one error type; messages name the problem and the fix."""
 
 
 class RuntimeInputError(ValueError):
-    """Bad artifact, prompt or generation setting."""
+    """Bad artifact, option, prompt or generation setting."""

@@ -12,13 +12,14 @@ from typing import Iterator
 
 import numpy as np
 
-from .cuda_graph import LONGEST_CAPTURED_PROMPT
+from artifact import contract
+
 from .errors import RuntimeInputError
 from .kv_cache import KVCache
-from .manifest import Manifest
 from .padding import PADDINGS
 from .sampling import SamplingConfig, choose_from_candidates, choose_tokens
-from .session import GraphSession, StepScores
+from .session import GraphSession
+from .steps import StepScores
 from .tokenizer import TextTokenizer
 
 
@@ -47,12 +48,15 @@ class Timings:
 
 class DecodeLoop:
     """Iterate to run the steps: each item is the new token of every row (None once a row is done).
-    Afterwards `generations`, `timings` and `cache` hold the results."""
+    Afterwards `generations`, `timings` and `cache` hold the results.
+
+    `cache` continues a batch-1 conversation whose ids it holds (a chat); `keep_cache` leaves the cache
+    with the caller at the end instead of returning it to the session's pool (a chat keeps it)."""
 
     def __init__(
         self,
         session: GraphSession,
-        manifest: Manifest,
+        manifest: contract.Manifest,
         tokenizer: TextTokenizer,
         prompts: list[list[int]],
         sampling: SamplingConfig,
@@ -61,54 +65,62 @@ class DecodeLoop:
         cache: KVCache | None = None,
         prefill_chunk: int | None = None,
         ignore_eos: bool = False,
+        keep_cache: bool = False,
     ):
         check_request(manifest, prompts, max_new_tokens)
-        self.session, self.manifest, self.tokenizer = session, manifest, tokenizer
+        self.session, self.steps, self.manifest, self.tokenizer = session, session.steps, manifest, tokenizer
         self.prompts, self.sampling, self.max_new_tokens = prompts, sampling, max_new_tokens
         self.stop_strings = tuple(stop_strings)
-        self.stop_token_ids = () if ignore_eos else manifest.stop_token_ids  # ignore_eos: benchmarks want full lengths
-        if prefill_chunk is not None and prefill_chunk < 1:
+        self.stop_token_ids = () if ignore_eos else manifest.tokenizer.stop_token_ids  # ignore_eos: benchmarks want full lengths
+        if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
             raise RuntimeInputError(f"prefill_chunk={prefill_chunk} must be a positive number of tokens")
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk, self.keep_cache = prefill_chunk, keep_cache
         self.generations = [Generation(list(prompt)) for prompt in prompts]
         self.timings = Timings()
         needed = max(len(prompt) for prompt in prompts) + max_new_tokens
         reuse = cache.reusable_prefix(prompts[0], needed) if cache is not None and len(prompts) == 1 else 0
-        # a fresh batch-1 prompt on a session that captures prefill is padded to a bucket length, whose
-        # captured graph is replayed; the padded positions' keys are overwritten by the decode steps
+        # a fresh batch-1 prompt may be padded to a bucket length the runner replays a captured graph for;
+        # the padded positions' keys are overwritten by the decode steps
         self.prompt_bucket = None
-        if session.captures_prefill and len(prompts) == 1 and not reuse:
-            self.prompt_bucket = captured_prompt_length(len(prompts[0]), manifest.context_length)
+        if len(prompts) == 1 and not reuse:
+            self.prompt_bucket = self.steps.prompt_bucket(len(prompts[0]), manifest.model.context_length)
         needed = max(needed, self.prompt_bucket or 0)
         # shared buffers get headroom, so a chat's next turns usually fit and reuse them
-        capacity = min(manifest.context_length, -(-needed // CAPACITY_STEP) * CAPACITY_STEP)
-        self.cache = cache if reuse else session.empty_cache(manifest, len(prompts), capacity)
+        capacity = min(manifest.model.context_length, -(-needed // CAPACITY_STEP) * CAPACITY_STEP)
+        self.cache = cache if reuse else session.caches.take(len(prompts), capacity)
         self.timings.reused_prompt_tokens = reuse
-        self.padding = PADDINGS[session.graph.padding](manifest.pad_token_id)
+        self.padding = PADDINGS[session.graph.padding](pad_token_id(manifest))
         if self.cache.capacity is not None:  # shared buffer: decode steps use a mask of the buffer's width
             self.padding.decode_width = self.cache.capacity
+        # one greedy row: its next token is usually the device's best candidate, so a runner may queue
+        # the next step before the host has chosen (runtime/cuda_graph.py, PipelinedSteps)
+        self.predictable = len(prompts) == 1 and not sampling.do_sample
 
     def __iter__(self) -> Iterator[list[int | None]]:
-        # the session marked the buffers busy when it handed them out; they return to it when the loop ends
         try:
             yield from self._steps()
         finally:
-            self.cache.busy = False
+            self.steps.settle(self.cache)  # a step queued before a stop token still writes into the buffers
+            if not self.keep_cache:
+                self.session.caches.give_back(self.cache)
 
     def _steps(self) -> Iterator[list[int | None]]:
         rng = np.random.default_rng(self.sampling.seed)
         started = time.perf_counter()
         if self.prompt_bucket:
-            ids, mask, positions = self.padding.prefill(self.prompts, 0, self.prompt_bucket)
+            inputs = self.padding.prefill(self.prompts, 0, self.prompt_bucket)
         else:
-            ids, mask, positions = self.padding.prefill(self.prompts, self._prefill_leading_chunks())
+            inputs = self.padding.prefill(self.prompts, self._prefill_leading_chunks())
         seen = [np.array(prompt, dtype=np.int64) for prompt in self.prompts]
         done = [False] * len(self.prompts)
-        new = self._accept(self._choose(self.session.step(ids, mask, positions, self.cache), seen, rng), seen, done)
+        new = self._accept(self._choose(self.steps.step(inputs, self.cache), seen, rng), seen, done)
         self.timings.time_to_first_token_s = time.perf_counter() - started
         yield new
-        decode = self._pipelined_decode if self._pipelines() else self._decode
-        for new in decode(new, seen, done, rng):
+        while not all(done):
+            inputs = self.padding.decode([pad_token_id(self.manifest) if t is None else t for t in new])
+            more = self.predictable and len(self.generations[0].output_ids) + 1 < self.max_new_tokens
+            scores = self.steps.step(inputs, self.cache, self.padding.next_decode_mask() if more else None)
+            new = self._accept(self._choose(scores, seen, rng), seen, done)
             self.timings.decode_tokens += sum(token is not None for token in new)
             yield new
         for generation in self.generations:
@@ -117,46 +129,6 @@ class DecodeLoop:
         self.timings.decode_s = time.perf_counter() - started - self.timings.time_to_first_token_s
         # the last sampled token was never fed, so the cache holds everything before it
         self.cache.tokens = [g.prompt_ids + g.output_ids[:-1] for g in self.generations]
-
-    def _decode(self, new: list[int | None], seen: list[np.ndarray], done: list[bool],
-                rng: np.random.Generator) -> Iterator[list[int | None]]:
-        """One step at a time: feed the last tokens, choose the next ones."""
-        while not all(done):
-            ids, mask, positions = self.padding.decode([self.manifest.pad_token_id if t is None else t for t in new])
-            new = self._accept(self._choose(self.session.step(ids, mask, positions, self.cache), seen, rng), seen, done)
-            yield new
-
-    def _pipelines(self) -> bool:
-        """Batch-1 greedy decoding on a session that queues steps ahead (runtime/cuda_graph.py)."""
-        return (self.session.pipelines_decode and len(self.prompts) == 1 and not self.sampling.do_sample
-                and self.cache.capacity is not None and bool(self.session.graph.token_candidates))
-
-    def _pipelined_decode(self, new: list[int | None], seen: list[np.ndarray], done: list[bool],
-                          rng: np.random.Generator) -> Iterator[list[int | None]]:
-        """As _decode for one greedy row, but step n+1 is queued, reading step n's best candidate on the
-        device, before the host reads step n; a host choice other than that candidate queues step n+1
-        again with the right token (DecodePipeline.rerun)."""
-        if all(done):
-            return
-        pipeline, generation = self.session.decode_pipeline(self.cache), self.generations[0]
-        current = 0
-        pipeline.feed(current, new[0])
-        pipeline.launch(current, self.padding.decode(new)[1])
-        try:
-            while not all(done):
-                ahead = len(generation.output_ids) + 1 < self.max_new_tokens  # a step after this one is due
-                if ahead:
-                    next_mask = self.padding.decode([self.manifest.pad_token_id])[1]  # the token comes from the device
-                    pipeline.launch(1 - current, next_mask)
-                logits, (top_logits, top_ids) = pipeline.wait(current)
-                tokens = self._choose(StepScores(top_logits, top_ids, self.session.full_reader(logits)), seen, rng)
-                if ahead and tokens[0] != top_ids[0, 0]:
-                    pipeline.rerun(1 - current, int(tokens[0]))
-                new = self._accept(tokens, seen, done)
-                yield new
-                current = 1 - current
-        finally:
-            pipeline.drain()  # a step queued before a stop token still writes into the cache's buffers
 
     def _accept(self, tokens: np.ndarray, seen: list[np.ndarray], done: list[bool]) -> list[int | None]:
         """Record each unfinished row's token; None for rows already done."""
@@ -177,7 +149,7 @@ class DecodeLoop:
             if tokens is not None:
                 return tokens
         logits = scores.full()
-        logits[:, self.manifest.tokenizer_vocab_size :] = -np.inf  # padding rows of the embedding
+        logits[:, self.manifest.tokenizer.vocab_size :] = -np.inf  # padding rows of the embedding
         return choose_tokens(logits, self.sampling, seen, rng)
 
     def _prefill_leading_chunks(self) -> int:
@@ -191,7 +163,7 @@ class DecodeLoop:
         prompt = self.prompts[0]
         while len(prompt) - start > self.prefill_chunk:
             end = start + self.prefill_chunk
-            self.session.step(*self.padding.prefill([prompt[:end]], start), self.cache)
+            self.steps.step(self.padding.prefill([prompt[:end]], start), self.cache)
             start = end
         return start
 
@@ -209,37 +181,25 @@ class DecodeLoop:
         return len(generation.output_ids) >= self.max_new_tokens
 
 
-def captured_prompt_length(length: int, context_length: int) -> int | None:
-    """The bucket a prompt of `length` tokens is padded to for a captured prefill: four lengths per
-    octave (at most 25% padding, 16 at least), so few graphs serve every length; None past
-    LONGEST_CAPTURED_PROMPT or the context, where the GPU work outweighs the host's and a capture's
-    memory would not pay."""
-    if length <= 16:
-        bucket = 16
-    else:
-        step = (1 << (length - 1).bit_length()) // 8  # a quarter of the octave [top / 2, top]
-        bucket = -(-length // step) * step
-    return bucket if bucket <= min(LONGEST_CAPTURED_PROMPT, context_length - 1) else None
+def pad_token_id(manifest: contract.Manifest) -> int:
+    """The id fed to padded positions and finished rows: the pad token, else the first stop token."""
+    tokens = manifest.tokenizer
+    return tokens.pad_token_id if tokens.pad_token_id is not None else (tokens.stop_token_ids or (0,))[0]
 
 
-def captured_prompt_buckets(longest: int, context_length: int) -> list[int]:
-    """Every bucket length a prompt of at most `longest` tokens can be padded to."""
-    buckets = {captured_prompt_length(n, context_length) for n in range(1, longest + 1)}
-    return sorted(bucket for bucket in buckets if bucket is not None)
-
-
-def check_request(manifest: Manifest, prompts: list[list[int]], max_new_tokens: int) -> None:
+def check_request(manifest: contract.Manifest, prompts: list[list[int]], max_new_tokens: int) -> None:
     """Refuse impossible requests before any work, with the numbers."""
     if not prompts or any(not prompt for prompt in prompts):
         raise RuntimeInputError("every prompt needs at least one token")
-    if max_new_tokens < 1:
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise RuntimeInputError(f"max_new_tokens={max_new_tokens} must be at least 1")
     longest = max(len(prompt) for prompt in prompts)
-    if longest + max_new_tokens > manifest.context_length:
+    context = manifest.model.context_length
+    if longest + max_new_tokens > context:
         raise RuntimeInputError(
             f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} = {longest + max_new_tokens} exceeds the "
-            f"model's context length {manifest.context_length}; shorten the prompt or lower --max-new-tokens"
+            f"model's context length {context}; shorten the prompt or lower --max-new-tokens"
         )
-    vocab = manifest.tokenizer_vocab_size
+    vocab = manifest.tokenizer.vocab_size
     if any(not 0 <= token < vocab for prompt in prompts for token in prompt):
         raise RuntimeInputError(f"prompt ids must lie in [0, {vocab}) (the tokenizer's vocabulary)")

@@ -5,38 +5,31 @@ concat (portable graph): present.* = concat(past, new) are bound on the device a
 shared_buffer (GroupQueryAttention graphs): one buffer per layer and kind of `capacity` positions,
     bound as both past_key_values.* and present.*; the op writes new keys in place, so shapes stay
     fixed from step to step.
-The cache also remembers the token ids it holds per row, so a chat can reuse it when the next prompt
-extends them.
+A cache holds its buffers and the token ids whose keys and values they hold per row, so a chat can
+reuse it when the next prompt extends them. Nothing else: captured steps belong to the step runner.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import onnxruntime as ort
 
-from .manifest import GraphInfo, Manifest
-
-# ONNX TensorProto element types: bf16 has no numpy type, so allocate by ONNX type id
-ONNX_ELEMENT_TYPES = {"float32": 1, "float16": 10, "bfloat16": 16}
+from artifact import contract
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: step runners key their captured steps by cache
 class KVCache:
     values: list[ort.OrtValue]  # key_0, value_0, key_1, ... each [B, Hkv, length or capacity, Dh]
     layout: str
     capacity: int | None = None  # shared_buffer only
     tokens: list[list[int]] = field(default_factory=list)  # ids whose keys and values are held, per row
-    captured: dict[int, Any] = field(default_factory=dict)  # new tokens per row -> cuda_graph.CapturedStep
-    pipeline: Any = None  # cuda_graph.DecodePipeline of this cache's batch-1 greedy decode, made on first use
-    busy: bool = False  # a decode loop runs on it or a chat keeps it: the session must not hand it out again
 
     def past_names(self) -> list[str]:
-        return [f"past_key_values.{i // 2}.{'key' if i % 2 == 0 else 'value'}" for i in range(len(self.values))]
+        return contract.kv_names(len(self.values) // 2, contract.PAST)
 
     def present_names(self) -> list[str]:
-        return [name.replace("past_key_values", "present") for name in self.past_names()]
+        return contract.kv_names(len(self.values) // 2, contract.PRESENT)
 
     def reusable_prefix(self, prompt: list[int], needed_capacity: int) -> int:
         """How many leading ids of a batch-1 `prompt` are already cached (0 when it does not extend them
@@ -47,10 +40,36 @@ class KVCache:
         return len(held) if len(held) < len(prompt) and prompt[: len(held)] == held else 0
 
 
-def new_cache(manifest: Manifest, graph: GraphInfo, batch: int, device: str, capacity: int) -> KVCache:
+def new_cache(manifest: contract.Manifest, graph: contract.GraphEntry, batch: int, device: str, capacity: int) -> KVCache:
     """Empty past tensors (concat) or zeroed buffers of `capacity` positions (shared_buffer) on `device`."""
-    length = capacity if graph.kv_layout == "shared_buffer" else 0
-    shape = [batch, manifest.num_kv_heads, length, manifest.head_dim]
-    element_type = ONNX_ELEMENT_TYPES[graph.activation_dtype or manifest.dtype]
-    values = [ort.OrtValue.ortvalue_from_shape_and_type(shape, element_type, device, 0) for _ in range(2 * manifest.num_layers)]
+    model = manifest.model
+    length = capacity if graph.kv_layout == contract.SHARED_BUFFER else 0
+    shape = [batch, model.num_key_value_heads, length, model.head_dim]
+    element_type = contract.ELEMENT_TYPES[graph.activation_dtype or manifest.dtype]
+    values = [ort.OrtValue.ortvalue_from_shape_and_type(shape, element_type, device, 0)
+              for _ in range(2 * model.num_hidden_layers)]
     return KVCache(values, graph.kv_layout, capacity if length else None, [[] for _ in range(batch)])
+
+
+class KVPool:
+    """Hands out caches and keeps the last one returned for the next request of the same batch and
+    capacity: its captured graphs stay valid (onnxruntime keeps every captured graph, so a capture per
+    request would also pile them up) and no device memory is allocated. Old contents need no clearing:
+    the attention mask says which positions hold keys. A cache handed out (to a decode loop, or kept
+    by a chat) is never handed out again until it is returned."""
+
+    def __init__(self, manifest: contract.Manifest, graph: contract.GraphEntry, device: str):
+        self.manifest, self.graph, self.device = manifest, graph, device
+        self.spare: KVCache | None = None  # returned, free for the next request that fits
+
+    def take(self, batch: int, capacity: int) -> KVCache:
+        spare = self.spare
+        if self.graph.kv_layout != contract.SHARED_BUFFER or spare is None or len(spare.tokens) != batch or spare.capacity != capacity:
+            return new_cache(self.manifest, self.graph, batch, self.device, capacity)
+        self.spare = None
+        spare.tokens = [[] for _ in range(batch)]
+        return spare
+
+    def give_back(self, cache: KVCache) -> None:
+        if cache.layout == contract.SHARED_BUFFER:
+            self.spare = cache

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from artifact import contract
+
+from .steps import StepInputs
+
 
 class LeftPadding:
     def __init__(self, pad_token_id: int):
@@ -17,14 +21,13 @@ class LeftPadding:
         self.mask: np.ndarray | None = None
         self.positions: np.ndarray | None = None
 
-    def prefill(self, prompts: list[list[int]], reused: int,
-                width: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def prefill(self, prompts: list[list[int]], reused: int, width: int | None = None) -> StepInputs:
         assert width is None, "the concat layout's masks grow with the cache"
         if reused:  # batch 1 continuing a cached conversation
             prompt = prompts[0]
             self.mask = np.ones((1, len(prompt)), np.int64)
             self.positions = np.arange(reused, len(prompt), dtype=np.int64)[None]
-            return np.array([prompt[reused:]], dtype=np.int64), self.mask, self.positions
+            return StepInputs(np.array([prompt[reused:]], dtype=np.int64), self.mask, self.positions)
         longest = max(len(prompt) for prompt in prompts)
         ids = np.full((len(prompts), longest), self.pad, dtype=np.int64)
         self.mask = np.zeros_like(ids)
@@ -32,12 +35,16 @@ class LeftPadding:
             ids[row, longest - len(prompt):] = prompt
             self.mask[row, longest - len(prompt):] = 1
         self.positions = np.maximum(self.mask.cumsum(axis=1) - 1, 0)
-        return ids, self.mask, self.positions
+        return StepInputs(ids, self.mask, self.positions)
 
-    def decode(self, tokens: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        self.mask = np.concatenate([self.mask, np.ones((len(tokens), 1), np.int64)], axis=1)
+    def decode(self, tokens: list[int]) -> StepInputs:
+        self.mask = self.next_decode_mask()
         self.positions = self.positions[:, -1:] + 1
-        return np.array(tokens, dtype=np.int64)[:, None], self.mask, self.positions
+        return StepInputs(np.array(tokens, dtype=np.int64)[:, None], self.mask, self.positions)
+
+    def next_decode_mask(self) -> np.ndarray:
+        """The mask the next decode step will have."""
+        return np.concatenate([self.mask, np.ones((len(self.mask), 1), np.int64)], axis=1)
 
 
 class RightPadding:
@@ -48,25 +55,30 @@ class RightPadding:
         # decode step's shapes identical, which CUDA-graph replay needs; GQA reads lengths from the ones
         self.decode_width: int | None = None
 
-    def prefill(self, prompts: list[list[int]], reused: int, width: int | None = None) -> tuple[np.ndarray, np.ndarray, None]:
+    def prefill(self, prompts: list[list[int]], reused: int, width: int | None = None) -> StepInputs:
         """`width` pads a fresh prompt further, to a captured graph's length (default: the longest row)."""
         if reused:
             self.lengths = np.array([len(prompts[0])], np.int64)
-            return np.array([prompts[0][reused:]], dtype=np.int64), self._mask(), None
+            return StepInputs(np.array([prompts[0][reused:]], dtype=np.int64), self._mask(), None)
         longest = width or max(len(prompt) for prompt in prompts)
         ids = np.full((len(prompts), longest), self.pad, dtype=np.int64)
         for row, prompt in enumerate(prompts):
             ids[row, : len(prompt)] = prompt
         self.lengths = np.array([len(prompt) for prompt in prompts], np.int64)
-        return ids, self._mask(longest), None
+        return StepInputs(ids, self._mask(longest), None)
 
-    def decode(self, tokens: list[int]) -> tuple[np.ndarray, np.ndarray, None]:
+    def decode(self, tokens: list[int]) -> StepInputs:
         self.lengths = self.lengths + 1
-        return np.array(tokens, dtype=np.int64)[:, None], self._mask(self.decode_width), None
+        return StepInputs(np.array(tokens, dtype=np.int64)[:, None], self._mask(self.decode_width), None)
 
-    def _mask(self, width: int | None = None) -> np.ndarray:
-        columns = width or self.lengths.max()
-        return (np.arange(columns)[None, :] < self.lengths[:, None]).astype(np.int64)
+    def next_decode_mask(self) -> np.ndarray:
+        """The mask the next decode step will have."""
+        return self._mask(self.decode_width, self.lengths + 1)
+
+    def _mask(self, width: int | None = None, lengths: np.ndarray | None = None) -> np.ndarray:
+        lengths = self.lengths if lengths is None else lengths
+        columns = width or lengths.max()
+        return (np.arange(columns)[None, :] < lengths[:, None]).astype(np.int64)
 
 
-PADDINGS = {"left": LeftPadding, "right": RightPadding}
+PADDINGS = {contract.LEFT: LeftPadding, contract.RIGHT: RightPadding}

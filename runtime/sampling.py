@@ -38,9 +38,12 @@ class SamplingConfig:
                 raise RuntimeInputError(message)
 
 
+SAMPLING_OPTIONS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+
+
 def sampling_from_generation_config(generation_config: dict[str, Any], **overrides: Any) -> SamplingConfig:
     """Defaults from generation_config.json, then every override that is not None."""
-    keys = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+    keys = SAMPLING_OPTIONS[:-1]  # a seed in generation_config.json is not a default
     defaults = {key: generation_config[key] for key in keys if generation_config.get(key) is not None}
     config = SamplingConfig(**defaults)
     return replace(config, **{key: value for key, value in overrides.items() if value is not None})

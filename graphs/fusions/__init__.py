@@ -1,1 +1,1 @@
-"""One fused op per module, each as find -> check -> build."""
+"""One fused op per module, each a Fusion: find -> check -> build (graphs/fusion.py)."""

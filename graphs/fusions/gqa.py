@@ -25,9 +25,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from ..attention_inputs import AttentionLengths
+from artifact import contract
+
 from ..build import MS_DOMAIN, add_initializer, add_node, replace_value
-from ..facts import ModelFacts
+from ..facts import ModelFacts, PassFacts
+from ..fusion import Fusion
 from ..regions import Region, nodes_in_scope, region_of, scopes_of
 
 NAME = "GroupQueryAttention"
@@ -48,9 +50,9 @@ class Attention:
     window: int | None
 
 
-def find(graph: ir.Graph, facts: ModelFacts) -> list[tuple[int, Region]]:
+def find(graph: ir.Graph, facts: PassFacts) -> list[tuple[int, Region]]:
     candidates = []
-    for layer in range(facts.num_layers):
+    for layer in range(facts.model.num_layers):
         scope = f"model.layers.{layer}.self_attn"
         nodes = nodes_in_scope(graph, scope, exclude=tuple(f"{scope}.{p}" for p in PROJECTIONS))
         if nodes:
@@ -58,7 +60,7 @@ def find(graph: ir.Graph, facts: ModelFacts) -> list[tuple[int, Region]]:
     return candidates
 
 
-def check(graph: ir.Graph, candidate: tuple[int, Region], facts: ModelFacts) -> Attention | str:
+def check(graph: ir.Graph, candidate: tuple[int, Region], facts: PassFacts) -> Attention | str:
     layer, region = candidate
     scope = f"model.layers.{layer}.self_attn"
 
@@ -71,8 +73,8 @@ def check(graph: ir.Graph, candidate: tuple[int, Region], facts: ModelFacts) -> 
     query, key, value = projected("q_proj"), projected("k_proj"), projected("v_proj")
     if None in (query, key, value):
         return "q/k/v projections not found at the region's boundary"
-    past = [inputs.get(f"past_key_values.{layer}.{kind}") for kind in ("key", "value")]
-    present = [outputs.get(f"present.{layer}.{kind}") for kind in ("key", "value")]
+    past = [inputs.get(name) for name in contract.kv_names(layer + 1, contract.PAST)[-2:]]
+    present = [outputs.get(name) for name in contract.kv_names(layer + 1, contract.PRESENT)[-2:]]
     if None in past or None in present:
         return "past/present KV values of the layer not found at the region's boundary"
     to_o_proj = [v for v in region.outputs if any(f"{scope}.o_proj" in scopes_of(user) for user, _ in v.uses())]
@@ -80,7 +82,7 @@ def check(graph: ir.Graph, candidate: tuple[int, Region], facts: ModelFacts) -> 
         return "the attention output feeding o_proj was not found"
     if not any(node.op_type == "Softmax" for node in region.nodes):
         return "no Softmax in the region: not the attention the exporter writes"
-    return Attention(layer, query, key, value, past[0], past[1], to_o_proj[0], present[0], present[1], facts.windows[layer])
+    return Attention(layer, query, key, value, past[0], past[1], to_o_proj[0], present[0], present[1], facts.model.windows[layer])
 
 
 def rotary_caches(graph: ir.Graph, facts: ModelFacts, dtype: ir.DataType) -> tuple[ir.Value, ir.Value]:
@@ -99,20 +101,25 @@ def rotary_caches(graph: ir.Graph, facts: ModelFacts, dtype: ir.DataType) -> tup
             add_initializer(graph, "rotary/sin_cache", dtype, shape, table(np.sin)))
 
 
-def build(graph: ir.Graph, found: list[Attention], facts: ModelFacts, lengths: AttentionLengths) -> None:
+def build(graph: ir.Graph, found: list[Attention], facts: PassFacts) -> PassFacts:
     if not found:
-        return
-    cos, sin = rotary_caches(graph, facts, found[0].past_key.dtype)
+        return facts
+    model, lengths = facts.model, facts.lengths
+    cos, sin = rotary_caches(graph, model, found[0].past_key.dtype)
     for attention in found:
         window = attention.window if attention.window is not None else -1
         out, present_key, present_value = add_node(
             graph, "GroupQueryAttention",
             [attention.query, attention.key, attention.value, attention.past_key, attention.past_value,
              lengths.seqlens_k, lengths.total_length, cos, sin],
-            {"num_heads": facts.num_heads, "kv_num_heads": facts.num_kv_heads, "scale": float(facts.head_dim**-0.5),
+            {"num_heads": model.num_heads, "kv_num_heads": model.num_kv_heads, "scale": float(model.head_dim**-0.5),
              "do_rotary": 1, "rotary_interleaved": 0, "local_window_size": window},
             name=f"layers.{attention.layer}/attn/GroupQueryAttention", domain=MS_DOMAIN, num_outputs=3,
         )
         replace_value(graph, attention.output, out)
         replace_value(graph, attention.present_key, present_key)
         replace_value(graph, attention.present_value, present_value)
+    return facts
+
+
+FUSION = Fusion(NAME, lambda facts: facts.model.num_layers, find, check, build)

@@ -10,14 +10,16 @@ A 4k-token prompt with a 152k vocabulary thus never materialises [S, V] logits.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx_ir as ir
 
-from ..attention_inputs import AttentionLengths
+from artifact import contract
+
 from ..build import add_node, constant
-from ..facts import ModelFacts
+from ..facts import PassFacts
+from ..fusion import Fusion
 from ..regions import nodes_in_scope, region_of
 
 NAME = "last_token_logits"
@@ -30,14 +32,14 @@ class FinalHidden:
     logits: ir.Value
 
 
-def find(graph: ir.Graph, facts: ModelFacts) -> list[list[ir.Node]]:
+def find(graph: ir.Graph, facts: PassFacts) -> list[list[ir.Node]]:
     nodes = nodes_in_scope(graph, "model.norm")
     return [nodes] if nodes else []
 
 
-def check(graph: ir.Graph, nodes: list[ir.Node], facts: ModelFacts) -> FinalHidden | str:
+def check(graph: ir.Graph, nodes: list[ir.Node], facts: PassFacts) -> FinalHidden | str:
     region = region_of(nodes)
-    logits = [v for v in graph.outputs if v.name == "logits"]
+    logits = [v for v in graph.outputs if v.name == contract.LOGITS]
     if len(region.inputs) != 1 or not logits:
         return "final norm does not read exactly one activation, or the graph has no logits output"
     hidden = region.inputs[0]
@@ -45,9 +47,9 @@ def check(graph: ir.Graph, nodes: list[ir.Node], facts: ModelFacts) -> FinalHidd
     return FinalHidden(hidden, consumers, logits[0])
 
 
-def build(graph: ir.Graph, found: list[FinalHidden], facts: ModelFacts, lengths: AttentionLengths) -> None:
+def build(graph: ir.Graph, found: list[FinalHidden], facts: PassFacts) -> PassFacts:
     for final in found:
-        input_ids = next(v for v in graph.inputs if v.name == "input_ids")
+        input_ids = next(v for v in graph.inputs if v.name == contract.INPUT_IDS)
         zero = constant(graph, "last_token/zero", np.array(0, np.int64))
         one = constant(graph, "last_token/one", np.array(1, np.int64))
         axis = constant(graph, "last_token/axis_1", np.array([1], np.int64))
@@ -57,7 +59,7 @@ def build(graph: ir.Graph, found: list[FinalHidden], facts: ModelFacts, lengths:
         (ones,) = add_node(graph, "Add", [zeros, one], name="last_token/ones")
         (new_tokens,) = add_node(graph, "ReduceSum", [ones, axis], {"keepdims": 0}, name="last_token/new_tokens")
         (last_new,) = add_node(graph, "Sub", [new_tokens, one], name="last_token/last_new_index")
-        (index,) = add_node(graph, "Min", [lengths.seqlens_k_int64, last_new], name="last_token/index")
+        (index,) = add_node(graph, "Min", [facts.lengths.seqlens_k_int64, last_new], name="last_token/index")
         (index_b1,) = add_node(graph, "Unsqueeze", [index, axis], name="last_token/index_b1")
         (gathered,) = add_node(graph, "GatherND", [final.hidden, index_b1], {"batch_dims": 1}, name="last_token/GatherND")
         (hidden_last,) = add_node(graph, "Unsqueeze", [gathered, axis], name="last_token/hidden")
@@ -65,4 +67,8 @@ def build(graph: ir.Graph, found: list[FinalHidden], facts: ModelFacts, lengths:
             for position, value in enumerate(node.inputs):
                 if value is final.hidden:
                     node.replace_input_with(position, hidden_last)
-        final.logits.shape = ir.Shape([ir.SymbolicDim("batch_size"), 1, final.logits.shape[-1]])
+        final.logits.shape = ir.Shape([ir.SymbolicDim(contract.BATCH), 1, final.logits.shape[-1]])
+    return replace(facts, last_token_logits=bool(found))
+
+
+FUSION = Fusion(NAME, lambda facts: 1, find, check, build)

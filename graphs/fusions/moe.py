@@ -26,7 +26,8 @@ import numpy as np
 import onnx_ir as ir
 
 from ..build import MS_DOMAIN, add_initializer, add_node, constant, replace_value
-from ..facts import ModelFacts
+from ..facts import PassFacts
+from ..fusion import Fusion
 from ..regions import Region, initializers_of, nodes_in_scope, region_of
 
 NAME = "MoE"
@@ -49,9 +50,9 @@ def interleave_gate_up(gate_up: np.ndarray) -> np.ndarray:
     return np.stack([gate, up], axis=2).reshape(experts, rows, hidden)
 
 
-def find(graph: ir.Graph, facts: ModelFacts) -> list[tuple[int, Region, Region]]:
+def find(graph: ir.Graph, facts: PassFacts) -> list[tuple[int, Region, Region]]:
     found = []
-    for layer in facts.sparse_layers:
+    for layer in facts.model.sparse_layers:
         experts = nodes_in_scope(graph, f"model.layers.{layer}.mlp.experts")
         router = nodes_in_scope(graph, f"model.layers.{layer}.mlp.gate")
         if experts and router:
@@ -59,7 +60,7 @@ def find(graph: ir.Graph, facts: ModelFacts) -> list[tuple[int, Region, Region]]
     return found
 
 
-def check(graph: ir.Graph, candidate: tuple[int, Region, Region], facts: ModelFacts) -> Experts | str:
+def check(graph: ir.Graph, candidate: tuple[int, Region, Region], facts: PassFacts) -> Experts | str:
     layer, experts, router = candidate
     stacked = [w for w in initializers_of(experts.nodes) if w.shape is not None and len(w.shape) == 3]
     if len(stacked) != 2:
@@ -78,7 +79,7 @@ def check(graph: ir.Graph, candidate: tuple[int, Region, Region], facts: ModelFa
     return Experts(layer, x, logits_node.outputs[0], gate_up, down, experts.outputs[0])
 
 
-def build(graph: ir.Graph, found: list[Experts], facts: ModelFacts) -> None:
+def build(graph: ir.Graph, found: list[Experts], facts: PassFacts) -> PassFacts:
     for experts in found:
         gate_up = experts.gate_up
         fc1 = add_initializer(graph, f"layers.{experts.layer}/mlp/moe/fc1", gate_up.dtype, tuple(gate_up.shape),
@@ -87,8 +88,12 @@ def build(graph: ir.Graph, found: list[Experts], facts: ModelFacts) -> None:
         (router_rows,) = add_node(graph, "Reshape", [experts.router_logits, rows_shape], name=f"layers.{experts.layer}/mlp/router_rows")
         (out,) = add_node(
             graph, "MoE", [experts.input, router_rows, fc1, None, experts.down],
-            {"k": facts.experts_per_token, "activation_type": "swiglu", "swiglu_fusion": 1,
-             "normalize_routing_weights": int(facts.normalize_routing), "activation_alpha": 1.0, "activation_beta": 0.0},
+            {"k": facts.model.experts_per_token, "activation_type": "swiglu", "swiglu_fusion": 1,
+             "normalize_routing_weights": int(facts.model.normalize_routing), "activation_alpha": 1.0, "activation_beta": 0.0},
             name=f"layers.{experts.layer}/mlp/MoE", domain=MS_DOMAIN,
         )
         replace_value(graph, experts.output, out)
+    return facts
+
+
+FUSION = Fusion(NAME, lambda facts: len(facts.model.sparse_layers), find, check, build)

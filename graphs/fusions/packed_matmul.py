@@ -22,7 +22,8 @@ import numpy as np
 import onnx_ir as ir
 
 from ..build import add_initializer, add_node, constant, replace_value
-from ..facts import ModelFacts
+from ..facts import PassFacts
+from ..fusion import Fusion
 from ..linear import Linear, linear_producing
 from ..regions import node_path
 
@@ -53,11 +54,11 @@ def _pack(graph: ir.Graph, packing: Packing) -> ir.Value:
     return out
 
 
-def find(graph: ir.Graph, facts: ModelFacts) -> list[ir.Node]:
+def find(graph: ir.Graph, facts: PassFacts) -> list[ir.Node]:
     return [node for node in graph if node.op_type == "GroupQueryAttention"]
 
 
-def check(graph: ir.Graph, node: ir.Node, facts: ModelFacts) -> Packing | str:
+def check(graph: ir.Graph, node: ir.Node, facts: PassFacts) -> Packing | str:
     linears = tuple(linear_producing(v) for v in node.inputs[:3] if v is not None)
     if len(linears) != 3 or None in linears:
         return f"{node.name}: q/k/v are not three linear layers"
@@ -68,22 +69,23 @@ def check(graph: ir.Graph, node: ir.Node, facts: ModelFacts) -> Packing | str:
     return Packing(node.name.replace("/GroupQueryAttention", "/qkv"), linears, node)
 
 
-def build(graph: ir.Graph, found: list[Packing], facts: ModelFacts) -> None:
+def build(graph: ir.Graph, found: list[Packing], facts: PassFacts) -> PassFacts:
     for packing in found:
         qkv = _pack(graph, packing)
         gqa = packing.consumer
         gqa.replace_input_with(0, qkv)
         gqa.replace_input_with(1, None)
         gqa.replace_input_with(2, None)
+    return facts
 
 
-def find_gate_up(graph: ir.Graph, facts: ModelFacts) -> list[ir.Node]:
+def find_gate_up(graph: ir.Graph, facts: PassFacts) -> list[ir.Node]:
     """Mul(silu(gate), up) nodes: silu is exported as Mul(g, Sigmoid(g))."""
     return [node for node in graph if node.op_type == "Mul" and node.inputs[0] is not None
             and node.inputs[0].producer() is not None and node.inputs[0].producer().op_type == "Mul"]
 
 
-def check_gate_up(graph: ir.Graph, node: ir.Node, facts: ModelFacts) -> Packing | str:
+def check_gate_up(graph: ir.Graph, node: ir.Node, facts: PassFacts) -> Packing | str:
     silu, up_value = node.inputs[0].producer(), node.inputs[1]
     gate_value = silu.inputs[0]
     sigmoid = silu.inputs[1].producer() if silu.inputs[1] is not None else None
@@ -95,10 +97,16 @@ def check_gate_up(graph: ir.Graph, node: ir.Node, facts: ModelFacts) -> Packing 
     return Packing(f"{node_path(node)}/gate_up", (gate, up))
 
 
-def build_gate_up(graph: ir.Graph, found: list[Packing], facts: ModelFacts) -> None:
+def build_gate_up(graph: ir.Graph, found: list[Packing], facts: PassFacts) -> PassFacts:
     for packing in found:
         packed = _pack(graph, packing)
         sizes = constant(graph, f"{packing.name}/sizes", np.array([l.out_features for l in packing.linears], np.int64))
         gate, up = add_node(graph, "Split", [packed, sizes], {"axis": -1}, name=f"{packing.name}/Split", num_outputs=2)
         replace_value(graph, packing.linears[0].output, gate)
         replace_value(graph, packing.linears[1].output, up)
+    return facts
+
+
+QKV = Fusion(NAME, lambda facts: facts.model.num_layers, find, check, build)
+# every layer has one gate/up pair outside the routed experts: the dense MLP or the shared expert
+GATE_UP = Fusion(GATE_UP_NAME, lambda facts: facts.model.num_layers, find_gate_up, check_gate_up, build_gate_up)

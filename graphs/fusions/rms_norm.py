@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import onnx_ir as ir
 
 from ..build import MS_DOMAIN, add_node, replace_value
-from ..facts import ModelFacts
+from ..facts import PassFacts
+from ..fusion import Fusion
 from ..regions import Region, initializers_of, nodes_in_scope, region_of
 
 NAME = "SimplifiedLayerNormalization"
@@ -35,34 +36,36 @@ class Norm:
     output: ir.Value
 
 
-def norm_scopes(facts: ModelFacts) -> list[str]:
-    per_layer = [f"model.layers.{i}.{name}" for i in range(facts.num_layers) for name in ("input_layernorm", "post_attention_layernorm")]
+def norm_scopes(facts: PassFacts) -> list[str]:
+    layers = range(facts.model.num_layers)
+    per_layer = [f"model.layers.{i}.{name}" for i in layers for name in ("input_layernorm", "post_attention_layernorm")]
     return per_layer + ["model.norm"]
 
 
-def find(graph: ir.Graph, facts: ModelFacts) -> list[tuple[str, Region]]:
+def find(graph: ir.Graph, facts: PassFacts) -> list[tuple[str, Region]]:
     return [(scope, region_of(nodes)) for scope in norm_scopes(facts) if (nodes := nodes_in_scope(graph, scope))]
 
 
-def check(graph: ir.Graph, candidate: tuple[str, Region], facts: ModelFacts) -> Norm | str:
+def check(graph: ir.Graph, candidate: tuple[str, Region], facts: PassFacts) -> Norm | str:
     scope, region = candidate
     weights = initializers_of(region.nodes)
     # values made by earlier passes carry no type yet, so rule out integer (shape) inputs instead
     float_inputs = [v for v in region.inputs if v.dtype not in (ir.DataType.INT64, ir.DataType.INT32)]
     if len(float_inputs) != 1 or len(region.outputs) != 1:
         return f"{scope}: expected one input and one output, found {len(float_inputs)} and {len(region.outputs)}"
-    scale = [w for w in weights if w.shape is not None and list(w.shape) == [facts.hidden_size]]
+    scale = [w for w in weights if w.shape is not None and list(w.shape) == [facts.model.hidden_size]]
     if len(scale) != 1 or not any(n.op_type == "ReduceMean" for n in region.nodes):
         return f"{scope}: not an RMSNorm (no [hidden] weight or no ReduceMean)"
     return Norm(scope, float_inputs[0], scale[0], region.outputs[0])
 
 
-def build(graph: ir.Graph, found: list[Norm], facts: ModelFacts) -> None:
+def build(graph: ir.Graph, found: list[Norm], facts: PassFacts) -> PassFacts:
     for norm in found:
         (out,) = add_node(graph, "SimplifiedLayerNormalization", [norm.input, norm.weight],
-                          {"axis": -1, "epsilon": facts.rms_norm_eps, "stash_type": 1},
+                          {"axis": -1, "epsilon": facts.model.rms_norm_eps, "stash_type": 1},
                           name=f"{norm.scope.removeprefix('model.')}/SimplifiedLayerNormalization")
         replace_value(graph, norm.output, out)
+    return facts
 
 
 @dataclass(frozen=True)
@@ -71,11 +74,11 @@ class ResidualNorm:
     add: ir.Node
 
 
-def find_residual(graph: ir.Graph) -> list[ir.Node]:
+def find_residual(graph: ir.Graph, facts: PassFacts) -> list[ir.Node]:
     return [node for node in graph if node.op_type == "SimplifiedLayerNormalization"]
 
 
-def check_residual(norm: ir.Node) -> ResidualNorm | str:
+def check_residual(graph: ir.Graph, norm: ir.Node, facts: PassFacts) -> ResidualNorm | str:
     add = norm.inputs[0].producer()
     if add is None or add.op_type != "Add":
         return f"{norm.name}: input is not a residual Add"
@@ -85,13 +88,20 @@ def check_residual(norm: ir.Node) -> ResidualNorm | str:
     return ResidualNorm(norm, add)
 
 
-def build_residual(graph: ir.Graph, found: list[ResidualNorm], facts: ModelFacts) -> None:
+def build_residual(graph: ir.Graph, found: list[ResidualNorm], facts: PassFacts) -> PassFacts:
     for pair in found:
         branch, residual = pair.add.inputs
         name = pair.norm.name.replace("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization")
         out, _, _, total = add_node(graph, "SkipSimplifiedLayerNormalization", [branch, residual, pair.norm.inputs[1]],
-                                    {"epsilon": facts.rms_norm_eps}, name=name, domain=MS_DOMAIN, num_outputs=4)
+                                    {"epsilon": facts.model.rms_norm_eps}, name=name, domain=MS_DOMAIN, num_outputs=4)
         _, mean, inv_std, _ = total.producer().outputs
         mean.name, inv_std.name = "", ""  # unused optional outputs
         replace_value(graph, pair.norm.outputs[0], out)
         replace_value(graph, pair.add.outputs[0], total)
+    return facts
+
+
+NORM = Fusion(NAME, lambda facts: 2 * facts.model.num_layers + 1, find, check, build)
+# every norm but the first (it reads the embeddings) and, once logits are per row, the final one
+SKIP = Fusion(SKIP_NAME, lambda facts: 2 * facts.model.num_layers - int(facts.last_token_logits),
+              find_residual, check_residual, build_residual)

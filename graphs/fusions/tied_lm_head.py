@@ -17,7 +17,8 @@ import numpy as np
 import onnx_ir as ir
 
 from ..build import add_node, constant, replace_value
-from ..facts import ModelFacts
+from ..facts import PassFacts
+from ..fusion import Fusion
 
 NAME = "tied_lm_head"
 
@@ -29,7 +30,7 @@ class TiedHead:
     embedding: ir.Value
 
 
-def find(graph: ir.Graph, facts: ModelFacts) -> list[ir.Node]:
+def find(graph: ir.Graph, facts: PassFacts) -> list[ir.Node]:
     """MatMuls whose weight is a Transpose of an initializer (the logits may pass through a Cast after)."""
     def transposed_initializer(value: ir.Value | None) -> bool:
         producer = value.producer() if value is not None else None
@@ -38,8 +39,8 @@ def find(graph: ir.Graph, facts: ModelFacts) -> list[ir.Node]:
     return [node for node in graph if node.op_type == "MatMul" and transposed_initializer(node.inputs[1])]
 
 
-def check(graph: ir.Graph, node: ir.Node, facts: ModelFacts) -> TiedHead | str:
-    if not any(n.op_type == "GatherND" and n.name.startswith("last_token/") for n in graph):
+def check(graph: ir.Graph, node: ir.Node, facts: PassFacts) -> TiedHead | str:
+    if not facts.last_token_logits:
         return "needs last_token_logits first (one position per row)"
     transpose = node.inputs[1].producer() if node.inputs[1] is not None else None
     if transpose is None or transpose.op_type != "Transpose":
@@ -52,12 +53,17 @@ def check(graph: ir.Graph, node: ir.Node, facts: ModelFacts) -> TiedHead | str:
     return TiedHead(node, node.inputs[0], embedding)
 
 
-def build(graph: ir.Graph, found: list[TiedHead], facts: ModelFacts) -> None:
+def build(graph: ir.Graph, found: list[TiedHead], facts: PassFacts) -> PassFacts:
     for head in found:
-        rows = constant(graph, "lm_head/rows_shape", np.array([-1, facts.hidden_size], np.int64))
+        rows = constant(graph, "lm_head/rows_shape", np.array([-1, facts.model.hidden_size], np.int64))
         (hidden_rows,) = add_node(graph, "Reshape", [head.hidden, rows], name="lm_head/rows")
         (scores,) = add_node(graph, "Gemm", [hidden_rows, head.embedding], {"transB": 1}, name="lm_head/Gemm")
         vocab = head.embedding.shape[0]
         logits_shape = constant(graph, "lm_head/logits_shape", np.array([-1, 1, vocab], np.int64))
         (logits,) = add_node(graph, "Reshape", [scores, logits_shape], name="lm_head/logits")
         replace_value(graph, head.matmul.outputs[0], logits)
+    return facts
+
+
+# needs one position per row, so it fires only after last_token_logits
+FUSION = Fusion(NAME, lambda facts: int(facts.model.tied_embeddings and facts.last_token_logits), find, check, build)

@@ -14,10 +14,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .checkpoint import load_model
-from .config import load_config
-from .export import export_checkpoint
-from .synthetic import write_tiny_checkpoint
+from qwen2_export.checkpoint import load_model
+from qwen2_export.config import load_config
+from qwen2_export.export import export_checkpoint
+from qwen2_export.synthetic import write_tiny_checkpoint
+from runtime import Model  # the session loop, exactly as a deployment uses it
+from runtime.steps import StepInputs
 
 DEMO_VARIANT = "moe_mlp_only_norm"
 MESSAGES = [{"role": "user", "content": "Tell me a story about a robot who learns to paint."}]
@@ -44,9 +46,6 @@ def torch_greedy(model: torch.nn.Module, prompt: list[int], steps: int, repetiti
 
 def run_demo(workdir: Path | None = None, steps: int = 32, say: Callable[[str], None] = print) -> bool:
     """Run the demo in `workdir` (a temporary folder by default); True when the parity checks pass."""
-    from runtime import Model  # the session loop, exactly as a deployment uses it
-    from runtime.kv_cache import new_cache
-
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(workdir or scratch)
         started = time.perf_counter()
@@ -66,11 +65,11 @@ def run_demo(workdir: Path | None = None, steps: int = 32, say: Callable[[str], 
 
         reference = load_model(checkpoint, load_config(checkpoint))
         penalty = model.sampling(greedy=True).repetition_penalty
-        expected, first_row = torch_greedy(reference, prompt, len(result.output_ids), penalty, model.manifest.tokenizer_vocab_size)
-        cache = new_cache(model.manifest, model.session.graph, 1, "cpu", len(prompt))
-        session_row = model.session.step(np.array([prompt]), np.ones((1, len(prompt)), np.int64),
-                                         np.arange(len(prompt))[None], cache).full()[0]
-        vocab = model.manifest.tokenizer_vocab_size
+        vocab = model.manifest.tokenizer.vocab_size
+        expected, first_row = torch_greedy(reference, prompt, len(result.output_ids), penalty, vocab)
+        cache = model.session.caches.take(1, len(prompt))
+        inputs = StepInputs(np.array([prompt]), np.ones((1, len(prompt)), np.int64), np.arange(len(prompt))[None])
+        session_row = model.session.steps.step(inputs, cache).full()[0]
         difference = float(np.abs(session_row[:vocab] - first_row[:vocab]).max())
         same = expected == result.output_ids
         say(f"4. parity with the torch model on the same weights: greedy tokens {'identical' if same else 'DIFFER'} "

@@ -1,0 +1,1 @@
+"""The artifact every stage and every host shares; `artifact.contract` defines it."""

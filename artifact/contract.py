@@ -1,0 +1,349 @@
+"""The artifact contract: everything an artifact folder promises to a host, written down once.
+
+Export writes it, graphs/ adds optimized graphs to it, runtime/ reads it, and a host in any language
+can drive the graphs from manifest.json alone. This module owns the file names, the graph input and
+output names and dims, the KV names, the element types, the manifest's typed schema (one writer, one
+reader, the format version checked on read), checksums and the data-file alignment rule. It imports
+nothing but the standard library, so a runtime-only install has it.
+
+    ARTIFACT/
+      manifest.json                      Manifest (below)
+      onnx/model.onnx  model.onnx_data   the portable graph (standard ONNX, opset 23) and all weights
+      onnx/model_{target}.onnx(_data)    optimized graphs (onnxruntime's fused ops) and their new weights
+      config.json  generation_config.json  tokenizer.json  tokenizer_config.json  [chat_template.jinja]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+FORMAT = "qwen2-onnx-artifact"
+FORMAT_VERSION = 1
+READABLE_VERSIONS = (1,)
+PRODUCER = "qwen2-onnx"
+
+# ---- files ------------------------------------------------------------------------------------------
+MANIFEST_FILE = "manifest.json"
+TOKENIZER_FILE = "tokenizer.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+# copied from the checkpoint: the first three are required, the rest when present
+CHECKPOINT_FILES = ("config.json", TOKENIZER_FILE, "tokenizer_config.json")
+OPTIONAL_CHECKPOINT_FILES = (GENERATION_CONFIG_FILE, CHAT_TEMPLATE_FILE)
+GRAPH_FOLDER = "onnx"
+PORTABLE_GRAPH = "portable"
+PORTABLE_OPSET = 23
+
+
+def graph_file(target: str | None = None) -> str:
+    """The graph's path inside the artifact: the portable graph, or the one optimized for `target`."""
+    return f"{GRAPH_FOLDER}/model.onnx" if target is None else f"{GRAPH_FOLDER}/model_{target}.onnx"
+
+
+def data_file(target: str | None = None) -> str:
+    """The graph's external-data file name, relative to the graph (as ONNX external data locations are)."""
+    return "model.onnx_data" if target is None else f"model_{target}.onnx_data"
+
+
+def optimized_graph_name(target: str) -> str:
+    return f"optimized-{target}"
+
+
+# ---- graph inputs and outputs -----------------------------------------------------------------------
+INPUT_IDS, ATTENTION_MASK, POSITION_IDS = "input_ids", "attention_mask", "position_ids"
+# optimized graphs: int32 scalar in host memory, the attention mask's width (GroupQueryAttention reads it there)
+TOTAL_SEQUENCE_LENGTH = "total_sequence_length"
+LOGITS = "logits"
+CANDIDATE_OUTPUTS = ("top_logits", "top_ids")  # [batch, K]: each row's K best logits (fp32) and their ids
+PAST, PRESENT = "past_key_values", "present"
+BATCH, SEQUENCE, PAST_LENGTH, TOTAL_LENGTH = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
+KV_CAPACITY = "kv_capacity"  # optimized graphs: the length of the shared KV buffer the host allocates
+
+# element types by name, as ONNX TensorProto numbers them (bf16 has no numpy type: hosts allocate by number)
+ELEMENT_TYPES = {"float32": 1, "int64": 7, "int32": 6, "float16": 10, "bfloat16": 16}
+FLOAT_TYPES = ("float32", "float16", "bfloat16")
+
+# the contracts a graph can declare (kv_cache.layout, padding, logits)
+CONCAT, SHARED_BUFFER = "concat", "shared_buffer"
+LEFT, RIGHT = "left", "right"
+ALL_POSITIONS, LAST_TOKEN = "all_positions", "last_token"
+KV_DIMS = {CONCAT: "[batch, kv_heads, length, head_dim]", SHARED_BUFFER: "[batch, kv_heads, capacity, head_dim]"}
+
+
+def kv_names(num_layers: int, prefix: str) -> list[str]:
+    """`past_key_values.{i}.key|value` or `present.{i}.key|value`: key before value, layer by layer."""
+    return [f"{prefix}.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # a key of ELEMENT_TYPES
+    dims: tuple[str | int, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "dims": list(self.dims)}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> "TensorSpec":
+        return cls(raw["name"], raw["dtype"], tuple(raw["dims"]))
+
+
+def portable_inputs(num_layers: int, kv_heads: int, head_dim: int, dtype: str) -> tuple[TensorSpec, ...]:
+    """The portable graph's inputs: left-padded rows, explicit positions, a KV cache that grows by concat."""
+    kv = (BATCH, kv_heads, PAST_LENGTH, head_dim)
+    return (TensorSpec(INPUT_IDS, "int64", (BATCH, SEQUENCE)),
+            TensorSpec(ATTENTION_MASK, "int64", (BATCH, TOTAL_LENGTH)),
+            TensorSpec(POSITION_IDS, "int64", (BATCH, SEQUENCE)),
+            *(TensorSpec(name, dtype, kv) for name in kv_names(num_layers, PAST)))
+
+
+def portable_outputs(num_layers: int, kv_heads: int, head_dim: int, vocab_size: int, dtype: str) -> tuple[TensorSpec, ...]:
+    """Logits of every position (fp32 whatever the model dtype) and present = concat(past, new)."""
+    kv = (BATCH, kv_heads, TOTAL_LENGTH, head_dim)
+    return (TensorSpec(LOGITS, "float32", (BATCH, SEQUENCE, vocab_size)),
+            *(TensorSpec(name, dtype, kv) for name in kv_names(num_layers, PRESENT)))
+
+
+# ---- files on disk ----------------------------------------------------------------------------------
+# large tensors start on 64 KiB boundaries so onnxruntime can memory-map them on every OS; small ones on 64 bytes
+LARGE_TENSOR_BYTES, LARGE_ALIGNMENT, SMALL_ALIGNMENT = 1 << 20, 1 << 16, 64
+INLINE_BYTES = 1024  # optimized graphs keep tensors this small inside the .onnx file
+
+
+def aligned_offset(offset: int, nbytes: int) -> int:
+    """Where a tensor of `nbytes` starts in a data file when the previous one ends at `offset`."""
+    alignment = LARGE_ALIGNMENT if nbytes >= LARGE_TENSOR_BYTES else SMALL_ALIGNMENT
+    return offset + -offset % alignment
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(16 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    sha256: str
+    bytes: int
+
+    @classmethod
+    def of(cls, path: Path) -> "FileRecord":
+        return cls(sha256_of(path), path.stat().st_size)
+
+
+# ---- the manifest -----------------------------------------------------------------------------------
+class ArtifactError(ValueError):
+    """The folder is not an artifact this version can read; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class MoeFacts:
+    num_experts: int
+    num_experts_per_tok: int
+    moe_intermediate_size: int
+    shared_expert_intermediate_size: int
+    norm_topk_prob: bool
+    sparse_layers: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    context_length: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    layer_types: tuple[str, ...]  # "full_attention" or "sliding_attention" per layer
+    sliding_window: int | None
+    moe: MoeFacts | None
+
+    def window_of(self, layer: int) -> int | None:
+        """The layer's attention window, None for full attention."""
+        return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
+
+
+@dataclass(frozen=True)
+class RopeFacts:
+    type: str
+    theta: float
+    factor: float
+    original_max_position_embeddings: int | None
+    beta_fast: float | None
+    beta_slow: float | None
+    attention_factor: float  # resolved: multiplies cos and sin
+    layout: str = "rotate_half"
+    inv_freq_initializer: str = "model.rotary_emb.inv_freq"
+
+
+@dataclass(frozen=True)
+class TokenFacts:
+    vocab_size: int  # ids the tokenizer can produce; embedding rows past it are padding
+    special_tokens: dict[str, int]
+    bos_token_id: int | None
+    eos_token_id: int | list[int] | None
+    pad_token_id: int | None
+    stop_token_ids: tuple[int, ...]
+    has_chat_template: bool
+    add_bos_token: bool
+    file: str = TOKENIZER_FILE
+
+
+@dataclass(frozen=True)
+class PassCount:
+    name: str
+    fired: int
+    expected: int
+
+
+@dataclass(frozen=True)
+class GraphEntry:
+    """One graph of the artifact and the contract a session loop must follow to drive it."""
+
+    name: str
+    file: str
+    target: str  # "any" (standard ONNX) or the device it was optimized for
+    files: dict[str, FileRecord]  # every file the graph reads, relative to the artifact
+    opset: int
+    kv_layout: str  # CONCAT: present = concat(past, new); SHARED_BUFFER: one buffer bound as past and present
+    padding: str  # LEFT (mask 0 on leading pads, explicit position_ids) or RIGHT (positions implied by the mask)
+    logits: str  # ALL_POSITIONS or LAST_TOKEN ([batch, 1, vocab], each row's last real token), always fp32
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    activation_dtype: str | None = None  # KV and activations, when they differ from the artifact's dtype
+    token_candidates: int = 0  # K of the CANDIDATE_OUTPUTS (0: the graph has none)
+    passes: tuple[PassCount, ...] = ()
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(spec.name for spec in self.inputs)
+
+    def to_json(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "name": self.name, "file": self.file, "target": self.target,
+            "files": {name: {"sha256": r.sha256, "bytes": r.bytes} for name, r in self.files.items()},
+            "opset": self.opset,
+            "kv_cache": {"layout": self.kv_layout, "order": "key, value per layer", "dims": KV_DIMS[self.kv_layout]},
+            "padding": self.padding, "logits": self.logits,
+        }
+        if TOTAL_SEQUENCE_LENGTH in self.input_names:
+            entry[TOTAL_SEQUENCE_LENGTH] = "attention_mask width"
+        if self.token_candidates:
+            entry["token_candidates"] = {"k": self.token_candidates, "outputs": list(CANDIDATE_OUTPUTS)}
+        if self.activation_dtype is not None:
+            entry["activation_dtype"] = self.activation_dtype
+        if self.passes:
+            entry["passes"] = [{"pass": p.name, "fired": p.fired, "expected": p.expected} for p in self.passes]
+        entry["inputs"] = [spec.to_json() for spec in self.inputs]
+        entry["outputs"] = [spec.to_json() for spec in self.outputs]
+        return entry
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> "GraphEntry":
+        return cls(
+            name=raw["name"], file=raw["file"], target=raw["target"],
+            files={name: FileRecord(r["sha256"], r["bytes"]) for name, r in raw["files"].items()},
+            opset=raw["opset"], kv_layout=raw["kv_cache"]["layout"], padding=raw["padding"], logits=raw["logits"],
+            inputs=tuple(TensorSpec.from_json(s) for s in raw["inputs"]),
+            outputs=tuple(TensorSpec.from_json(s) for s in raw["outputs"]),
+            activation_dtype=raw.get("activation_dtype"),
+            token_candidates=raw.get("token_candidates", {}).get("k", 0),
+            passes=tuple(PassCount(p["pass"], p["fired"], p["expected"]) for p in raw.get("passes", ())),
+        )
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """manifest.json, typed. `write_manifest` and `read_manifest` are its only writer and reader."""
+
+    architecture: str
+    model_type: str
+    dtype: str  # weights, activations and KV of the portable graph
+    model: ModelFacts
+    rope: RopeFacts
+    graphs: tuple[GraphEntry, ...]
+    tokenizer: TokenFacts
+    producer: str = PRODUCER
+
+    def graph(self, name: str) -> GraphEntry | None:
+        return next((g for g in self.graphs if g.name == name), None)
+
+    def with_graph(self, entry: GraphEntry) -> "Manifest":
+        """This manifest with `entry` added, replacing a graph of the same name."""
+        return replace(self, graphs=tuple(g for g in self.graphs if g.name != entry.name) + (entry,))
+
+    def to_json(self) -> dict[str, Any]:
+        model = {**self.model.__dict__, "layer_types": list(self.model.layer_types),
+                 "moe": None if self.model.moe is None else {**self.model.moe.__dict__,
+                                                              "sparse_layers": list(self.model.moe.sparse_layers)}}
+        tokens = self.tokenizer
+        return {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "producer": self.producer,
+            "architecture": self.architecture, "model_type": self.model_type, "dtype": self.dtype,
+            "model": model, "rope": dict(self.rope.__dict__),
+            "graphs": [g.to_json() for g in self.graphs],
+            "tokenizer": {"file": tokens.file, "vocab_size": tokens.vocab_size, "special_tokens": tokens.special_tokens,
+                          "bos_token_id": tokens.bos_token_id, "eos_token_id": tokens.eos_token_id,
+                          "pad_token_id": tokens.pad_token_id, "stop_token_ids": list(tokens.stop_token_ids),
+                          "has_chat_template": tokens.has_chat_template, "add_bos_token": tokens.add_bos_token},
+        }
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> "Manifest":
+        model = dict(raw["model"])
+        moe = model.pop("moe")
+        tokens = dict(raw["tokenizer"])
+        return cls(
+            architecture=raw["architecture"], model_type=raw["model_type"], dtype=raw["dtype"],
+            model=ModelFacts(**{**model, "layer_types": tuple(model["layer_types"]),
+                                "moe": None if moe is None else MoeFacts(**{**moe, "sparse_layers": tuple(moe["sparse_layers"])})}),
+            rope=RopeFacts(**raw["rope"]),
+            graphs=tuple(GraphEntry.from_json(g) for g in raw["graphs"]),
+            tokenizer=TokenFacts(**{**tokens, "stop_token_ids": tuple(tokens["stop_token_ids"])}),
+            producer=raw.get("producer", PRODUCER),
+        )
+
+
+def write_manifest(artifact: Path, manifest: Manifest) -> Path:
+    """Write ARTIFACT/manifest.json under a temporary name, then rename it into place, so a reader never
+    sees half of it."""
+    path = Path(artifact) / MANIFEST_FILE
+    partial = path.with_name(MANIFEST_FILE + ".partial")
+    partial.write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
+    os.replace(partial, path)
+    return path
+
+
+def read_manifest(artifact: str | Path) -> Manifest:
+    """Parse ARTIFACT/manifest.json; raises ArtifactError when it is missing, malformed or of another
+    format or version."""
+    path = Path(artifact) / MANIFEST_FILE
+    if not path.is_file():
+        raise ArtifactError(f"{path} not found: pass an artifact folder written by `qwen2-onnx export`")
+    try:
+        raw = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ArtifactError(f"{path} is not valid JSON ({error}); re-export the artifact") from error
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT or raw.get("format_version") not in READABLE_VERSIONS:
+        found = (raw.get("format"), raw.get("format_version")) if isinstance(raw, dict) else (None, None)
+        raise ArtifactError(f"{path} is format {found[0]!r} version {found[1]!r}; this version of qwen2-onnx reads "
+                            f"{FORMAT!r} versions {list(READABLE_VERSIONS)} (re-export with it)")
+    try:
+        return Manifest.from_json(raw)
+    except (KeyError, TypeError, AttributeError) as error:
+        raise ArtifactError(f"{path} lacks or mangles a field ({error!r}); re-export the artifact") from error

@@ -1,0 +1,116 @@
+"""The decode seam: one small interface for running a step, chosen once when the session loads.
+
+    PlainSteps      (here)                 one IOBinding call per step; any graph, any device
+    CapturedSteps   (runtime/cuda_graph.py) fixed buffers, each step shape captured once as a CUDA graph
+    PipelinedSteps  (runtime/cuda_graph.py) as captured, and batch-1 greedy steps queued one ahead
+
+The decode loop (runtime/generate.py) calls the same three methods whatever the runner:
+
+    prompt_bucket(length)            the length a fresh batch-1 prompt is padded to, or None
+    step(inputs, cache, next_mask)   run one step, advance `cache`, return the last token's scores;
+                                     next_mask, when given, is the mask of the decode step that will
+                                     follow (a runner may queue that step before the host has chosen)
+    settle(cache)                    wait for anything still queued on `cache`
+
+Token inputs are small host arrays; past_key_values.* are the cache's device OrtValues; present.* are
+bound on the device and handed back to the cache, so on CUDA the cache never crosses to the host.
+When the graph computes each row's top-K next-token candidates (contract.CANDIDATE_OUTPUTS), only those
+come back to the host; the full logits row stays on the device unless token choice asks for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import numpy as np
+import onnxruntime as ort
+
+from artifact import contract
+
+from .kv_cache import KVCache
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    input_ids: np.ndarray  # [B, S] int64
+    attention_mask: np.ndarray  # [B, T] int64
+    position_ids: np.ndarray | None  # [B, S] int64, for left-padded graphs
+
+
+@dataclass
+class StepScores:
+    """One step's scores: the top-K candidates per row ([B, K] each, host) when the graph makes them,
+    and the full last-token logits [B, V] (fp32), copied to the host only when `full()` is called."""
+
+    top_logits: np.ndarray | None
+    top_ids: np.ndarray | None
+    full: Callable[[], np.ndarray]
+
+
+class StepRunner(Protocol):
+    full_logits_reads: int  # steps whose whole logits row was copied to the host
+
+    def prompt_bucket(self, length: int, context_length: int) -> int | None: ...
+
+    def prompt_buckets(self, longest: int, context_length: int) -> list[int]: ...
+
+    def step(self, inputs: StepInputs, cache: KVCache, next_mask: np.ndarray | None = None) -> StepScores: ...
+
+    def settle(self, cache: KVCache) -> None: ...
+
+
+class PlainSteps:
+    """One IOBinding call per step."""
+
+    def __init__(self, session: ort.InferenceSession, graph: contract.GraphEntry, device: str):
+        self.session, self.graph, self.device = session, graph, device
+        self.candidates = contract.CANDIDATE_OUTPUTS if graph.token_candidates else ()
+        self.full_logits_reads = 0
+
+    def prompt_bucket(self, length: int, context_length: int) -> int | None:
+        return None  # prompts run at their own length
+
+    def prompt_buckets(self, longest: int, context_length: int) -> list[int]:
+        return []
+
+    def step(self, inputs: StepInputs, cache: KVCache, next_mask: np.ndarray | None = None) -> StepScores:
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(contract.INPUT_IDS, np.ascontiguousarray(inputs.input_ids, dtype=np.int64))
+        binding.bind_cpu_input(contract.ATTENTION_MASK, np.ascontiguousarray(inputs.attention_mask, dtype=np.int64))
+        names = self.graph.input_names
+        if contract.POSITION_IDS in names:
+            binding.bind_cpu_input(contract.POSITION_IDS, np.ascontiguousarray(inputs.position_ids, dtype=np.int64))
+        if contract.TOTAL_SEQUENCE_LENGTH in names:
+            binding.bind_cpu_input(contract.TOTAL_SEQUENCE_LENGTH, np.array(inputs.attention_mask.shape[1], np.int32))
+        for name, value in zip(cache.past_names(), cache.values, strict=True):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output(contract.LOGITS, self.device if self.candidates else "cpu")
+        for name in self.candidates:
+            binding.bind_output(name, "cpu")
+        shared = cache.layout == contract.SHARED_BUFFER
+        for name, value in zip(cache.present_names(), cache.values, strict=True):
+            if shared:  # the op writes the new keys and values into the past buffer itself
+                binding.bind_ortvalue_output(name, value)
+            else:
+                binding.bind_output(name, self.device, 0)
+        self.session.run_with_iobinding(binding, self.run_options())
+        outputs = binding.get_outputs()
+        if not shared:
+            cache.values = outputs[1 + len(self.candidates):]
+        return self.scores(outputs[0], [value.numpy() for value in outputs[1 : 1 + len(self.candidates)]])
+
+    def settle(self, cache: KVCache) -> None:
+        pass  # every step ran to the end
+
+    def run_options(self) -> ort.RunOptions | None:
+        return None
+
+    def scores(self, logits: ort.OrtValue, candidates: list[np.ndarray]) -> StepScores:
+        top_logits, top_ids = candidates or (None, None)
+
+        def full() -> np.ndarray:  # a deferred copy of the last-token logits row to the host
+            self.full_logits_reads += 1
+            return logits.numpy()[:, -1, :].astype(np.float32)
+
+        return StepScores(top_logits, top_ids, full)
