@@ -185,16 +185,16 @@ class ChatSession:
     messages: list[Message]
     cache: KVCache | None = None
     last_reply: Generation | None = None
-    _seen_text: str = ""
-    _seen_ids: list[int] = field(default_factory=list)
+    seen_text: str = ""
+    seen_ids: list[int] = field(default_factory=list)
 
     def prompt_ids(self) -> list[int]:
         model = self.model
         if model.chat_template is None:
             return model.encode(self.messages)  # raises the missing-template error
         text = model.chat_template.render(self.messages, add_generation_prompt=True)
-        if self._seen_text and text.startswith(self._seen_text):
-            return self._seen_ids + model.tokenizer.encode(text[len(self._seen_text):], add_special_tokens=False)
+        if self.seen_text and text.startswith(self.seen_text):
+            return self.seen_ids + model.tokenizer.encode(text[len(self.seen_text):], add_special_tokens=False)
         return model.tokenizer.encode(text, add_special_tokens=False)
 
     def send(self, text: str, **options: Any) -> Iterator[str]:
@@ -209,12 +209,12 @@ class ChatSession:
             self.model.session.caches.give_back(self.cache)  # rebuilt: the old buffers may serve other requests
         self.cache = loop.cache  # kept for the next turn
         self.messages.append({"role": "assistant", "content": reply.text})
-        self._seen_ids = ids + reply.output_ids
-        self._seen_text = self.model.tokenizer.decode(self._seen_ids, skip_special_tokens=False)
+        self.seen_ids = ids + reply.output_ids
+        self.seen_text = self.model.tokenizer.decode(self.seen_ids, skip_special_tokens=False)
 
     def reset(self) -> None:
         """Forget every turn but the system prompt, and the cache."""
         if self.cache is not None:
             self.model.session.caches.give_back(self.cache)
         self.messages = [m for m in self.messages[:1] if m["role"] == "system"]
-        self.cache, self._seen_text, self._seen_ids = None, "", []
+        self.cache, self.seen_text, self.seen_ids = None, "", []

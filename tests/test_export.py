@@ -8,16 +8,14 @@ import pytest
 import torch
 
 import qwen2_export.export as export_module
+from artifact.contract import sha256_of
 from qwen2_export.checkpoint import list_tensors, load_model, read_chunks
-from qwen2_export.cli import main
 from qwen2_export.config import load_config
 from qwen2_export.export import ExportError, export_checkpoint
-from qwen2_export.files import sha256_of
+from qwen2_onnx.cli import main
 
 from conftest import VARIANTS
-from onnx_helpers import empty_cache, greedy, open_session, run_step
-from reference import load_reference, reference_greedy
-from test_model import prefill_and_decode
+from helpers import empty_cache, greedy, load_reference, open_session, prefill_and_decode, reference_greedy, run_step
 
 ONNX_TOLERANCE = 1e-4  # fp32 onnxruntime CPU vs our torch model
 FP16_LOGIT_TOLERANCE = 0.1  # fp16 graph vs fp32 torch; observed about 0.02 at logit scale 15
@@ -156,10 +154,11 @@ def test_existing_artifact_needs_force(tiny_checkpoint, tmp_path):
 
 
 def test_interrupted_export_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):
+    """Interrupted while tracing, after the staging folder was made: it goes, nothing else is left."""
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(export_module, "write_manifest", interrupted)
+    monkeypatch.setattr(export_module, "trace_to_onnx", interrupted)
     with pytest.raises(KeyboardInterrupt):
         export_checkpoint(tiny_checkpoint("dense_tied"), tmp_path / "artifact")
     assert list(tmp_path.iterdir()) == []
@@ -184,10 +183,10 @@ def test_cli_reports_errors_with_exit_code_2(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_console_script_exports(tiny_checkpoint, tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "qwen2_export.cli", "export", str(tiny_checkpoint("dense_tied")), "-o", str(tmp_path / "a"), "--dtype", "fp16"],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "wrote" in result.stderr and (tmp_path / "a" / "manifest.json").is_file()
+def test_the_command_reports_a_bad_checkpoint_in_one_line(tmp_path):
+    """The module entry point, in a process of its own (CI also runs the installed wheel's console script
+    from another folder, export and generate included: .ci/run)."""
+    result = subprocess.run([sys.executable, "-m", "qwen2_onnx", "export", str(tmp_path / "missing"), "-o", str(tmp_path / "a")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.startswith("qwen2-onnx export: error: ")
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "a").exists()

@@ -5,28 +5,9 @@ from qwen2_export.checkpoint import load_model
 from qwen2_export.config import load_config
 
 from conftest import VARIANTS
-from reference import load_reference, reference_logits
+from helpers import empty_past, load_reference, prefill_and_decode, reference_logits
 
 TOLERANCE = 1e-4  # fp32, ours vs transformers
-
-
-def empty_past(config, batch):
-    shape = (batch, config.num_key_value_heads, 0, config.head_dim)
-    return [torch.zeros(shape)] * (2 * config.num_hidden_layers)
-
-
-@torch.no_grad()
-def prefill_and_decode(model, config, ids: torch.Tensor, prefill: int) -> list[torch.Tensor]:
-    """Logits of the prefill, then of each single-token step reusing present.* as past."""
-    batch, total = ids.shape
-    logits, *past = model(ids[:, :prefill], torch.ones(batch, prefill, dtype=torch.long),
-                          torch.arange(prefill)[None].expand(batch, -1), *empty_past(config, batch))
-    steps = [logits]
-    for position in range(prefill, total):
-        logits, *past = model(ids[:, position : position + 1], torch.ones(batch, position + 1, dtype=torch.long),
-                              torch.full((batch, 1), position), *past)
-        steps.append(logits)
-    return steps
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -70,13 +51,16 @@ def test_left_padded_batch_matches_unpadded_rows(tiny_checkpoint):
     assert torch.isfinite(padded).all()  # padding queries see nothing but must not produce NaN
 
 
-@pytest.mark.parametrize("variant", ["moe_shared", "sliding_window"])
-def test_runs_under_torch_compile_fullgraph(tiny_checkpoint, variant):
+# One per model family. inductor generates and compiles the dense model in ~25 s here; for the MoE graph
+# it takes ~60 s, so the MoE test stops after dynamo's fullgraph capture and AOTAutograd's decomposition
+# (aot_eager), which is what the model definition decides: no graph break, no data-dependent shape.
+@pytest.mark.parametrize("variant, backend", [("sliding_window", "inductor"), ("moe_shared", "aot_eager")])
+def test_runs_under_torch_compile_fullgraph(tiny_checkpoint, variant, backend):
     torch._dynamo.reset()
     folder = tiny_checkpoint(variant)
     config = load_config(folder)
     model = load_model(folder, config)
-    compiled = torch.compile(model, fullgraph=True, dynamic=True)  # raises on any graph break
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend=backend)  # raises on any graph break
     ids = torch.randint(0, 456, (2, 9), generator=torch.Generator().manual_seed(4))
     eager = prefill_and_decode(model, config, ids, prefill=7)
     for a, b in zip(eager, prefill_and_decode(compiled, config, ids, prefill=7), strict=True):

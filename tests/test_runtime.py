@@ -7,38 +7,16 @@ import sys
 
 import onnxruntime
 import pytest
-import torch
-import transformers
 
+from qwen2_onnx.cli import main as cli_main
 from runtime import Model, RuntimeInputError
-from runtime.cli import main as runtime_main
-from runtime.session import compute_stream, prefill_captured
 
 from conftest import VARIANTS
-from reference import load_reference
-
-PROMPTS = [[456, 40, 300, 17, 250, 99, 3], [12, 7, 310], [5, 80, 300, 41, 7]]
+from helpers import PROMPTS, counting_steps, transformers_generate, with_stop_tokens
 
 # error paths that only a machine without onnxruntime-gpu's CUDA provider can show
 WITHOUT_CUDA = pytest.mark.skipif("CUDAExecutionProvider" in onnxruntime.get_available_providers(),
                                   reason="this machine has CUDA; the error path cannot be shown here")
-
-
-@torch.no_grad()
-def transformers_generate(checkpoint, prompts, steps, generation_config, tokenizer_vocab):
-    """transformers' greedy generate on a left-padded batch, ids past the tokenizer suppressed as we do."""
-    reference = load_reference(checkpoint)
-    pad = generation_config["pad_token_id"]
-    longest = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
-    reference.generation_config = transformers.GenerationConfig(
-        **{**generation_config, "do_sample": False},
-        suppress_tokens=list(range(tokenizer_vocab, reference.config.vocab_size)),
-    )
-    out = reference.generate(ids, attention_mask=mask, max_new_tokens=steps)[:, longest:].tolist()
-    stops = set(generation_config["eos_token_id"])
-    return [row[: next((i + 1 for i, t in enumerate(row) if t in stops), len(row))] for row in out]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -47,7 +25,7 @@ def test_32_greedy_tokens_equal_transformers_generate(tiny_checkpoint, tiny_arti
     model = Model.load(tiny_artifact(variant))
     ours = model.generate(PROMPTS[0], max_new_tokens=32, greedy=True)
     expected = transformers_generate(tiny_checkpoint(variant), PROMPTS[:1], 32, model.generation_config,
-                                     model.manifest.tokenizer_vocab_size)
+                                     model.manifest.tokenizer.vocab_size)
     assert ours.output_ids == expected[0] and len(expected[0]) > 1
 
 
@@ -58,7 +36,7 @@ def test_batch_of_three_prompts_of_different_lengths(tiny_checkpoint, tiny_artif
     model = Model.load(tiny_artifact(variant))
     batch = model.generate_batch(PROMPTS, max_new_tokens=32, greedy=True, repetition_penalty=1.0)
     config = {**model.generation_config, "repetition_penalty": 1.0}
-    expected = transformers_generate(tiny_checkpoint(variant), PROMPTS, 32, config, model.manifest.tokenizer_vocab_size)
+    expected = transformers_generate(tiny_checkpoint(variant), PROMPTS, 32, config, model.manifest.tokenizer.vocab_size)
     assert [g.output_ids for g in batch] == expected
     alone = [model.generate(p, max_new_tokens=32, greedy=True, repetition_penalty=1.0).output_ids for p in PROMPTS]
     assert [g.output_ids for g in batch] == alone
@@ -69,7 +47,7 @@ def test_runtime_never_imports_torch(tiny_artifact):
     script = (
         "import sys, json\n"
         "from runtime import Model\n"
-        "from runtime.cli import main\n"
+        "from qwen2_onnx.cli import main\n"
         f"main(['generate', {str(artifact)!r}, '--prompt', 'Hi', '--max-new-tokens', '4', '--json'])\n"
         f"list(Model.load({str(artifact)!r}).stream([{{'role': 'user', 'content': 'Hi'}}], max_new_tokens=4))\n"
         "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'qwen2_export', 'transformers'))))\n"
@@ -78,7 +56,7 @@ def test_runtime_never_imports_torch(tiny_artifact):
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == []
     cli = subprocess.run(
-        [sys.executable, "-c", "import sys; from qwen2_export.cli import main; "
+        [sys.executable, "-c", "import sys; from qwen2_onnx.cli import main; "
          f"main(['generate', {str(artifact)!r}, '--input-ids', '1,2,3', '--max-new-tokens', '2']); "
          "assert 'torch' not in sys.modules, 'torch imported'"],
         capture_output=True, text=True, timeout=120,
@@ -99,10 +77,10 @@ def test_chat_turn_with_reused_cache_equals_a_fresh_run(tiny_artifact):
     model = Model.load(tiny_artifact("moe_shared"))
     session = model.chat(system="Be brief.")
     "".join(session.send("Hello", max_new_tokens=5, greedy=True))
-    first_turn_ids = len(session._seen_ids)
+    first_turn_ids = len(session.seen_ids)
     reply = "".join(session.send("More please", max_new_tokens=5, greedy=True))
     assert model.last_timings.reused_prompt_tokens == first_turn_ids - 1  # all but the last sampled token
-    second_prompt = session._seen_ids[: len(session._seen_ids) - len(session.last_reply.output_ids)]
+    second_prompt = session.seen_ids[: len(session.seen_ids) - len(session.last_reply.output_ids)]
     fresh = model.generate(second_prompt, max_new_tokens=5, greedy=True)
     assert model.last_timings.reused_prompt_tokens == 0
     assert fresh.output_ids == session.last_reply.output_ids and fresh.text == reply == session.messages[-1]["content"]
@@ -111,24 +89,24 @@ def test_chat_turn_with_reused_cache_equals_a_fresh_run(tiny_artifact):
 def test_stop_token_and_stop_string(tiny_artifact):
     model = Model.load(tiny_artifact("dense_untied_sharded"))
     free = model.generate(PROMPTS[1], max_new_tokens=12, greedy=True)
-    assert not set(free.output_ids) & set(model.manifest.stop_token_ids)
+    assert not set(free.output_ids) & set(model.manifest.tokenizer.stop_token_ids)
     assert free.finish_reason == "length" and len(free.output_ids) == 12
     third = free.output_ids[2]
     stop_text = model.tokenizer.decode(free.output_ids[3:5])
-    original = model.manifest
-    model.manifest = dataclasses.replace(original, stop_token_ids=(third,))
+    original = model
+    model = with_stop_tokens(model, (third,))
     stopped = model.generate(PROMPTS[1], max_new_tokens=12, greedy=True)
     assert stopped.finish_reason == "stop_token" and stopped.output_ids == free.output_ids[: free.output_ids.index(third) + 1]
     through = model.generate(PROMPTS[1], max_new_tokens=12, greedy=True, ignore_eos=True)
     assert through.finish_reason == "length" and through.output_ids == free.output_ids
-    model.manifest = original
+    model = original
     by_string = model.generate(PROMPTS[1], max_new_tokens=12, greedy=True, stop_strings=(stop_text,))
     assert by_string.finish_reason == "stop_string" and stop_text in by_string.text
 
 
-def test_prompt_past_the_context_is_refused_before_any_work(tiny_artifact, monkeypatch):
+def test_prompt_past_the_context_is_refused_before_any_work(tiny_artifact):
     model = Model.load(tiny_artifact("dense_tied"))
-    monkeypatch.setattr(model.session, "step", lambda *a: pytest.fail("ran a step"))
+    model.session.steps = None  # any step would fail
     with pytest.raises(RuntimeInputError, match=r"prompt of 200 tokens \+ max_new_tokens 100 = 300 exceeds the model's context length 256"):
         model.generate([1] * 200, max_new_tokens=100)
     with pytest.raises(RuntimeInputError, match="max_new_tokens=0"):
@@ -137,18 +115,20 @@ def test_prompt_past_the_context_is_refused_before_any_work(tiny_artifact, monke
         model.generate([100000], max_new_tokens=1)
     with pytest.raises(RuntimeInputError, match="prefill_chunk=0"):
         model.generate([1, 2, 3], max_new_tokens=1, prefill_chunk=0)
+    with pytest.raises(RuntimeInputError, match=r"unknown generation option\(s\) \['temprature'\]"):
+        model.generate([1, 2, 3], max_new_tokens=1, temprature=0.5)
 
 
 def test_cli_generate_json_and_errors(tiny_artifact, capsys):
     artifact = str(tiny_artifact("dense_tied"))
-    assert runtime_main(["generate", artifact, "--prompt", "Hello", "--chat", "--system", "Be kind.", "--max-new-tokens", "5", "--greedy", "--json"]) == 0
+    assert cli_main(["generate", artifact, "--prompt", "Hello", "--chat", "--system", "Be kind.", "--max-new-tokens", "5", "--greedy", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert len(result["output_ids"]) == 5 and result["timings"]["time_to_first_token_s"] > 0
     assert result["prompt_ids"][:1] == [457]  # <|im_start|>: the chat template was applied
-    assert runtime_main(["generate", artifact, "--prompt", "x", "--top-p", "1.5"]) == 2
+    assert cli_main(["generate", artifact, "--prompt", "x", "--top-p", "1.5"]) == 2
     assert "top_p=1.5" in capsys.readouterr().err
-    assert runtime_main(["generate", artifact, "--input-ids", "1,x"]) == 2
-    assert runtime_main(["generate", "/nonexistent", "--prompt", "x"]) == 2
+    assert cli_main(["generate", artifact, "--input-ids", "1,x"]) == 2
+    assert cli_main(["generate", "/nonexistent", "--prompt", "x"]) == 2
     assert "manifest.json not found" in capsys.readouterr().err
 
 
@@ -166,16 +146,6 @@ def test_cuda_without_onnxruntime_gpu_is_a_clear_error(tiny_artifact):
         Model.load(tiny_artifact("dense_tied"), device="cuda")
 
 
-def test_demo_runs_offline_and_reports_parity(tmp_path):
-    from qwen2_export.demo import run_demo
-
-    lines = []
-    assert run_demo(tmp_path, say=lines.append)
-    report = "\n".join(lines)
-    assert "greedy tokens identical (32 tokens)" in report and "tokens/s" in report
-    assert (tmp_path / "artifact" / "manifest.json").is_file()
-
-
 @WITHOUT_CUDA
 def test_cuda_graph_decoding_needs_cuda_and_a_shared_buffer(tiny_artifact):
     with pytest.raises(RuntimeInputError, match="CUDA-graph decoding needs --device cuda"):
@@ -184,55 +154,22 @@ def test_cuda_graph_decoding_needs_cuda_and_a_shared_buffer(tiny_artifact):
 
 @WITHOUT_CUDA
 def test_cli_cuda_graph_flag_reaches_the_session(tiny_artifact, capsys):
-    assert runtime_main(["generate", str(tiny_artifact("dense_tied")), "--prompt", "x", "--cuda-graph"]) == 2
+    assert cli_main(["generate", str(tiny_artifact("dense_tied")), "--prompt", "x", "--cuda-graph"]) == 2
     assert "CUDA-graph decoding needs --device cuda" in capsys.readouterr().err
 
 
-def test_captured_prefill_needs_cuda_graph_decoding(tiny_artifact, capsys):
-    with pytest.raises(RuntimeInputError, match="capturing prefill needs CUDA-graph decoding"):
-        Model.load(tiny_artifact("dense_tied"), capture_prefill=True)
-    assert runtime_main(["generate", str(tiny_artifact("dense_tied")), "--prompt", "x", "--capture-prefill"]) == 2
-    assert "pass --cuda-graph as well" in capsys.readouterr().err
-
-
-def test_pipelined_decode_comes_with_cuda_graph_decoding_where_the_driver_opens():
-    def missing():
-        raise OSError("libcuda.so.1: cannot open shared object file")
-
-    assert compute_stream(True, None, lambda: "stream") == "stream"
-    assert compute_stream(True, None, missing) is None  # by default: simply off
-    assert compute_stream(False, None, missing) is None and compute_stream(True, False, missing) is None
-    with pytest.raises(RuntimeInputError, match="needs the CUDA driver library"):
-        compute_stream(True, True, missing)
-    with pytest.raises(RuntimeInputError, match="pipelined decoding needs CUDA-graph decoding"):
-        compute_stream(False, True)
-
-
-def test_cli_pipelined_decode_needs_cuda_graph_decoding(tiny_artifact, capsys):
-    assert runtime_main(["generate", str(tiny_artifact("dense_tied")), "--prompt", "x", "--pipelined-decode"]) == 2
-    assert "pass --cuda-graph as well" in capsys.readouterr().err
-
-
-def test_prefill_is_captured_by_default_with_cuda_graph_decoding(tiny_artifact):
-    assert [prefill_captured(cuda_graph, None) for cuda_graph in (True, False)] == [True, False]
-    assert prefill_captured(True, False) is False and prefill_captured(True, True) is True
-    assert Model.load(tiny_artifact("dense_tied")).session.captures_prefill is False
-    assert runtime_main(["generate", str(tiny_artifact("dense_tied")), "--prompt", "x", "--max-new-tokens", "2",
-                         "--no-capture-prefill"]) == 0
-
-
 def test_cli_rejects_a_bad_prefill_chunk(tiny_artifact, capsys):
-    assert runtime_main(["generate", str(tiny_artifact("dense_tied")), "--prompt", "x", "--prefill-chunk", "0"]) == 2
+    assert cli_main(["generate", str(tiny_artifact("dense_tied")), "--prompt", "x", "--prefill-chunk", "0"]) == 2
     assert "prefill_chunk=0" in capsys.readouterr().err
 
 
 def test_cuda_sessions_for_cuda_graphs_refuse_the_cpu_fallback(tiny_artifact):
     """Settings only (no GPU here): a CUDA-optimized graph gets the CUDA EP alone with the fallback off,
     unless cpu_fallback; a portable graph on CUDA may fall back; CPU sessions are untouched."""
-    from runtime.manifest import load_manifest
+    from artifact.contract import read_manifest
     from runtime.session import session_settings
 
-    manifest = load_manifest(tiny_artifact("dense_tied"))
+    manifest = read_manifest(tiny_artifact("dense_tied"))
     cuda_graph_info = dataclasses.replace(manifest.graphs[0], target="cuda")
 
     def fallback(options):
@@ -249,28 +186,17 @@ def test_cuda_sessions_for_cuda_graphs_refuse_the_cpu_fallback(tiny_artifact):
     options, providers = session_settings(manifest.graphs[0], "cuda", True, False, cpu_fallback=False)
     assert fallback(options) == "0" and providers[-1] == "CPUExecutionProvider"
     assert session_settings(cuda_graph_info, "cpu", True, False, cpu_fallback=False)[1] == ["CPUExecutionProvider"]
-    assert "sdpa_kernel" not in session_settings(cuda_graph_info, "cuda", True, True, False)[1][0][1]  # onnxruntime decides
-    flash = session_settings(cuda_graph_info, "cuda", True, True, False, attention_kernel="flash")[1][0][1]
-    assert flash["sdpa_kernel"] == "3"  # flash, memory-efficient as its fallback; no cuDNN
-
-
-def test_an_attention_kernel_needs_cuda_and_a_known_name(tiny_artifact, capsys):
-    with pytest.raises(RuntimeInputError, match="--attention-kernel 'flash': choose one of"):
-        Model.load(tiny_artifact("dense_tied"), attention_kernel="flash")
-    assert runtime_main(["generate", str(tiny_artifact("dense_tied")), "--prompt", "x", "--attention-kernel", "flash"]) == 2
-    assert "--attention-kernel 'flash'" in capsys.readouterr().err
+    assert session_settings(cuda_graph_info, "cuda", True, True, False, stream=1234)[1][0][1]["user_compute_stream"] == "1234"
 
 
 @pytest.mark.parametrize("variant, graph", [("moe_shared", "optimized-cpu"), ("dense_tied", "portable")])
 def test_warm_up_runs_each_power_of_two_prompt_and_changes_nothing(tiny_optimized, variant, graph):
-    model = Model.load(tiny_optimized(variant), graph=graph)
+    lengths = []
+    model = Model.load(tiny_optimized(variant), graph=graph, steps=counting_steps(lengths))
     before = model.generate([5, 6, 7, 8], max_new_tokens=6, greedy=True)
     timings = model.last_timings
-    lengths = []
-    step = model.session.step
-    model.session.step = lambda ids, *rest: lengths.append(ids.shape[1]) or step(ids, *rest)
+    lengths.clear()
     assert model.warm_up(20) == [2, 4, 8, 16, 32]
-    model.session.step = step
     assert [n for n in lengths if n > 1] == [2, 4, 8, 16, 32] and lengths.count(1) == 1  # one decode step
     assert model.last_timings is timings
     assert model.generate([5, 6, 7, 8], max_new_tokens=6, greedy=True).output_ids == before.output_ids
@@ -278,7 +204,7 @@ def test_warm_up_runs_each_power_of_two_prompt_and_changes_nothing(tiny_optimize
 
 def test_warm_up_stays_inside_the_context(tiny_artifact):
     model = Model.load(tiny_artifact("dense_tied"))
-    context = model.manifest.context_length  # 256 for the tiny checkpoints
+    context = model.manifest.model.context_length  # 256 for the tiny checkpoints
     assert model.warm_up()[-1] == context - 1  # 256 would not leave room for a new token
     with pytest.raises(RuntimeInputError, match="warm-up length 256 must be between 1 and the context length"):
         model.warm_up(context)

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from graphs.artifact import optimize_artifact
+from runtime.cuda_graph import CapturedSteps
 from qwen2_export.export import export_checkpoint
 from qwen2_export.config import parse_config
 from qwen2_export.synthetic import QWEN2_0_5B, QWEN2_7B, QWEN2_57B_A14B, hub_tensor_shapes, write_checkpoint, write_tiny_checkpoint
@@ -110,10 +111,8 @@ def build_artifact(checkpoint: Path, folder: Path, dtype: str) -> Path:
 # other ways to build or load ours, timed beside the default with --variants: graphs/ optimize options
 # (a sibling artifact is built) and Model.load options (same artifact)
 VARIANTS = {"two_gemm_gate_up": {"optimize": {"pack_gate_up": False}},
-            "flash_attention": {"load": {"attention_kernel": "flash"}},
-            "cudnn_attention": {"load": {"attention_kernel": "cudnn"}},
-            "uncaptured_prefill": {"load": {"capture_prefill": False}},
-            "unpipelined_decode": {"load": {"pipelined_decode": False}}}
+            # captured steps without the pipelined pair
+            "unpipelined_decode": {"load": {"steps": CapturedSteps}}}
 
 
 def graph_variant(artifact: Path, variant: str) -> Path:
@@ -172,16 +171,16 @@ def correctness(workdir: Path) -> dict:
             reference = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch_dtype).cuda().eval()
             reference.generation_config = transformers.GenerationConfig(
                 do_sample=False, eos_token_id=None, pad_token_id=0,
-                suppress_tokens=list(range(model.manifest.tokenizer_vocab_size, reference.config.vocab_size)))
+                suppress_tokens=list(range(model.manifest.tokenizer.vocab_size, reference.config.vocab_size)))
             with torch.no_grad():
                 theirs = reference.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=32)[0, len(prompt):].tolist()
             theirs = theirs[: len(ours)]
-            top3_agreement = _top3_agreement(reference, prompt, ours, theirs, model.manifest.tokenizer_vocab_size)
+            top3_agreement = _top3_agreement(reference, prompt, ours, theirs, model.manifest.tokenizer.vocab_size)
             graphed = Model.load(artifact, **LOAD, cuda_graph=True)
             replayed = graphed.generate(prompt, max_new_tokens=32, **GREEDY).output_ids
             with torch.no_grad():  # the first step's greedy margin in transformers fp32: small ones flip in bf16
                 first = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).cuda()(
-                    torch.tensor([prompt], device="cuda")).logits[0, -1, : model.manifest.tokenizer_vocab_size].topk(2).values
+                    torch.tensor([prompt], device="cuda")).logits[0, -1, : model.manifest.tokenizer.vocab_size].topk(2).values
             results[f"{variant}/{dtype}"] = {
                 "fp32_first_margin": float(first[0] - first[1]),
                 "cuda_graph_same_tokens": replayed == ours,
@@ -189,7 +188,7 @@ def correctness(workdir: Path) -> dict:
                 "first_difference": next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), None),
                 "each_in_other_top3": top3_agreement,
                 "cuda_only": placement,
-                "full_logits_reads": model.session.full_logits_reads + graphed.session.full_logits_reads,
+                "full_logits_reads": model.session.steps.full_logits_reads + graphed.session.steps.full_logits_reads,
                 "chunked_prefill_same_tokens": graphed.generate(prompt, max_new_tokens=32, **GREEDY,
                                                                 prefill_chunk=3).output_ids == ours,
             }
@@ -213,10 +212,9 @@ def logits_check(workdir: Path) -> dict:
     Separates an export problem (portable off) from a fusion problem (only optimized off)."""
     import transformers
 
-    from runtime.kv_cache import new_cache
-    from runtime.manifest import load_manifest
+    from artifact.contract import read_manifest
+    from runtime import Model
     from runtime.padding import PADDINGS
-    from runtime.session import GraphSession
 
     prompt = [456, 40, 300, 17, 250, 99, 3, 12, 7]
     results = {}
@@ -226,12 +224,11 @@ def logits_check(workdir: Path) -> dict:
         with torch.no_grad():
             expected = reference(torch.tensor([prompt], device="cuda")).logits[0, -1].float().cpu().numpy()
         for dtype in ("fp16", "bf16"):
-            manifest = load_manifest(workdir / f"tiny-{variant}-{dtype}")
-            for graph in manifest.graphs:
-                session = GraphSession(graph, "cuda")
-                cache = new_cache(manifest, graph, 1, "cuda", 64)
-                ids, mask, positions = PADDINGS[graph.padding](manifest.pad_token_id).prefill([prompt], 0)
-                row = session.step(ids, mask, positions, cache).full()[0][: expected.shape[0]]
+            artifact = workdir / f"tiny-{variant}-{dtype}"
+            for graph in read_manifest(artifact).graphs:
+                session = Model.load(artifact, device="cuda", graph=graph.name).session
+                inputs = PADDINGS[graph.padding](0).prefill([prompt], 0)
+                row = session.steps.step(inputs, session.caches.take(1, 64)).full()[0][: expected.shape[0]]
                 results[f"{variant}/{dtype}/{graph.name}"] = {
                     "max_abs_diff": float(np.abs(row - expected).max()), "scale": float(np.abs(expected).max()),
                     "same_top1": int(row.argmax()) == int(expected.argmax()), "finite": bool(np.isfinite(row).all()),
@@ -364,7 +361,8 @@ def replay_timings(model, context: int, steps: int = 200) -> dict:
     no_sync = ort.RunOptions()
     no_sync.add_run_config_entry("gpu_graph_id", captured.run_options.get_run_config_entry("gpu_graph_id"))
     no_sync.add_run_config_entry("disable_synchronize_execution_providers", "1")
-    calls = {"replay_only_ms": replay, "whole_step_ms": lambda: captured.step(session, ids, mask),
+    write = model.session.steps.write
+    calls = {"replay_only_ms": replay, "whole_step_ms": lambda: captured.step(session, ids, mask, write),
              "inputs_upload_ms": lambda: captured.inputs.update_inplace(np.concatenate([ids.ravel(), mask.ravel()])),
              "candidates_download_ms": lambda: captured.candidates.numpy(),
              "async_replay_return_ms": async_replay}
@@ -382,27 +380,19 @@ def replay_timings(model, context: int, steps: int = 200) -> dict:
 
 
 def loop_breakdown(model, prompt_tokens: int, new_tokens: int = 128) -> dict:
-    """A real greedy decode with the session's step timed: per token, the step (inputs, replay,
+    """A real greedy decode with the runner's steps timed: per token, the step (inputs, replay,
     candidates) against everything around it (token choice, bookkeeping, the next step's inputs)."""
-    session, spent = model.session, []
-    step = session.step
-
-    def timed_step(*args, **kwargs):
-        started = time.perf_counter()
-        result = step(*args, **kwargs)
+    steps, spent = model.session.steps, []
+    loop = model.decode_loop([[1] * prompt_tokens], max_new_tokens=new_tokens, ignore_eos=True, **GREEDY)
+    started = time.perf_counter()
+    for _ in loop:
         spent.append(time.perf_counter() - started)
-        return result
-
-    session.step = timed_step
-    try:
-        model.generate([1] * prompt_tokens, max_new_tokens=new_tokens, ignore_eos=True, **GREEDY)
-    finally:
-        del session.step
-    t = model.last_timings
-    decode_steps = spent[1:]  # the first call is the prefill; a pipelined decode makes no other
+        started = time.perf_counter()
+    t = loop.timings
+    pipelines = list(getattr(steps, "pipelines", {}).values())
     return {"loop_ms_per_token": t.decode_s * 1e3 / t.decode_tokens,
-            "loop_step_ms": sum(decode_steps) * 1e3 / len(decode_steps) if decode_steps else None,
-            "pipeline_reruns": model.session._spare.pipeline.reruns if model.session._spare.pipeline else None}
+            "step_and_choice_ms": sum(spent[1:]) * 1e3 / max(len(spent) - 1, 1),
+            "pipeline_reruns": sum(p.reruns for p in pipelines) if pipelines else None}
 
 
 def kernel_profiles(model, context: int) -> dict:
@@ -427,15 +417,19 @@ def prefill_node_profile(model, prompt_tokens: int) -> dict:
 
     from runtime.session import session_settings
 
+    from runtime.padding import PADDINGS
+    from runtime.steps import PlainSteps
+
     graph = model.session.graph
     options, providers = session_settings(graph, model.session.device, True, False, False)
     options.enable_profiling = True
     options.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "prefill")
-    model.session.session = ort.InferenceSession(str(graph.path), options, providers=providers)
-    prompt = [1] * prompt_tokens
+    profiled = ort.InferenceSession(str(model.artifact / graph.file), options, providers=providers)
+    steps = PlainSteps(profiled, graph, model.session.device)
+    inputs = PADDINGS[graph.padding](0).prefill([[1] * prompt_tokens], 0)
     for _ in range(3):  # the last run is warm
-        model.generate(prompt, max_new_tokens=1, greedy=True)
-    events = json.loads(Path(model.session.session.end_profiling()).read_text())
+        steps.step(inputs, model.session.caches.take(1, prompt_tokens + 1))
+    events = json.loads(Path(profiled.end_profiling()).read_text())
     run = [e for e in events if e.get("name") == "model_run"][-1]
     nodes = [e for e in events if e.get("cat") == "Node" and run["ts"] <= e["ts"] <= run["ts"] + run["dur"]
              and e["name"].endswith("_kernel_time")]
@@ -451,16 +445,13 @@ def prefill_node_profile(model, prompt_tokens: int) -> dict:
 
 def captured_step(model, context: int):
     """The captured decode step of a cache whose attention reads `context` positions, as in the middle of
-    a timed run, with that step's inputs."""
-    pipelines, model.session.pipelines_decode = model.session.pipelines_decode, False  # the one-step graph
-    try:
-        loop = model.decode_loop([[1] * context], max_new_tokens=2, greedy=True)
-        for _ in loop:
-            pass
-    finally:
-        model.session.pipelines_decode = pipelines
+    a timed run, with that step's inputs. A sampled request runs captured steps one by one, never the
+    pipelined pair."""
+    loop = model.decode_loop([[1] * context], max_new_tokens=2, do_sample=True, top_k=1, seed=0)
+    for _ in loop:
+        pass
     mask = (np.arange(loop.cache.capacity) < context).astype(np.int64)[None]
-    return loop.cache.captured[1], model.session.session, np.ones((1, 1), np.int64), mask
+    return model.session.steps.captured[loop.cache][1], model.session.session, np.ones((1, 1), np.int64), mask
 
 
 def kernel_profile(call, repeats: int) -> dict:
@@ -554,40 +545,21 @@ def variant_timings(artifact: Path, variant: str, prompt: list[int], long_prompt
     result = {"cuda_graph": ours_timings(model, [prompt], new_tokens, runs=2, **GREEDY), "peak_gib": memory.gib,
               "first_prefill_ms": first_prefill_ms}
     result["same_tokens_as_default"] = result["cuda_graph"]["tokens"] == default_tokens
-    if model.session.captures_prefill:
-        result["padded_prompt_same_tokens"] = padded_prompt_same_tokens(model, prompt)
+    result["padded_prompt_same_tokens"] = padded_prompt_same_tokens(model, prompt)
     result["prefill_4096_ms"] = ours_timings(model, [long_prompt], 2, runs=2, **GREEDY)["prefill_ms"]
     result["replay"] = replay_timings(model, context)
     return result, model
 
 
-def pipelining_ab(model, prompt: list[int], new_tokens: int, rounds: int = 3) -> dict:
-    """Batch-1 greedy decode ms/token of one model with pipelined steps and step by step, alternated
-    round by round so neither gets the better part of the run (clocks, host load), for the timed
-    prompt and for a prompt of one repeated id (the loop breakdown's, which measured the other way)."""
-    saved, result = model.session.pipelines_decode, {}
-    try:
-        for kind, tokens in (("random_prompt", prompt), ("repeated_id_prompt", [1] * len(prompt))):
-            times: dict = {"pipelined": [], "step_by_step": []}
-            for _ in range(rounds):
-                for name, on in (("pipelined", True), ("step_by_step", False)):
-                    model.session.pipelines_decode = on
-                    times[name].append(ours_timings(model, [tokens], new_tokens, runs=1, **GREEDY)["decode_ms_per_token"])
-            result[kind] = {**{f"{name}_median": statistics.median(v) for name, v in times.items()}, "rounds": times}
-    finally:
-        model.session.pipelines_decode = saved
-    return result
-
-
 def padded_prompt_same_tokens(model, prompt: list[int]) -> bool:
-    """A prompt padded to its captured bucket (500 -> 512) gives the tokens of the same prompt unpadded."""
+    """A prompt padded to its captured bucket (500 -> 512) gives the tokens of the same prompt unpadded
+    (a model of plain steps on the same artifact)."""
+    from runtime import Model
+
     odd = prompt[:500]
     padded = model.generate(odd, max_new_tokens=32, **GREEDY).output_ids
-    model.session.captures_prefill = False
-    try:
-        return padded == model.generate(odd, max_new_tokens=32, **GREEDY).output_ids
-    finally:
-        model.session.captures_prefill = True
+    plain = Model.load(model.artifact, **LOAD)
+    return padded == plain.generate(odd, max_new_tokens=32, **GREEDY).output_ids
 
 
 @section("bucket_sweep")
@@ -601,10 +573,10 @@ def bucket_sweep(workdir: Path, shape: str, lengths: tuple[int, ...]) -> dict:
     rng = np.random.default_rng(1)
     prompts = {n: rng.integers(0, 400, size=n).tolist() for n in lengths}
     result = {}
-    for name, options in (("uncaptured", {"capture_prefill": False}), ("captured", {})):
+    for name, cuda_graph in (("uncaptured", False), ("captured", True)):
         gc_collect()
         base = device_used_gib()
-        model = Model.load(artifact, **LOAD, **options, cuda_graph=True)
+        model = Model.load(artifact, **LOAD, cuda_graph=cuda_graph)
         rows = []
         for n, prompt in prompts.items():
             first = ttft_ms(model, prompt)
@@ -660,8 +632,6 @@ def speed(workdir: Path, shape: str, prompt_tokens: int, new_tokens: int, copy_t
     report["ours_cuda_graph"] = ours_timings(model, [prompt], new_tokens, runs=2, **GREEDY)
     report["ours_cuda_graph"]["full_logits_reads"] = model.session.full_logits_reads
     report["ours_padded_prompt_same_tokens"] = padded_prompt_same_tokens(model, prompt)
-    if model.session.stream is not None:
-        report["ours_pipelining_ab"] = pipelining_ab(model, prompt, new_tokens)
     reads = model.session.full_logits_reads
     report["ours_sampling_qwen_defaults"] = ours_timings(model, [prompt], new_tokens, runs=1, do_sample=True, seed=1)
     report["ours_sampling_qwen_defaults"]["full_logits_reads"] = model.session.full_logits_reads - reads
@@ -748,7 +718,7 @@ def moe_logits_check(artifact: Path, checkpoint: Path) -> dict:
 
     prompt = np.random.default_rng(7).integers(0, 400, size=24).tolist()
     ours = Model.load(artifact, **LOAD)
-    vocab = ours.manifest.tokenizer_vocab_size
+    vocab = ours.manifest.tokenizer.vocab_size
     cache = new_cache(ours.manifest, ours.session.graph, 1, "cuda", 512)
     row = ours.session.step(*RightPadding(ours.manifest.pad_token_id).prefill([prompt], 0), cache).full()[0][:vocab]
     del ours, cache

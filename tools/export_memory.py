@@ -81,7 +81,7 @@ def main() -> None:
             write_checkpoint(checkpoint, config, seed=0, dtype=DTYPES[args.dtype], shards=args.shards)
             print(f"synthesised {checkpoint} in {time.monotonic() - started:.0f}s", file=sys.stderr)
         started = time.monotonic()
-        command = [sys.executable, "-m", "qwen2_export.cli", "export", str(checkpoint), "-o", str(artifact),
+        command = [sys.executable, "-m", "qwen2_onnx", "export", str(checkpoint), "-o", str(artifact),
                    "--dtype", args.dtype, "--force"]
         subprocess.run(command, check=True)
         wall = time.monotonic() - started

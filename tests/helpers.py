@@ -1,0 +1,171 @@
+"""What several test modules share: transformers as the reference (test-only), plain onnxruntime
+driving a graph as a host in another language would, prompts, and a synchronous stand-in for the CUDA
+stream. Test modules import this, never each other."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+import transformers
+
+from artifact import contract
+
+PROMPTS = [[456, 40, 300, 17, 250, 99, 3], [12, 7, 310], [5, 80, 300, 41, 7]]
+
+
+# ---- transformers, the reference ----
+def load_reference(checkpoint) -> torch.nn.Module:
+    """transformers' model on the same weights, eager attention (the plain math we compare with)."""
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        checkpoint, attn_implementation="eager", dtype=torch.float32
+    ).eval()
+
+
+@torch.no_grad()
+def reference_greedy(model, prompt: list[int], steps: int) -> list[int]:
+    """transformers' generate, plain greedy (the checkpoint's sampling defaults and repetition
+    penalty would otherwise be merged in), never stopping early."""
+    model.generation_config = transformers.GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=0)
+    output = model.generate(
+        torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), max_new_tokens=steps
+    )
+    return output[0, len(prompt):].tolist()
+
+
+@torch.no_grad()
+def reference_logits(model, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Full recomputation without a cache: what every cached step must reproduce."""
+    return model(input_ids=ids, attention_mask=attention_mask).logits
+
+
+@torch.no_grad()
+def transformers_generate(checkpoint, prompts, steps, generation_config, tokenizer_vocab):
+    """transformers' greedy generate on a left-padded batch, ids past the tokenizer suppressed as we do."""
+    reference = load_reference(checkpoint)
+    pad = generation_config["pad_token_id"]
+    longest = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+    reference.generation_config = transformers.GenerationConfig(
+        **{**generation_config, "do_sample": False},
+        suppress_tokens=list(range(tokenizer_vocab, reference.config.vocab_size)),
+    )
+    out = reference.generate(ids, attention_mask=mask, max_new_tokens=steps)[:, longest:].tolist()
+    stops = set(generation_config["eos_token_id"])
+    return [row[: next((i + 1 for i, t in enumerate(row) if t in stops), len(row))] for row in out]
+
+
+
+# ---- our torch model ----
+def empty_past(config, batch):
+    shape = (batch, config.num_key_value_heads, 0, config.head_dim)
+    return [torch.zeros(shape)] * (2 * config.num_hidden_layers)
+
+
+@torch.no_grad()
+def prefill_and_decode(model, config, ids: torch.Tensor, prefill: int) -> list[torch.Tensor]:
+    """Logits of the prefill, then of each single-token step reusing present.* as past."""
+    batch, total = ids.shape
+    logits, *past = model(ids[:, :prefill], torch.ones(batch, prefill, dtype=torch.long),
+                          torch.arange(prefill)[None].expand(batch, -1), *empty_past(config, batch))
+    steps = [logits]
+    for position in range(prefill, total):
+        logits, *past = model(ids[:, position : position + 1], torch.ones(batch, position + 1, dtype=torch.long),
+                              torch.full((batch, 1), position), *past)
+        steps.append(logits)
+    return steps
+
+
+
+# ---- plain onnxruntime on a graph of the artifact ----
+NUMPY_TYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def open_session(artifact: Path) -> tuple[ort.InferenceSession, dict]:
+    """CPU session with onnxruntime's own graph rewrites off, so nothing hides what we exported."""
+    manifest = json.loads((artifact / contract.MANIFEST_FILE).read_text())
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    graph = artifact / manifest["graphs"][0]["file"]
+    return ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"]), manifest
+
+
+def empty_cache(manifest: dict, batch: int) -> dict[str, np.ndarray]:
+    model = manifest["model"]
+    dtype = NUMPY_TYPES[manifest["dtype"]]
+    shape = (batch, model["num_key_value_heads"], 0, model["head_dim"])
+    return {
+        f"past_key_values.{i}.{kind}": np.zeros(shape, dtype)
+        for i in range(model["num_hidden_layers"])
+        for kind in ("key", "value")
+    }
+
+
+def run_step(session, cache: dict, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray):
+    """One graph call; returns (logits, the next step's cache built from present.*). Graphs without a
+    position_ids input (GroupQueryAttention derives positions) simply do not get it; optimized graphs
+    also take total_sequence_length, the mask's width."""
+    feed = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, **cache,
+            "total_sequence_length": np.array(attention_mask.shape[1], np.int32)}
+    wanted = {i.name for i in session.get_inputs()}
+    feed = {name: value for name, value in feed.items() if name in wanted}
+    names = [o.name for o in session.get_outputs()]
+    outputs = dict(zip(names, session.run(None, feed), strict=True))
+    next_cache = {name.replace("present", "past_key_values"): value for name, value in outputs.items()
+                  if name.startswith("present.")}
+    return outputs["logits"], next_cache
+
+
+def greedy(session, manifest: dict, prompt: list[int], steps: int) -> tuple[list[int], list[np.ndarray]]:
+    """Batch-1 greedy decoding with the KV cache; returns the new tokens and each step's logits row."""
+    ids = np.array([prompt], dtype=np.int64)
+    cache = empty_cache(manifest, 1)
+    position = np.arange(len(prompt), dtype=np.int64)[None]
+    tokens, rows = [], []
+    for _ in range(steps):
+        total = cache["past_key_values.0.key"].shape[2] + ids.shape[1]
+        logits, cache = run_step(session, cache, ids, np.ones((1, total), np.int64), position)
+        rows.append(logits[0, -1].astype(np.float32))
+        tokens.append(int(rows[-1].argmax()))
+        ids = np.array([[tokens[-1]]], dtype=np.int64)
+        position = np.array([[total]], dtype=np.int64)
+    return tokens, rows
+
+
+class SyncStream:
+    """cuda_stream.DeviceStream's interface on the CPU, where onnxruntime runs synchronously: writes are
+    immediate and events already complete. Drives the pipelined decode loop in CPU tests."""
+
+    handle = None
+
+    def write(self, target: ort.OrtValue, data: np.ndarray) -> None:
+        target.update_inplace(np.ascontiguousarray(data))
+
+    def record(self) -> None:
+        return None
+
+    def wait(self, event: None) -> None:
+        pass
+
+
+def counting_steps(lengths: list[int]):
+    """A step-runner factory (Model.load's `steps`) of plain steps that records each step's token count."""
+    from runtime.steps import PlainSteps
+
+    class CountingSteps(PlainSteps):
+        def step(self, inputs, cache, next_mask=None):
+            lengths.append(inputs.input_ids.shape[1])
+            return super().step(inputs, cache, next_mask)
+
+    return CountingSteps
+
+
+def with_stop_tokens(model, ids: tuple[int, ...]):
+    """The same model whose manifest names other stop tokens."""
+    tokens = dataclasses.replace(model.manifest.tokenizer, stop_token_ids=ids)
+    return dataclasses.replace(model, manifest=dataclasses.replace(model.manifest, tokenizer=tokens))
