@@ -59,6 +59,8 @@ class CapturedSteps(PlainSteps):
         super().__init__(session, graph, device)
         self.vocab = session.get_outputs()[0].shape[-1]
         self.captured: weakref.WeakKeyDictionary[KVCache, dict[int, CapturedStep]] = weakref.WeakKeyDictionary()
+        self.uncaptured = ort.RunOptions()  # a step on this session that is not captured
+        self.uncaptured.add_run_config_entry("gpu_graph_id", "-1")
 
     def prompt_bucket(self, length: int, context_length: int) -> int | None:
         return captured_prompt_length(length, context_length)
@@ -79,9 +81,7 @@ class CapturedSteps(PlainSteps):
         return self.scores(logits, candidates)
 
     def run_options(self) -> ort.RunOptions:
-        options = ort.RunOptions()  # an uncaptured step on a session that captures
-        options.add_run_config_entry("gpu_graph_id", "-1")
-        return options
+        return self.uncaptured
 
     def write(self, target: ort.OrtValue, data: np.ndarray) -> None:
         """Write a step's inputs into its bound device buffer."""
@@ -229,7 +229,6 @@ class DecodePipeline:
         self.events: list = [None, None]
         self.runs = [0, 0]  # per step: the first two run synchronously (see launch)
         self.reruns = 0  # steps queued again because the host chose another token than the best candidate
-        self.current: int | None = None  # the step last waited for
         self.queued: int | None = None  # the step queued ahead, fed by the current step's best candidate
         self.fed_with = -1  # that candidate's id
 
@@ -250,7 +249,7 @@ class DecodePipeline:
             self.launch(1 - current, next_mask)
             self.queued = 1 - current
         logits, (top_logits, top_ids) = self.wait(current)
-        self.current, self.fed_with = current, int(top_ids[0, 0])  # the token the queued step reads
+        self.fed_with = int(top_ids[0, 0])  # the token the queued step reads
         return logits, [top_logits, top_ids]
 
     def feed(self, step: int, token: int) -> None:

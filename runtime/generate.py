@@ -89,7 +89,8 @@ class DecodeLoop:
         capacity = min(manifest.model.context_length, -(-needed // CAPACITY_STEP) * CAPACITY_STEP)
         self.cache = cache if reuse else session.caches.take(len(prompts), capacity)
         self.timings.reused_prompt_tokens = reuse
-        self.padding = PADDINGS[session.graph.padding](pad_token_id(manifest))
+        self.pad_id = pad_token_id(manifest)  # fed for rows that are done
+        self.padding = PADDINGS[session.graph.padding](self.pad_id)
         if self.cache.capacity is not None:  # shared buffer: decode steps use a mask of the buffer's width
             self.padding.decode_width = self.cache.capacity
         # one greedy row: its next token is usually the device's best candidate, so a runner may queue
@@ -117,7 +118,7 @@ class DecodeLoop:
         self.timings.time_to_first_token_s = time.perf_counter() - started
         yield new
         while not all(done):
-            inputs = self.padding.decode([pad_token_id(self.manifest) if t is None else t for t in new])
+            inputs = self.padding.decode([self.pad_id if t is None else t for t in new])
             more = self.predictable and len(self.generations[0].output_ids) + 1 < self.max_new_tokens
             scores = self.steps.step(inputs, self.cache, self.padding.next_decode_mask() if more else None)
             new = self._accept(self._choose(scores, seen, rng), seen, done)
