@@ -1,14 +1,18 @@
-"""Session fixtures: seeded tiny checkpoints in the hub layout and their exported artifacts, built once."""
+"""Session fixtures: seeded tiny checkpoints in the hub layout and their exported artifacts, each built once
+per test run and shared by pytest-xdist's workers (a file lock per item: the first worker that needs it
+builds it, the others wait and reuse it). Tests copy an artifact before changing it."""
 
 from __future__ import annotations
 
 import logging
+import shutil
 import warnings
 from pathlib import Path
 from typing import Callable
 
 import pytest
 import torch
+from filelock import FileLock
 
 from qwen2_export.export import export_checkpoint
 from qwen2_export.synthetic import TINY_VARIANTS, write_tiny_checkpoint
@@ -20,49 +24,55 @@ warnings.filterwarnings("ignore", module="torch")
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> Callable[..., Path]:
-    """tiny_checkpoint(variant, dtype=torch.float32) -> checkpoint folder (cached per session)."""
-    built: dict[tuple[str, torch.dtype], Path] = {}
+def shared_build(tmp_path_factory, worker_id) -> Callable[[str, Callable[[Path], object]], Path]:
+    """shared_build(name, build) -> the folder `build(folder)` made, once for all workers of this run."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if worker_id != "master" else base  # xdist workers' base folders share a parent
+    (root / "shared").mkdir(exist_ok=True)
 
+    def get(name: str, build: Callable[[Path], object]) -> Path:
+        folder = root / "shared" / name
+        done = folder.with_name(name + ".done")
+        with FileLock(str(folder) + ".lock"):
+            if not done.is_file():
+                shutil.rmtree(folder, ignore_errors=True)  # a half-built one from a failed attempt
+                build(folder)
+                done.touch()
+        return folder
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(shared_build) -> Callable[..., Path]:
+    """tiny_checkpoint(variant, dtype=torch.float32) -> checkpoint folder."""
     def build(variant: str, dtype: torch.dtype = torch.float32) -> Path:
-        key = (variant, dtype)
-        if key not in built:
-            folder = tmp_path_factory.mktemp("checkpoints") / f"{variant}-{str(dtype).split('.')[-1]}"
-            built[key] = write_tiny_checkpoint(folder, variant, seed=0, dtype=dtype)
-        return built[key]
+        name = f"checkpoint-{variant}-{str(dtype).split('.')[-1]}"
+        return shared_build(name, lambda folder: write_tiny_checkpoint(folder, variant, seed=0, dtype=dtype))
 
     return build
 
 
 @pytest.fixture(scope="session")
-def tiny_artifact(tmp_path_factory, tiny_checkpoint) -> Callable[..., Path]:
-    """tiny_artifact(variant, dtype="fp32") -> exported artifact folder (cached per session)."""
-    built: dict[tuple[str, str], Path] = {}
-
+def tiny_artifact(shared_build, tiny_checkpoint) -> Callable[..., Path]:
+    """tiny_artifact(variant, dtype="fp32") -> exported artifact folder."""
     def build(variant: str, dtype: str = "fp32") -> Path:
-        if (variant, dtype) not in built:
-            out = tmp_path_factory.mktemp("artifacts") / f"{variant}-{dtype}"
-            built[variant, dtype] = export_checkpoint(tiny_checkpoint(variant), out, dtype=dtype)
-        return built[variant, dtype]
+        return shared_build(f"artifact-{variant}-{dtype}",
+                            lambda folder: export_checkpoint(tiny_checkpoint(variant), folder, dtype=dtype))
 
     return build
 
 
 @pytest.fixture(scope="session")
-def tiny_optimized(tmp_path_factory, tiny_artifact) -> Callable[..., Path]:
+def tiny_optimized(shared_build, tiny_artifact) -> Callable[..., Path]:
     """tiny_optimized(variant, target="cpu") -> a copy of the fp32 artifact with onnx/model_{target}.onnx."""
-    import shutil
-
     from graphs.artifact import optimize_artifact
 
-    built: dict[tuple[str, str], Path] = {}
+    def optimized(variant: str, target: str, folder: Path) -> None:
+        shutil.copytree(tiny_artifact(variant), folder)
+        optimize_artifact(folder, target)
 
     def build(variant: str, target: str = "cpu") -> Path:
-        if (variant, target) not in built:
-            folder = tmp_path_factory.mktemp("optimized") / f"{variant}-{target}"
-            shutil.copytree(tiny_artifact(variant), folder)
-            optimize_artifact(folder, target)
-            built[variant, target] = folder
-        return built[variant, target]
+        return shared_build(f"optimized-{variant}-{target}", lambda folder: optimized(variant, target, folder))
 
     return build

@@ -186,7 +186,8 @@ def test_cli_reports_errors_with_exit_code_2(tmp_path, capsys):
 def test_the_command_reports_a_bad_checkpoint_in_one_line(tmp_path):
     """The module entry point, in a process of its own (CI also runs the installed wheel's console script
     from another folder, export and generate included: .ci/run)."""
-    result = subprocess.run([sys.executable, "-m", "qwen2_onnx", "export", str(tmp_path / "missing"), "-o", str(tmp_path / "a")],
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    result = subprocess.run([sys.executable, "-m", "qwen2_onnx", "export", str(tmp_path), "-o", str(tmp_path / "a")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.startswith("qwen2-onnx export: error: ")
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "a").exists()
