@@ -5,6 +5,7 @@ builds it, the others wait and reuse it). Tests copy an artifact before changing
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -23,11 +24,24 @@ logging.getLogger("torch.onnx").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", module="torch")
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """`cuda` tests run on a machine with a CUDA GPU and onnxruntime-gpu (the lent device: pytest -m cuda);
+    elsewhere they are skipped, and -ra lists them with this reason."""
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers() and torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU and onnxruntime-gpu: run on the device with pytest -m cuda")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
-def shared_build(tmp_path_factory, worker_id) -> Callable[[str, Callable[[Path], object]], Path]:
+def shared_build(tmp_path_factory) -> Callable[[str, Callable[[Path], object]], Path]:
     """shared_build(name, build) -> the folder `build(folder)` made, once for all workers of this run."""
     base = tmp_path_factory.getbasetemp()
-    root = base.parent if worker_id != "master" else base  # xdist workers' base folders share a parent
+    root = base.parent if "PYTEST_XDIST_WORKER" in os.environ else base  # xdist workers' base folders share a parent
     (root / "shared").mkdir(exist_ok=True)
 
     def get(name: str, build: Callable[[Path], object]) -> Path:

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from onnx import TensorProto, helper
 
-from bench_gpu import SHAPES, kernel_profile
+from bench_gpu.prepare import SHAPES
+from bench_gpu.profiles import kernel_profile
 from qwen2_export.config import parse_config
 
 LAYOUTS = ("in_out", "out_in")

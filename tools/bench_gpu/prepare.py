@@ -1,0 +1,140 @@
+"""What every part of the GPU benchmark starts from: the shapes, the machine (environment, copy bandwidth),
+random checkpoints at published shapes and their CUDA artifacts, and the floor of a decode step."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from graphs.artifact import optimize_artifact
+from qwen2_export.config import parse_config
+from qwen2_export.export import export_checkpoint
+from qwen2_export.synthetic import QWEN2_0_5B, QWEN2_7B, QWEN2_57B_A14B, hub_tensor_shapes, write_checkpoint
+from runtime.cuda_graph import CapturedSteps
+
+SHAPES = {"qwen2-0.5b": QWEN2_0_5B, "qwen2-7b": QWEN2_7B,
+          "qwen2-57b-a14b-4l": {**QWEN2_57B_A14B, "num_hidden_layers": 4, "max_window_layers": 4}}
+# other ways to build or load ours, timed beside the default with --variants: graphs/ optimize options
+# (a sibling artifact is built) and Model.load options (same artifact)
+VARIANTS = {"two_gemm_gate_up": {"optimize": {"pack_gate_up": False}},
+            # captured steps without the pipelined pair
+            "unpipelined_decode": {"load": {"steps": CapturedSteps}}}
+
+
+def environment() -> dict:
+    import onnxruntime as ort
+    import transformers
+
+    try:
+        import onnxruntime_genai
+
+        genai = onnxruntime_genai.__version__
+    except ImportError:
+        genai = None
+    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "onnxruntime": ort.__version__, "onnxruntime_genai": genai, "providers": ort.get_available_providers()}
+
+
+def bandwidth() -> dict:
+    source = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
+    target = torch.empty_like(source)
+    for _ in range(3):
+        target.copy_(source)
+    torch.cuda.synchronize()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        target.copy_(source)
+    stop.record()
+    torch.cuda.synchronize()
+    seconds = start.elapsed_time(stop) / 1e3 / 20
+    return {"copy_tb_s": 2 * source.numel() / seconds / 1e12}
+
+
+def build_artifact(checkpoint: Path, folder: Path, dtype: str) -> Path:
+    """Export and optimize for CUDA, unless an earlier call of this run (or --prepare) did already."""
+    if (folder / "onnx" / "model_cuda.onnx").is_file():
+        return folder
+    artifact = export_checkpoint(checkpoint, folder, dtype=dtype, force=True)
+    optimize_artifact(artifact, "cuda", {"fp16": "float16", "bf16": "bfloat16"}[dtype])
+    return artifact
+
+
+def graph_variant(artifact: Path, variant: str) -> Path:
+    """A sibling artifact optimized as VARIANTS[variant] says. It shares the portable graph's data
+    with `artifact` through a hard link (the device's disk holds one large shape at a time); the data
+    moves into the sibling while it is optimized, as onnx_ir refuses to read a file with two links."""
+    folder = artifact.with_name(f"{artifact.name}-{variant}")
+    if (folder / "onnx" / "model_cuda.onnx").is_file():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(artifact, folder, ignore=shutil.ignore_patterns("*.onnx_data", "model_cuda.onnx"))
+    data = [path.relative_to(artifact) for path in artifact.rglob("*.onnx_data") if not path.name.startswith("model_cuda.")]
+    for name in data:
+        os.rename(artifact / name, folder / name)
+    try:
+        optimize_artifact(folder, "cuda", "float16", **VARIANTS[variant]["optimize"])
+    finally:
+        for name in data:
+            os.link(folder / name, artifact / name)
+    return folder
+
+
+def prepare(workdir: Path, shape: str) -> tuple[Path, Path]:
+    """Random checkpoint at the shape (bf16, 4 shards) and its fp16 CUDA artifact; CPU work only.
+    (Graph variants are built when timed: with genai's build they would not fit the device's disk.)"""
+    checkpoint = workdir / f"{shape}-checkpoint"
+    if not (checkpoint / "config.json").is_file():
+        write_checkpoint(checkpoint, SHAPES[shape], seed=0, dtype=torch.bfloat16, shards=4)
+    return checkpoint, build_artifact(checkpoint, workdir / f"{shape}-fp16", "fp16")
+
+
+def yarn_artifact(workdir: Path) -> Path:
+    """The Qwen2-7B checkpoint's weights (linked, not copied) under a config with YaRN factor 4."""
+    base = workdir / "qwen2-7b-checkpoint"
+    if not (base / "config.json").is_file():
+        write_checkpoint(base, SHAPES["qwen2-7b"], seed=0, dtype=torch.bfloat16, shards=4)
+    checkpoint = workdir / "qwen2-7b-yarn4-checkpoint"
+    checkpoint.mkdir(exist_ok=True)
+    for item in base.iterdir():
+        if item.name != "config.json" and not (checkpoint / item.name).exists():
+            (checkpoint / item.name).symlink_to(item)
+    config = {**SHAPES["qwen2-7b"], "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    return build_artifact(checkpoint, workdir / "qwen2-7b-yarn4-fp16", "fp16")
+
+
+def decode_read_bytes(config_json: dict) -> int:
+    """Bytes of fp16 weights one batch-1 decode step must read: every tensor but the embedding table
+    (one row is gathered; a tied lm_head reads it whole), and k of E routed experts."""
+    config = parse_config(config_json)
+    total = 0
+    for name, shape in hub_tensor_shapes(config):
+        size = 2 * int(np.prod(shape))
+        if name == "model.embed_tokens.weight" and not config.tie_word_embeddings:
+            continue
+        if ".mlp.experts." in name:
+            size = size * config.moe.num_experts_per_tok // config.moe.num_experts
+        total += size
+    return total
+
+
+def cuda_only_assignment(graph: Path) -> str:
+    """'ok' when a session with CPU fallback disabled accepts the graph, else onnxruntime's reason."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    try:
+        ort.InferenceSession(str(graph), options, providers=["CUDAExecutionProvider"])
+        return "ok"
+    except Exception as error:  # report the reason and where nodes went; the script goes on
+        verbose = ort.SessionOptions()
+        verbose.log_severity_level = 0  # onnxruntime then logs each provider's node placements
+        ort.InferenceSession(str(graph), verbose, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        return str(error)[:400]
