@@ -105,8 +105,8 @@ def test_stop_token_and_stop_string(tiny_artifact):
 
 
 def test_prompt_past_the_context_is_refused_before_any_work(tiny_artifact):
-    model = Model.load(tiny_artifact("dense_tied"))
-    model.session.steps = None  # any step would fail
+    steps = []
+    model = Model.load(tiny_artifact("dense_tied"), steps=counting_steps(steps))
     with pytest.raises(RuntimeInputError, match=r"prompt of 200 tokens \+ max_new_tokens 100 = 300 exceeds the model's context length 256"):
         model.generate([1] * 200, max_new_tokens=100)
     with pytest.raises(RuntimeInputError, match="max_new_tokens=0"):
@@ -117,6 +117,7 @@ def test_prompt_past_the_context_is_refused_before_any_work(tiny_artifact):
         model.generate([1, 2, 3], max_new_tokens=1, prefill_chunk=0)
     with pytest.raises(RuntimeInputError, match=r"unknown generation option\(s\) \['temprature'\]"):
         model.generate([1, 2, 3], max_new_tokens=1, temprature=0.5)
+    assert steps == []  # not one step ran
 
 
 def test_cli_generate_json_and_errors(tiny_artifact, capsys):
