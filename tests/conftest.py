@@ -90,3 +90,17 @@ def tiny_optimized(shared_build, tiny_artifact) -> Callable[..., Path]:
         return shared_build(f"optimized-{variant}-{target}", lambda folder: optimized(variant, target, folder))
 
     return build
+
+
+@pytest.fixture(scope="session", autouse=True)
+def build_artifacts_in_parallel(request, tiny_optimized) -> None:
+    """Under xdist, each worker first builds its share of the fp32 artifacts (their CPU-optimized copies
+    include them), so no worker waits on a lock the other holds while a core sits idle. Only when the
+    collected tests use the tiny artifacts at all."""
+    worker, workers = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    uses = {"tiny_artifact", "tiny_optimized"}
+    if worker is None or workers < 2 or not any(uses & set(item.fixturenames) for item in request.session.items):
+        return
+    index = int(worker.removeprefix("gw"))
+    for variant in VARIANTS[index::workers]:
+        tiny_optimized(variant)

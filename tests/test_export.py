@@ -183,11 +183,10 @@ def test_cli_reports_errors_with_exit_code_2(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_the_command_reports_a_bad_checkpoint_in_one_line(tmp_path):
+def test_the_command_reports_a_bad_artifact_in_one_line(tmp_path):
     """The module entry point, in a process of its own (CI also runs the installed wheel's console script
     from another folder, export and generate included: .ci/run)."""
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
-    result = subprocess.run([sys.executable, "-m", "qwen2_onnx", "export", str(tmp_path), "-o", str(tmp_path / "a")],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and result.stderr.startswith("qwen2-onnx export: error: ")
-    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "a").exists()
+    result = subprocess.run([sys.executable, "-m", "qwen2_onnx", "inspect", str(tmp_path)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and result.stderr.startswith("qwen2-onnx inspect: error: ")
+    assert len(result.stderr.strip().splitlines()) == 1 and "manifest.json not found" in result.stderr
