@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +31,10 @@ PRODUCER = "qwen2-onnx"
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 # copied from the checkpoint: the first three are required, the rest when present
-CHECKPOINT_FILES = ("config.json", TOKENIZER_FILE, "tokenizer_config.json")
+CHECKPOINT_FILES = ("config.json", TOKENIZER_FILE, TOKENIZER_CONFIG_FILE)
 OPTIONAL_CHECKPOINT_FILES = (GENERATION_CONFIG_FILE, CHAT_TEMPLATE_FILE)
 GRAPH_FOLDER = "onnx"
 PORTABLE_GRAPH = "portable"
@@ -140,6 +141,14 @@ class FileRecord:
         return cls(sha256_of(path), path.stat().st_size)
 
 
+def records_json(records: dict[str, FileRecord]) -> dict[str, Any]:
+    return {name: {"sha256": r.sha256, "bytes": r.bytes} for name, r in records.items()}
+
+
+def records_from_json(raw: dict[str, Any]) -> dict[str, FileRecord]:
+    return {str(name): FileRecord(str(r["sha256"]), int(r["bytes"])) for name, r in raw.items()}
+
+
 # ---- the manifest -----------------------------------------------------------------------------------
 class ArtifactError(ValueError):
     """The folder is not an artifact this version can read; the message says why and what to do."""
@@ -236,7 +245,7 @@ class GraphEntry:
     def to_json(self) -> dict[str, Any]:
         entry: dict[str, Any] = {
             "name": self.name, "file": self.file, "target": self.target,
-            "files": {name: {"sha256": r.sha256, "bytes": r.bytes} for name, r in self.files.items()},
+            "files": records_json(self.files),
             "opset": self.opset,
             "kv_cache": {"layout": self.kv_layout, "order": "key, value per layer", "dims": KV_DIMS[self.kv_layout]},
             "padding": self.padding, "logits": self.logits,
@@ -257,7 +266,7 @@ class GraphEntry:
     def from_json(cls, raw: dict[str, Any]) -> "GraphEntry":
         return cls(
             name=raw["name"], file=raw["file"], target=raw["target"],
-            files={name: FileRecord(r["sha256"], r["bytes"]) for name, r in raw["files"].items()},
+            files=records_from_json(raw["files"]),
             opset=raw["opset"], kv_layout=raw["kv_cache"]["layout"], padding=raw["padding"], logits=raw["logits"],
             inputs=tuple(TensorSpec.from_json(s) for s in raw["inputs"]),
             outputs=tuple(TensorSpec.from_json(s) for s in raw["outputs"]),
@@ -278,6 +287,7 @@ class Manifest:
     rope: RopeFacts
     graphs: tuple[GraphEntry, ...]
     tokenizer: TokenFacts
+    files: dict[str, FileRecord] = field(default_factory=dict)  # the checkpoint files copied in
     producer: str = PRODUCER
 
     def graph(self, name: str) -> GraphEntry | None:
@@ -301,6 +311,7 @@ class Manifest:
                           "bos_token_id": tokens.bos_token_id, "eos_token_id": tokens.eos_token_id,
                           "pad_token_id": tokens.pad_token_id, "stop_token_ids": list(tokens.stop_token_ids),
                           "has_chat_template": tokens.has_chat_template, "add_bos_token": tokens.add_bos_token},
+            "files": records_json(self.files),
         }
 
     @classmethod
@@ -315,6 +326,7 @@ class Manifest:
             rope=RopeFacts(**raw["rope"]),
             graphs=tuple(GraphEntry.from_json(g) for g in raw["graphs"]),
             tokenizer=TokenFacts(**{**tokens, "stop_token_ids": tuple(tokens["stop_token_ids"])}),
+            files=records_from_json(raw.get("files", {})),
             producer=raw.get("producer", PRODUCER),
         )
 
@@ -345,5 +357,5 @@ def read_manifest(artifact: str | Path) -> Manifest:
                             f"{FORMAT!r} versions {list(READABLE_VERSIONS)} (re-export with it)")
     try:
         return Manifest.from_json(raw)
-    except (KeyError, TypeError, AttributeError) as error:
+    except (KeyError, TypeError, AttributeError, ValueError) as error:
         raise ArtifactError(f"{path} lacks or mangles a field ({error!r}); re-export the artifact") from error

@@ -14,7 +14,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from artifact import contract
+from artifact import contract, files
 
 from .fusions import packed_matmul
 from .pipeline import PASSES, PassReport, optimize
@@ -29,14 +29,19 @@ def optimize_artifact(artifact: str | Path, target: str, dtype: str | None = Non
     of long prompts, slower decode on the H100: tools/gpu_notes.md)."""
     artifact = Path(artifact)
     manifest = contract.read_manifest(artifact)
-    model = ir.load(artifact / manifest.graph(contract.PORTABLE_GRAPH).file)
+    portable = manifest.graph(contract.PORTABLE_GRAPH)
+    if portable is None:
+        raise contract.ArtifactError(f"{artifact} has no portable graph to optimize; re-export it")
+    files.check_contained(artifact)
+    files.check_files(artifact, portable.files)
+    model = ir.load(files.inside(artifact, portable.file))
     passes = PASSES if pack_gate_up else tuple(p for p in PASSES if p is not packed_matmul.GATE_UP)
     reports = optimize(model, manifest, target, dtype, passes)
     graph_file = contract.graph_file(target)
     write_graph(model, artifact / graph_file, contract.data_file(target))
     folder = contract.GRAPH_FOLDER
-    files = [graph_file, f"{folder}/{contract.data_file(target)}", f"{folder}/{contract.data_file()}"]
-    entry = graph_entry(artifact, model, target, files, reports)
+    graph_files = [graph_file, f"{folder}/{contract.data_file(target)}", f"{folder}/{contract.data_file()}"]
+    entry = graph_entry(artifact, model, target, graph_files, reports)
     contract.write_manifest(artifact, manifest.with_graph(entry))
     return entry
 

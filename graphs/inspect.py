@@ -7,7 +7,7 @@ from pathlib import Path
 
 import onnx
 
-from artifact import contract
+from artifact import contract, files
 
 
 def op_histogram(graph_path: Path) -> dict[str, int]:
@@ -23,7 +23,7 @@ def describe_artifact(artifact: str | Path) -> str:
     manifest = contract.read_manifest(artifact)
     lines = [f"{artifact}: {manifest.architecture}, {manifest.model.num_hidden_layers} layers, dtype {manifest.dtype}"]
     for graph in manifest.graphs:
-        histogram = op_histogram(artifact / graph.file)
+        histogram = op_histogram(files.inside(artifact, graph.file))
         lines.append(f"\ngraph {graph.name} ({graph.file}, target {graph.target}, "
                      f"KV {graph.kv_layout}, {graph.padding} padding): {sum(histogram.values())} nodes")
         lines += [f"  {count:6d}  {op}" for op, count in histogram.items()]

@@ -5,7 +5,8 @@
     point each initializer at its slot                ->  save model.onnx, copy tokenizer files, manifest
 
 Everything is written into a hidden sibling folder and renamed into place only when complete, so an
-interrupted export never leaves something that looks finished.
+interrupted export never leaves something that looks finished (staging.py: what an export may
+replace or remove).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import io
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +27,11 @@ import torch
 from artifact import contract
 
 from . import io_spec
+from . import staging as staging_area
 from .checkpoint import CHUNK_BYTES, TensorEntry, list_tensors, plan_placements, read_chunks
 from .config import Qwen2Config, load_config
 from .errors import CheckpointError, ExportError
-from .manifest import portable_manifest
+from .manifest import portable_manifest, token_facts
 from .model import build_model
 from .rope import rope_parameters
 
@@ -58,18 +59,19 @@ def export_checkpoint(
 ) -> Path:
     """Export `checkpoint_dir` to the artifact folder `output_dir`; returns its path.
 
-    Raises ConfigError / CheckpointError for a bad checkpoint and ExportError for an existing output
-    without `force`. Peak memory follows one 64 MiB chunk plus the traced graph, not the model size.
+    Raises ConfigError / CheckpointError for a bad checkpoint, ExportError for an output it may not
+    replace (without `force`, or not an artifact) or too little disk space, OSError naming `output_dir`
+    when writing fails. Peak memory follows one 64 MiB chunk plus the traced graph, not the model size.
     """
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r} is not supported; choose one of {sorted(DTYPES)}")
     source, target = Path(checkpoint_dir), Path(output_dir)
-    if target.exists() and not force:
-        raise ExportError(f"{target} already exists; pass --force to replace it")
+    staging_area.check_output(source, target, force)
     missing = [name for name in contract.CHECKPOINT_FILES if not (source / name).is_file()]
     config = load_config(source)
     if missing:
         raise CheckpointError(f"{source} lacks {missing}; an artifact carries the tokenizer, copy those files in")
+    tokens = token_facts(source)  # a broken tokenizer stops the export before any work
     torch_dtype = DTYPES[dtype]
     entries = list_tensors(source)
     model = build_model(config, torch_dtype, "meta")
@@ -77,7 +79,9 @@ def export_checkpoint(
     plan = plan_placements(entries, config, {name: tuple(p.shape) for name, p in parameters.items()})
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    staging_area.report_freed(staging_area.remove_stale_staging(target.parent), progress)
+    staging_area.check_space(target.parent, sum(p.numel() * p.element_size() for p in model.parameters()))
+    staging = staging_area.make_staging(target)
     try:
         (staging / contract.GRAPH_FOLDER).mkdir()
         started = time.monotonic()
@@ -95,9 +99,12 @@ def export_checkpoint(
         onnx.checker.check_model(str(staging / GRAPH_FILE))
         for name in contract.CHECKPOINT_FILES + contract.OPTIONAL_CHECKPOINT_FILES:
             if (source / name).is_file():
-                shutil.copy2(source / name, staging / name)
-        contract.write_manifest(staging, portable_manifest(staging, config, torch_dtype))
-        _move_into_place(staging, target)
+                shutil.copyfile(source / name, staging / name)  # not copy2: the artifact takes the umask's mode
+        contract.write_manifest(staging, portable_manifest(staging, config, torch_dtype, tokens))
+        staging_area.move_into_place(staging, target)
+    except OSError as error:  # name the output, not the hidden staging folder; errno keeps the cause
+        shutil.rmtree(staging, ignore_errors=True)
+        raise OSError(error.errno, f"{error.strerror or error} while writing the artifact", str(target)) from error
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -269,14 +276,3 @@ def _parameter_aliases(model: torch.nn.Module) -> dict[str, str]:
     """Every name of a shared parameter -> its canonical name (tied lm_head -> embed_tokens)."""
     canonical = {id(p): name for name, p in model.named_parameters()}
     return {name: canonical[id(p)] for name, p in model.named_parameters(remove_duplicate=False)}
-
-
-def _move_into_place(staging: Path, target: Path) -> None:
-    """Rename the finished folder over `target`; an old artifact is removed only after the swap."""
-    if not target.exists():
-        staging.rename(target)
-        return
-    retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    target.rename(retired / "artifact")
-    staging.rename(target)
-    shutil.rmtree(retired, ignore_errors=True)

@@ -14,10 +14,12 @@ from artifact import contract
 
 from . import io_spec
 from .config import Qwen2Config
+from .errors import CheckpointError
 from .rope import rope_parameters
 
 
-def portable_manifest(artifact: Path, config: Qwen2Config, dtype: torch.dtype) -> contract.Manifest:
+def portable_manifest(artifact: Path, config: Qwen2Config, dtype: torch.dtype,
+                      tokens: contract.TokenFacts) -> contract.Manifest:
     """The manifest of a freshly exported artifact folder, whose files are all written."""
     graph_file = contract.graph_file()
     files = [graph_file, f"{contract.GRAPH_FOLDER}/{contract.data_file()}"]
@@ -30,7 +32,9 @@ def portable_manifest(artifact: Path, config: Qwen2Config, dtype: torch.dtype) -
     )
     return contract.Manifest(
         architecture=config.architecture, model_type=config.model_type, dtype=io_spec.DTYPE_NAMES[dtype],
-        model=model_facts(config), rope=rope_facts(config), graphs=(portable,), tokenizer=token_facts(artifact),
+        model=model_facts(config), rope=rope_facts(config), graphs=(portable,), tokenizer=tokens,
+        files={name: contract.FileRecord.of(artifact / name)
+               for name in contract.CHECKPOINT_FILES + contract.OPTIONAL_CHECKPOINT_FILES if (artifact / name).is_file()},
     )
 
 
@@ -63,11 +67,12 @@ def rope_facts(config: Qwen2Config) -> contract.RopeFacts:
     )
 
 
-def token_facts(artifact: Path) -> contract.TokenFacts:
-    tokenizer = Tokenizer.from_file(str(artifact / contract.TOKENIZER_FILE))
-    tokenizer_config = json.loads((artifact / "tokenizer_config.json").read_text())
-    generation_path = artifact / contract.GENERATION_CONFIG_FILE
-    generation = json.loads(generation_path.read_text()) if generation_path.is_file() else {}
+def token_facts(checkpoint: Path) -> contract.TokenFacts:
+    """The tokenizer's facts from the checkpoint's files; CheckpointError when one cannot be read."""
+    tokenizer = read_tokenizer(checkpoint / contract.TOKENIZER_FILE)
+    tokenizer_config = read_json_object(checkpoint / contract.TOKENIZER_CONFIG_FILE)
+    generation_path = checkpoint / contract.GENERATION_CONFIG_FILE
+    generation = read_json_object(generation_path) if generation_path.is_file() else {}
     special = {token.content: token_id for token_id, token in tokenizer.get_added_tokens_decoder().items() if token.special}
 
     def id_of(token: Any) -> int | None:
@@ -83,6 +88,24 @@ def token_facts(artifact: Path) -> contract.TokenFacts:
         eos_token_id=eos,
         pad_token_id=generation.get("pad_token_id", id_of(tokenizer_config.get("pad_token"))),
         stop_token_ids=tuple(sorted(set(eos if isinstance(eos, list) else [eos] if eos is not None else []))),
-        has_chat_template=bool(tokenizer_config.get("chat_template")),
+        has_chat_template=bool(tokenizer_config.get("chat_template")) or (checkpoint / contract.CHAT_TEMPLATE_FILE).is_file(),
         add_bos_token=bool(tokenizer_config.get("add_bos_token", False)),
     )
+
+
+def read_tokenizer(path: Path) -> Tokenizer:
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as error:  # tokenizers raises a bare Exception
+        raise CheckpointError(f"{path} is not a tokenizer the `tokenizers` library can read ({error}); "
+                              "download it again") from error
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON ({error}); download it again") from error
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(value).__name__}, not an object; download it again")
+    return value

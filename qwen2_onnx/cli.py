@@ -7,12 +7,15 @@ dependencies and never import torch. Every user-facing failure is one `error:` l
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 Say = Callable[[str], None]
+
 
 
 def say(message: str) -> None:
@@ -35,6 +38,9 @@ def run_export(args: argparse.Namespace) -> None:
 
     quiet_torch_exporter()
     artifact = export_checkpoint(args.checkpoint, args.output, dtype=args.dtype, force=args.force, progress=say)
+    if args.dtype == "bf16" and "cpu" not in args.target:
+        say("note: onnxruntime has no bf16 kernels for the CPU, so this artifact runs on CUDA only; for a CPU add "
+            f"its CPU graph: qwen2-onnx optimize {artifact} --target cpu")
     for target in args.target:
         optimize_and_report(artifact, target, None, True)
 
@@ -48,6 +54,19 @@ def optimize_and_report(artifact: Path, target: str, dtype: str | None, pack_gat
 
 def run_optimize(args: argparse.Namespace) -> None:
     optimize_and_report(args.artifact, args.target, args.dtype, not args.separate_gate_up)
+
+
+def run_verify(args: argparse.Namespace) -> None:
+    import time
+
+    from artifact import contract, files
+
+    started = time.monotonic()
+    manifest = contract.read_manifest(args.artifact)
+    checked = files.verify(args.artifact, manifest)
+    count = len(files.all_records(manifest))
+    print(f"{args.artifact}: {count} files, {checked / 1e9:.2f} GB, sizes and sha256 match the manifest "
+          f"({time.monotonic() - started:.1f} s)")
 
 
 def run_inspect(args: argparse.Namespace) -> None:
@@ -69,10 +88,35 @@ def run_demo(args: argparse.Namespace) -> None:
 
 # ---- generate, chat ---------------------------------------------------------------------------------
 def load_model(args: argparse.Namespace) -> Any:
-    from runtime import Model
+    from runtime import Model, RuntimeInputError, TemplateLimits
 
+    given = {"seconds": args.template_seconds, "max_chars": args.template_max_chars}
+    try:
+        limits = TemplateLimits(**{name: value for name, value in given.items() if value is not None})
+    except ValueError as error:
+        raise RuntimeInputError(f"--template-seconds and --template-max-chars must be positive: {error}") from error
     return Model.load(args.artifact, device=args.device, chat_template=args.chat_template, cuda_graph=args.cuda_graph,
-                      cpu_fallback=args.cpu_fallback)
+                      cpu_fallback=args.cpu_fallback, verify=args.verify, template_limits=limits)
+
+
+def read_prompt_file(model: Any, name: str) -> str:
+    """The prompt in file `name` (`-`: standard input) as UTF-8 text; a file too large for the context is
+    refused from its size before it is read."""
+    from runtime import RuntimeInputError
+
+    if name == "-":
+        data = sys.stdin.buffer.read()
+    else:
+        path = Path(name)
+        if not path.is_file():
+            raise RuntimeInputError(f"--prompt-file {path} is not a file")
+        model.check_prompt_size(path.stat().st_size)
+        data = path.read_bytes()
+    model.check_prompt_size(len(data))
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise RuntimeInputError(f"--prompt-file {name} is not UTF-8 text (byte {error.start}); save it as UTF-8") from error
 
 
 def generation_options(model: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -95,10 +139,10 @@ def run_generate(args: argparse.Namespace) -> None:
             prompt: Any = [int(token) for token in args.input_ids.split(",")]
         except ValueError as error:
             raise RuntimeInputError(f"--input-ids must be comma-separated integers: {error}") from error
-    elif args.chat:
-        prompt = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
     else:
-        prompt = args.prompt
+        text = args.prompt if args.prompt is not None else read_prompt_file(model, args.prompt_file)
+        prompt = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": text}] \
+            if args.chat else text
     options = generation_options(model, args)
     if args.json:
         result = model.generate(prompt, **options)
@@ -126,8 +170,9 @@ def run_chat(args: argparse.Namespace) -> None:
     while True:
         if interactive:
             print("you> ", end="", flush=True)
-        line = sys.stdin.readline()
-        if not line or line.strip() == "/exit":
+        raw = sys.stdin.buffer.readline()
+        line = raw.decode("utf-8", errors="surrogateescape")  # a bad line is refused as that turn's error
+        if not raw or line.strip() == "/exit":
             return
         if line.strip() == "/reset":
             session.reset()
@@ -135,10 +180,22 @@ def run_chat(args: argparse.Namespace) -> None:
             continue
         if not line.strip():
             continue
-        print("assistant> ", end="", flush=True)
-        for piece in session.send(line.rstrip("\n"), **options):
+        chat_turn(session, line.rstrip("\n"), options, args.prog)
+
+
+def chat_turn(session: Any, text: str, options: dict[str, Any], prog: str) -> None:
+    """One turn; a refused turn is reported and the conversation goes on without it."""
+    from runtime import RuntimeInputError
+
+    print("assistant> ", end="", flush=True)
+    try:
+        for piece in session.send(text, **options):
             print(piece, end="", flush=True)
+    except RuntimeInputError as error:
         print(flush=True)
+        print(f"{prog} chat: error: {error}", file=sys.stderr, flush=True)
+        return
+    print(flush=True)
 
 
 # ---- the parser -------------------------------------------------------------------------------------
@@ -164,6 +221,12 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--prefill-chunk", type=int, metavar="N", help="prefill long prompts N tokens at a time (batch 1)")
     parser.add_argument("--ignore-eos", action="store_true", help="generate max_new_tokens even past stop tokens (measurements)")
+    parser.add_argument("--verify", action="store_true",
+                        help="check the sha256 of every file the run reads before loading (reads all weights once)")
+    parser.add_argument("--template-seconds", type=float, metavar="S",
+                        help="stop a chat template that renders for longer (default 2)")
+    parser.add_argument("--template-max-chars", type=int, metavar="N",
+                        help="stop a chat template whose output or values grow larger (default 4,000,000)")
 
 
 def build_parser(prog: str = "qwen2-onnx", commands: Sequence[str] | None = None) -> argparse.ArgumentParser:
@@ -193,6 +256,8 @@ def build_parser(prog: str = "qwen2-onnx", commands: Sequence[str] | None = None
         optimize.add_argument("--separate-gate-up", action="store_true",
                               help="gate and up as two GEMMs instead of one GEMM + Split: faster prefill of long "
                                    "prompts, slower decode (Qwen2-7B shapes on an H100: 4,096-token prefill -10%%, decode +4%%)")
+    if verify := add("verify", run_verify, "check every file of an artifact against the manifest's sizes and sha256"):
+        verify.add_argument("artifact")
     if inspect := add("inspect", run_inspect, "print each graph's op histogram, inputs and outputs"):
         inspect.add_argument("artifact")
     if demo := add("demo", run_demo, "build a tiny checkpoint, export it, generate, check parity (offline)"):
@@ -201,6 +266,7 @@ def build_parser(prog: str = "qwen2-onnx", commands: Sequence[str] | None = None
         add_run_options(generate)
         source = generate.add_mutually_exclusive_group(required=True)
         source.add_argument("--prompt", help="prompt text")
+        source.add_argument("--prompt-file", metavar="PATH", help="read the prompt text from a UTF-8 file (- : standard input)")
         source.add_argument("--input-ids", help="comma-separated prompt token ids, e.g. 1,2,3")
         generate.add_argument("--chat", action="store_true", help="wrap --prompt as a user turn with the chat template")
         generate.add_argument("--json", action="store_true", help="print ids, text and timings as JSON instead of streaming")
@@ -219,17 +285,53 @@ def user_errors() -> tuple[type[Exception], ...]:
     from qwen2_export.errors import ExportError
     from runtime.errors import RuntimeInputError
 
-    return ArtifactError, ExportError, GraphError, RuntimeInputError, FileNotFoundError
+    return ArtifactError, ExportError, GraphError, RuntimeInputError
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "qwen2-onnx", commands: Sequence[str] | None = None) -> int:
     args = build_parser(prog, commands).parse_args(argv)
+    args.prog = prog
+    signal.signal(signal.SIGTERM, interrupt)  # clean up as for Ctrl-C: no half-written output stays behind
     try:
         args.run(args)
     except user_errors() as error:
-        print(f"{prog} {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return fail(prog, args.command, str(error))
+    except OSError as error:
+        return fail(prog, args.command, describe_os_error(error))
+    except KeyboardInterrupt:
+        print(f"{prog} {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
+
+
+def fail(prog: str, command: str, message: str) -> int:
+    print(f"{prog} {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+# errno -> what the user can do about it
+OS_FIXES = {
+    errno.ENOSPC: "free some space or write somewhere else",
+    errno.EDQUOT: "free some space or write somewhere else",
+    errno.EACCES: "check the permissions or choose another location",
+    errno.EPERM: "check the permissions or choose another location",
+    errno.EROFS: "the file system is read-only; choose another location",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; choose another path",
+    errno.EISDIR: "the path is a folder; name a file",
+    errno.ENOENT: "check the path",
+    errno.ENAMETOOLONG: "choose a shorter path",
+}
+
+
+def describe_os_error(error: OSError) -> str:
+    """An operating-system failure as one line: what failed, where, and what to do."""
+    where = f" ({error.filename})" if error.filename else ""
+    fix = OS_FIXES.get(error.errno, "check the path and try again")
+    return f"{error.strerror or error}{where}; {fix}"
 
 
 if __name__ == "__main__":

@@ -4,5 +4,6 @@ from .api import ChatSession, Model
 from .errors import RuntimeInputError
 from .generate import Generation, Timings
 from .sampling import SamplingConfig
+from .template_limits import TemplateLimits
 
-__all__ = ["ChatSession", "Generation", "Model", "RuntimeInputError", "SamplingConfig", "Timings"]
+__all__ = ["ChatSession", "Generation", "Model", "RuntimeInputError", "SamplingConfig", "TemplateLimits", "Timings"]

@@ -14,19 +14,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Union
 
-from artifact import contract
+from artifact import contract, files
 
-from .chat import ChatTemplate, Message, load_chat_template
+from .chat import ChatTemplate, Message, TemplateLimits, load_chat_template, read_json
 from .errors import RuntimeInputError
 from .generate import DecodeLoop, Generation, Timings, pad_token_id
 from .kv_cache import KVCache
 from .sampling import SAMPLING_OPTIONS, SamplingConfig, sampling_from_generation_config
 from .session import GraphSession, StepsFactory
 from .stream import TextStream
-from .tokenizer import TextTokenizer
+from .tokenizer import TextTokenizer, checked_text
 
 Prompt = Union[str, list[Message], list[int]]  # raw text, chat messages, or token ids
 WARM_UP_LIMIT = 8192  # onnxruntime's MoE kernel treats larger token counts like 8,192
+CUDA_ONLY_TYPES = ("bfloat16",)  # element types onnxruntime's CPU kernels lack
 LOOP_OPTIONS = ("max_new_tokens", "stop_strings", "greedy", "prefill_chunk", "ignore_eos")
 
 
@@ -43,7 +44,8 @@ class Model:
     @classmethod
     def load(cls, artifact: str | Path, device: str = "cpu", chat_template: str | Path | None = None,
              optimize: bool = True, graph: str | None = None, cuda_graph: bool = False,
-             cpu_fallback: bool = False, steps: StepsFactory | None = None) -> "Model":
+             cpu_fallback: bool = False, steps: StepsFactory | None = None, verify: bool = False,
+             template_limits: TemplateLimits = TemplateLimits()) -> "Model":
         """Open an exported artifact on `device` ("cpu" or "cuda"), using the graph optimized for that device
         when the artifact has one (`graph` names another, e.g. "portable"); `chat_template` overrides the
         checkpoint's; `optimize=False` switches onnxruntime's own graph rewrites off; `cuda_graph` captures
@@ -51,21 +53,29 @@ class Model:
         length, and batch-1 greedy decoding queued one step ahead); a graph optimized for CUDA must place
         every node on CUDA unless `cpu_fallback` allows onnxruntime to put some on the CPU. `steps` makes
         the step runner (runtime.steps, runtime.cuda_graph) instead of the choice from device and
-        cuda_graph. Raises RuntimeInputError for a bad artifact or option."""
+        cuda_graph. Paths from the manifest are resolved inside the artifact and the graph's file sizes
+        checked against it; `verify` also checks the sha256 of those and of the copied checkpoint files
+        (a full read of the weights). `template_limits` bound the chat template's rendering. Raises RuntimeInputError for a
+        bad artifact or option."""
         artifact = Path(artifact)
         try:
             manifest = contract.read_manifest(artifact)
+            files.check_contained(artifact)
+            chosen = choose_graph(manifest, device, graph)
+            # the copied config files may be edited by hand (generation defaults); verify checks them too
+            records = files.all_records(manifest, [chosen.name]) if verify else chosen.files
+            files.check_files(artifact, records, checksums=verify)
+            graph_path = files.inside(artifact, chosen.file)
         except contract.ArtifactError as error:
             raise RuntimeInputError(str(error)) from error
-        generation_path = artifact / contract.GENERATION_CONFIG_FILE
         return cls(
             manifest=manifest,
             artifact=artifact,
-            session=GraphSession(manifest, artifact, choose_graph(manifest, device, graph), device, cuda_graph=cuda_graph,
+            session=GraphSession(manifest, graph_path, chosen, device, cuda_graph=cuda_graph,
                                  cpu_fallback=cpu_fallback, optimize=optimize, steps=steps),
             tokenizer=TextTokenizer(artifact / contract.TOKENIZER_FILE),
-            chat_template=load_chat_template(artifact, chat_template),
-            generation_config=json.loads(generation_path.read_text()) if generation_path.is_file() else {},
+            chat_template=load_chat_template(artifact, chat_template, template_limits),
+            generation_config=read_json(artifact / contract.GENERATION_CONFIG_FILE, required=False),
         )
 
     def sampling(self, greedy: bool = False, **overrides: Any) -> SamplingConfig:
@@ -80,9 +90,10 @@ class Model:
         return sampling_from_generation_config(self.generation_config, **overrides)
 
     def encode(self, prompt: Prompt, tools: list[dict] | None = None) -> list[int]:
-        """Token ids of a prompt: ids as given, text tokenized, messages rendered with the chat template."""
+        """Token ids of a prompt: ids as given, text tokenized, messages rendered with the chat template.
+        Text that cannot fit the context is refused from its size, before it is tokenized."""
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
+            return self.tokenizer.encode(self.fitting(prompt))
         if prompt and all(isinstance(item, int) for item in prompt):
             return list(prompt)
         if self.chat_template is None:
@@ -91,7 +102,19 @@ class Model:
                 "pass one with --chat-template FILE (Model.load(..., chat_template=FILE))"
             )
         text = self.chat_template.render(prompt, tools=tools, add_generation_prompt=True)
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode(self.fitting(text), add_special_tokens=False)
+
+    def fitting(self, text: str) -> str:
+        """`text`, unless even its fewest possible tokens leave no room for one new token."""
+        self.check_prompt_size(len(checked_text(text).encode("utf-8")))
+        return text
+
+    def check_prompt_size(self, utf8_bytes: int) -> None:
+        """Refuse a prompt of this many bytes when it cannot fit the context whatever its tokens."""
+        context, fewest = self.manifest.model.context_length, self.tokenizer.fewest_tokens(utf8_bytes)
+        if fewest >= context:
+            raise RuntimeInputError(f"the prompt ({utf8_bytes:,} bytes) is at least {fewest:,} tokens, past the "
+                                    f"model's context length {context:,}; shorten it")
 
     def decode_loop(self, prompts: list[Prompt], max_new_tokens: int = 128, stop_strings: tuple[str, ...] = (),
                     cache: KVCache | None = None, greedy: bool = False, prefill_chunk: int | None = None,
@@ -149,15 +172,21 @@ class Model:
 
 
 def choose_graph(manifest: contract.Manifest, device: str, name: str | None = None) -> contract.GraphEntry:
-    """The graph called `name`, else the one optimized for `device`, else the portable one."""
+    """The graph called `name`, else the one optimized for `device`, else the portable one; refused
+    when its activations are of a type the device cannot run (onnxruntime has no bf16 CPU kernels)."""
     if name is not None:
         graph = manifest.graph(name)
         if graph is None:
             raise RuntimeInputError(f"the artifact has no graph {name!r}; it has {[g.name for g in manifest.graphs]}")
-        return graph
-    graph = next((g for g in manifest.graphs if g.target == device), manifest.graph(contract.PORTABLE_GRAPH))
+    else:
+        graph = next((g for g in manifest.graphs if g.target == device), manifest.graph(contract.PORTABLE_GRAPH))
     if graph is None:
         raise RuntimeInputError(f"the artifact has no graph for {device!r}; targets: {[g.target for g in manifest.graphs]}")
+    if device == "cpu" and (graph.activation_dtype or manifest.dtype) in CUDA_ONLY_TYPES:
+        raise RuntimeInputError(
+            f"graph {graph.name!r} computes in {graph.activation_dtype or manifest.dtype}, which onnxruntime cannot "
+            "run on the CPU; add a CPU graph (qwen2-onnx optimize ARTIFACT --target cpu, or export with --target "
+            "cpu) or export with --dtype fp32, or run it with --device cuda")
     return graph
 
 
@@ -192,16 +221,21 @@ class ChatSession:
         model = self.model
         if model.chat_template is None:
             return model.encode(self.messages)  # raises the missing-template error
-        text = model.chat_template.render(self.messages, add_generation_prompt=True)
+        text = model.fitting(model.chat_template.render(self.messages, add_generation_prompt=True))
         if self.seen_text and text.startswith(self.seen_text):
             return self.seen_ids + model.tokenizer.encode(text[len(self.seen_text):], add_special_tokens=False)
         return model.tokenizer.encode(text, add_special_tokens=False)
 
     def send(self, text: str, **options: Any) -> Iterator[str]:
-        """Add a user turn and stream the assistant's reply; the reply joins the history at the end."""
+        """Add a user turn and stream the assistant's reply; the reply joins the history at the end. A turn
+        that is refused (too long, a bad option) leaves the conversation as it was."""
         self.messages.append({"role": "user", "content": text})
-        ids = self.prompt_ids()
-        loop = self.model.decode_loop([ids], cache=self.cache, keep_cache=True, **options)
+        try:
+            ids = self.prompt_ids()
+            loop = self.model.decode_loop([ids], cache=self.cache, keep_cache=True, **options)
+        except RuntimeInputError:
+            self.messages.pop()
+            raise
         yield from stream_text(loop, self.model.tokenizer)
         self.model.last_timings = loop.timings
         reply = self.last_reply = loop.generations[0]

@@ -68,6 +68,8 @@ class DecodeLoop:
         keep_cache: bool = False,
     ):
         check_request(manifest, prompts, max_new_tokens)
+        if isinstance(stop_strings, str) or not all(isinstance(stop, str) and stop for stop in stop_strings):
+            raise RuntimeInputError(f"stop_strings={stop_strings!r} must be a list of non-empty strings")
         self.session, self.steps, self.manifest, self.tokenizer = session, session.steps, manifest, tokenizer
         self.prompts, self.sampling, self.max_new_tokens = prompts, sampling, max_new_tokens
         self.stop_strings = tuple(stop_strings)
@@ -192,7 +194,7 @@ def check_request(manifest: contract.Manifest, prompts: list[list[int]], max_new
     """Refuse impossible requests before any work, with the numbers."""
     if not prompts or any(not prompt for prompt in prompts):
         raise RuntimeInputError("every prompt needs at least one token")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise RuntimeInputError(f"max_new_tokens={max_new_tokens} must be at least 1")
     longest = max(len(prompt) for prompt in prompts)
     context = manifest.model.context_length

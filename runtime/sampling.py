@@ -7,6 +7,7 @@ argmax after the repetition penalty, as transformers' generate does. Filters set
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -27,15 +28,28 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.temperature > 0, f"temperature={self.temperature} must be > 0 (use greedy decoding for 0)"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, f"top_k={self.top_k} must be an integer >= 0 (0 turns it off)"),
-            (0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1]"),
-            (0 <= self.min_p <= 1, f"min_p={self.min_p} must be in [0, 1]"),
-            (self.repetition_penalty > 0, f"repetition_penalty={self.repetition_penalty} must be > 0 (1 turns it off)"),
+            (isinstance(self.do_sample, bool), f"do_sample={self.do_sample!r} must be true or false"),
+            (finite(self.temperature) and self.temperature > 0,
+             f"temperature={self.temperature!r} must be a finite number > 0 (use greedy decoding for 0)"),
+            (integer(self.top_k) and self.top_k >= 0, f"top_k={self.top_k!r} must be an integer >= 0 (0 turns it off)"),
+            (finite(self.top_p) and 0 < self.top_p <= 1, f"top_p={self.top_p!r} must be in (0, 1]"),
+            (finite(self.min_p) and 0 <= self.min_p <= 1, f"min_p={self.min_p!r} must be in [0, 1]"),
+            (finite(self.repetition_penalty) and self.repetition_penalty > 0,
+             f"repetition_penalty={self.repetition_penalty!r} must be a finite number > 0 (1 turns it off)"),
+            (self.seed is None or (integer(self.seed) and 0 <= self.seed < 2**63),
+             f"seed={self.seed!r} must be an integer in [0, 2**63)"),
         ]
         for ok, message in checks:
             if not ok:
                 raise RuntimeInputError(message)
+
+
+def finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 SAMPLING_OPTIONS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")

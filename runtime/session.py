@@ -28,7 +28,7 @@ class GraphSession:
     CUDA-optimized graph on the CPU; `optimize=False` switches onnxruntime's own graph rewrites off.
     `steps` makes the step runner instead of the choice above (tests drive the captured runners on CPU)."""
 
-    def __init__(self, manifest: contract.Manifest, artifact: Path, graph: contract.GraphEntry, device: str = "cpu",
+    def __init__(self, manifest: contract.Manifest, graph_path: Path, graph: contract.GraphEntry, device: str = "cpu",
                  cuda_graph: bool = False, cpu_fallback: bool = False, optimize: bool = True,
                  steps: StepsFactory | None = None):
         if device not in PROVIDERS:
@@ -53,12 +53,13 @@ class GraphSession:
             steps, stream = captured_steps_factory()
         options, providers = session_settings(graph, device, optimize, cuda_graph, cpu_fallback, stream)
         try:
-            self.session = ort.InferenceSession(str(artifact / graph.file), options, providers=providers)
+            self.session = ort.InferenceSession(str(graph_path), options, providers=providers)
         except Exception as error:  # onnxruntime raises its own types; name the way out
-            if "fallback" not in str(error).lower():
-                raise
-            raise RuntimeInputError(f"onnxruntime would run part of {graph.name!r} on the CPU ({error}); "
-                                    "pass --cpu-fallback (Model.load(..., cpu_fallback=True)) to allow it") from error
+            if "fallback" in str(error).lower():
+                raise RuntimeInputError(f"onnxruntime would run part of {graph.name!r} on the CPU ({error}); "
+                                        "pass --cpu-fallback (Model.load(..., cpu_fallback=True)) to allow it") from error
+            raise RuntimeInputError(f"onnxruntime cannot load {graph_path} ({one_line(error)}); check the artifact "
+                                    "with `qwen2-onnx verify ARTIFACT` or re-export it") from error
         self.graph, self.device = graph, device
         self.steps: StepRunner = (steps or PlainSteps)(self.session, graph, device)
         self.caches = KVPool(manifest, graph, device)
@@ -84,3 +85,8 @@ def session_settings(graph: contract.GraphEntry, device: str, optimize: bool, cu
         options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
         return options, [cuda]
     return options, [cuda, PROVIDERS["cpu"]]
+
+
+def one_line(error: Exception, limit: int = 300) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[:limit] + "..."

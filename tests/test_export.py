@@ -141,16 +141,20 @@ def test_yarn_facts_in_manifest_and_graph(tiny_checkpoint, tiny_artifact):
     assert dims == [8] and np.array_equal(np.frombuffer(stored, np.float32), expected.numpy())
 
 
-def test_existing_artifact_needs_force(tiny_checkpoint, tmp_path):
+def test_existing_artifact_needs_force_and_force_replaces_only_artifacts(tiny_checkpoint, tmp_path):
     out = tmp_path / "artifact"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(ExportError, match="--force"):
-        export_checkpoint(tiny_checkpoint("dense_tied"), out)
-    assert (out / "keep.txt").read_text() == "mine"
-    export_checkpoint(tiny_checkpoint("dense_tied"), out, force=True)
-    assert (out / "manifest.json").is_file() and not (out / "keep.txt").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["artifact"]
+    for force in (False, True):  # a folder of the user's is never replaced
+        with pytest.raises(ExportError, match="--force"):
+            export_checkpoint(tiny_checkpoint("dense_tied"), out, force=force)
+        assert (out / "keep.txt").read_text() == "mine"
+    artifact = tmp_path / "ours"
+    export_checkpoint(tiny_checkpoint("dense_tied"), artifact)
+    (artifact / "stale.txt").write_text("old export")
+    export_checkpoint(tiny_checkpoint("dense_tied"), artifact, force=True)
+    assert (artifact / "manifest.json").is_file() and not (artifact / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["artifact", "ours"]
 
 
 def test_interrupted_export_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):
