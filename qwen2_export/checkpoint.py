@@ -11,11 +11,12 @@ any data is read.
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -27,6 +28,7 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 CHUNK_BYTES = 64 << 20
+MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own limit
 
 
 @dataclass(frozen=True)
@@ -87,31 +89,49 @@ def safetensors_files(checkpoint_dir: Path) -> list[Path]:
 
 def read_header(path: Path) -> list[TensorEntry]:
     """Parse a safetensors header (8-byte little-endian length, then JSON) without touching the data."""
+    file_size = path.stat().st_size
     with path.open("rb") as f:
         prefix = f.read(8)
         if len(prefix) != 8:
-            raise CheckpointError(f"{path} is truncated: no safetensors header")
+            raise CheckpointError(f"{path} is truncated: no safetensors header; re-download it")
         (length,) = struct.unpack("<Q", prefix)
+        if length > min(file_size - 8, MAX_HEADER_BYTES):
+            raise CheckpointError(f"{path} declares a {length:,}-byte header in a {file_size:,}-byte file: "
+                                  "not a safetensors file, or a corrupt one; re-download it")
         try:
             header = json.loads(f.read(length))
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise CheckpointError(f"{path} has a corrupt safetensors header ({error})") from error
-    data_start, file_size = 8 + length, path.stat().st_size
-    entries = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in SAFETENSORS_DTYPES:
-            raise CheckpointError(
-                f"{path.name}: tensor {name} has dtype {info['dtype']}; supported source dtypes are "
-                f"{sorted(SAFETENSORS_DTYPES)} (quantized checkpoints are not supported yet)"
-            )
-        begin, end = info["data_offsets"]
-        if data_start + end > file_size:
-            raise CheckpointError(f"{path} is truncated: {name} ends past the end of the file; re-download it")
-        dtype = SAFETENSORS_DTYPES[info["dtype"]]
-        entries.append(TensorEntry(name, path, dtype, tuple(info["shape"]), data_start + begin, data_start + end))
+            raise CheckpointError(f"{path} has a corrupt safetensors header ({error}); re-download it") from error
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} has a corrupt safetensors header (not a JSON object); re-download it")
+    data_start = 8 + length
+    entries = [header_entry(path, name, info, data_start, file_size) for name, info in header.items()
+               if name != "__metadata__"]
     return sorted(entries, key=lambda e: e.start)
+
+
+def header_entry(path: Path, name: str, info: Any, data_start: int, file_size: int) -> TensorEntry:
+    """One tensor's header record, checked: dtype, shape, and offsets that lie inside the file."""
+    try:
+        dtype_name, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        valid = all(isinstance(v, int) and v >= 0 for v in (*shape, begin, end)) and begin <= end
+    except (TypeError, KeyError, ValueError) as error:
+        raise CheckpointError(f"{path.name}: the header entry of {name} lacks or mangles dtype, shape or "
+                              f"data_offsets ({error!r}); re-download the file") from error
+    if not valid:
+        raise CheckpointError(f"{path.name}: the header entry of {name} has invalid shape or offsets; re-download the file")
+    if dtype_name not in SAFETENSORS_DTYPES:
+        raise CheckpointError(
+            f"{path.name}: tensor {name} has dtype {dtype_name}; supported source dtypes are "
+            f"{sorted(SAFETENSORS_DTYPES)} (quantized checkpoints are not supported yet)"
+        )
+    if data_start + end > file_size:
+        raise CheckpointError(f"{path} is truncated: {name} ends past the end of the file; re-download it")
+    dtype = SAFETENSORS_DTYPES[dtype_name]
+    if (end - begin) != math.prod(shape) * dtype.itemsize:
+        raise CheckpointError(f"{path.name}: tensor {name} has {end - begin} bytes for shape {list(shape)} of "
+                              f"{dtype_name}; the file is corrupt, re-download it")
+    return TensorEntry(name, path, dtype, shape, data_start + begin, data_start + end)
 
 
 def list_tensors(checkpoint_dir: str | Path) -> list[TensorEntry]:

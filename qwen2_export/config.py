@@ -171,7 +171,7 @@ def _architecture(raw: dict[str, Any]) -> str:
             f"architectures={architectures!r}: expected one of {sorted(ARCHITECTURES)} as a one-element list"
         )
     (architecture,) = architectures
-    if architecture not in ARCHITECTURES:
+    if not isinstance(architecture, str) or architecture not in ARCHITECTURES:
         raise ConfigError(
             f"architectures=[{architecture!r}] is not supported; supported: {sorted(ARCHITECTURES)}"
         )
@@ -202,14 +202,14 @@ def _refuse_quantization(raw: dict[str, Any]) -> None:
 def _rope(raw: dict[str, Any], max_positions: int) -> RopeConfig:
     """Normalise `rope_parameters` (v5) or `rope_theta` + `rope_scaling` (v4) into a RopeConfig."""
     if raw.get("rope_parameters") is not None:
-        key, params = "rope_parameters", dict(raw["rope_parameters"])
+        key, params = "rope_parameters", _object(raw, "rope_parameters")
         if "rope_theta" not in params and "rope_theta" in raw:
             params["rope_theta"] = raw["rope_theta"]
     else:
-        key, params = "rope_scaling", dict(raw.get("rope_scaling") or {})
+        key, params = "rope_scaling", _object(raw, "rope_scaling")
         params["rope_theta"] = raw.get("rope_theta", 10000.0)
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in ROPE_TYPES:
+    if not isinstance(rope_type, str) or rope_type not in ROPE_TYPES:
         raise ConfigError(f"{key}.rope_type={rope_type!r} is not supported; supported: {list(ROPE_TYPES)}")
     theta = _positive_float(params, "rope_theta", where=key)
     if rope_type == "default":
@@ -220,7 +220,7 @@ def _rope(raw: dict[str, Any], max_positions: int) -> RopeConfig:
         return RopeConfig(rope_type="linear", theta=theta, factor=_scaling_factor(key, factor))
 
     original = params.get("original_max_position_embeddings", max_positions)
-    if not isinstance(original, int) or original <= 0:
+    if not isinstance(original, int) or isinstance(original, bool) or original <= 0:
         raise ConfigError(f"{key}.original_max_position_embeddings={original!r} must be a positive integer")
     if factor is None:  # transformers 5.x derives it; 4.x requires it
         factor = max_positions / original
@@ -230,12 +230,12 @@ def _rope(raw: dict[str, Any], max_positions: int) -> RopeConfig:
         factor=_scaling_factor(key, factor),
         original_max_position_embeddings=original,
         # transformers uses `get(...) or default`, so 0 and null both mean the default
-        beta_fast=float(params.get("beta_fast") or 32.0),
-        beta_slow=float(params.get("beta_slow") or 1.0),
+        beta_fast=_optional_float(params, "beta_fast", key) or 32.0,
+        beta_slow=_optional_float(params, "beta_slow", key) or 1.0,
         attention_factor=_optional_float(params, "attention_factor", key),
         mscale=_optional_float(params, "mscale", key),
         mscale_all_dim=_optional_float(params, "mscale_all_dim", key),
-        truncate=bool(params.get("truncate", True)),
+        truncate=_bool(params, "truncate", default=True, where=key),
     )
 
 
@@ -260,14 +260,14 @@ def _attention_layout(raw: dict[str, Any], num_layers: int) -> tuple[tuple[str, 
     layer_types = raw.get("layer_types")
     if layer_types is None:
         first_sliding = raw.get("max_window_layers", num_layers) if use_sliding else num_layers
-        if not isinstance(first_sliding, int) or first_sliding < 0:
+        if not isinstance(first_sliding, int) or isinstance(first_sliding, bool) or first_sliding < 0:
             raise ConfigError(f"max_window_layers={first_sliding!r} must be a non-negative integer")
         return tuple(
             "sliding_attention" if i >= first_sliding else "full_attention" for i in range(num_layers)
         ), window
     if not isinstance(layer_types, list) or len(layer_types) != num_layers:
         raise ConfigError(f"layer_types must list {num_layers} entries (num_hidden_layers), got {layer_types!r}")
-    unknown = sorted({t for t in layer_types if t not in LAYER_TYPES})
+    unknown = sorted({repr(t) for t in layer_types if not isinstance(t, str) or t not in LAYER_TYPES})
     if unknown:
         raise ConfigError(f"layer_types has {unknown}; supported: {list(LAYER_TYPES)}")
     if "sliding_attention" in layer_types and not use_sliding:
@@ -284,7 +284,8 @@ def _moe(raw: dict[str, Any], num_layers: int) -> MoeConfig:
     if top_k > num_experts:
         raise ConfigError(f"num_experts_per_tok={top_k} exceeds num_experts={num_experts}")
     mlp_only = raw.get("mlp_only_layers") or []
-    if not isinstance(mlp_only, list) or any(not isinstance(i, int) or not 0 <= i < num_layers for i in mlp_only):
+    if not isinstance(mlp_only, list) or any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < num_layers
+                                             for i in mlp_only):
         raise ConfigError(f"mlp_only_layers={mlp_only!r} must list layer indices in [0, {num_layers})")
     return MoeConfig(
         num_experts=num_experts,
@@ -316,8 +317,16 @@ def _optional_float(raw: dict[str, Any], key: str, where: str) -> float | None:
     return None if value is None else _positive_float(raw, key, where)
 
 
-def _bool(raw: dict[str, Any], key: str, default: bool) -> bool:
+def _bool(raw: dict[str, Any], key: str, default: bool, where: str = "config.json") -> bool:
     value = raw.get(key, default)
     if not isinstance(value, bool):
-        raise ConfigError(f"config.json: {key}={value!r} must be true or false")
+        raise ConfigError(f"{where}: {key}={value!r} must be true or false")
     return value
+
+
+def _object(raw: dict[str, Any], key: str) -> dict[str, Any]:
+    """A JSON object (a copy), {} when absent or null."""
+    value = raw.get(key) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"config.json: {key}={value!r} must be a JSON object")
+    return dict(value)

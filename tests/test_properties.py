@@ -1,0 +1,57 @@
+"""Property tests: any value of a sampling option or of a config.json key ends in a valid result or in the
+stage's own error type, never in another exception (hypothesis generates the values)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qwen2_export.config import parse_config
+from qwen2_export.errors import ConfigError
+from qwen2_export.synthetic import tiny_config
+from runtime.errors import RuntimeInputError
+from runtime.sampling import SAMPLING_OPTIONS, SamplingConfig, choose_tokens, sampling_from_generation_config
+
+ANY_VALUE = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=5), st.lists(st.integers(-3, 3), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
+PLAUSIBLE = {  # near the valid ranges, where off-by-one checks live
+    "temperature": st.floats(-1, 3), "top_k": st.integers(-2, 600), "top_p": st.floats(-0.5, 1.5),
+    "min_p": st.floats(-0.5, 1.5), "repetition_penalty": st.floats(-1, 3), "seed": st.integers(-5, 2**64),
+    "do_sample": st.booleans(),
+}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.fixed_dictionaries({}, optional={name: st.one_of(ANY_VALUE, PLAUSIBLE[name]) for name in SAMPLING_OPTIONS}),
+       st.fixed_dictionaries({}, optional={name: PLAUSIBLE[name] for name in SAMPLING_OPTIONS[:-1]}))
+def test_sampling_options_end_in_our_error_or_a_valid_choice(overrides, generation_config):
+    try:
+        config = sampling_from_generation_config(generation_config, **overrides)
+    except RuntimeInputError:
+        return
+    assert isinstance(config, SamplingConfig)
+    assert math.isfinite(config.temperature) and config.temperature > 0 and 0 < config.top_p <= 1
+    logits = np.random.default_rng(0).standard_normal((2, 40)).astype(np.float32)
+    tokens = choose_tokens(logits, config, [np.array([1, 2]), np.array([3])], np.random.default_rng(config.seed))
+    assert tokens.shape == (2,) and all(0 <= t < 40 for t in tokens)
+
+
+CONFIG_KEYS = sorted({*tiny_config("moe_shared"), *tiny_config("yarn"), *tiny_config("sliding_window"), "head_dim",
+                      "rope_parameters", "layer_types", "mlp_only_layers", "quantization_config"})
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(["dense_tied", "moe_shared", "yarn", "sliding_window"]),
+       st.dictionaries(st.sampled_from(CONFIG_KEYS), ANY_VALUE, min_size=1, max_size=3))
+def test_config_values_end_in_config_error_or_a_config(variant, changes):
+    raw = {**tiny_config(variant), **changes}
+    try:
+        config = parse_config(raw)
+    except ConfigError:
+        return
+    assert config.num_hidden_layers >= 1 and config.head_dim >= 1 and len(config.layer_types) == config.num_hidden_layers
