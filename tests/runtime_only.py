@@ -1,5 +1,5 @@
 """Run by .ci/run in a virtual environment holding only the wheel (installed with --no-deps), onnxruntime,
-numpy, tokenizers and jinja2: generate and chat through both entry points, and nothing else imported.
+numpy, tokenizers and jinja2: generate, chat and verify through both entry points, and nothing else imported.
 Not collected by pytest (its name does not start with test_)."""
 
 import json
@@ -16,6 +16,8 @@ for command in ([sys.prefix + "/bin/qwen2-onnx"], [sys.executable, "-m", "runtim
     assert chat.count("assistant> ") == 1, chat
     bad = subprocess.run([*command, "generate", artifact + "-missing", "--prompt", "x"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "error:" in bad.stderr, bad.stderr
+    verified = subprocess.run([*command, "verify", artifact], capture_output=True, text=True, check=True).stdout
+    assert "sha256 match" in verified, verified
 
 from runtime import Model  # noqa: E402  (after the commands: the library itself, in this process)
 

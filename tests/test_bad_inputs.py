@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from artifact import contract
 from qwen2_export import export as export_module
 from qwen2_export import staging
 from qwen2_export.errors import CheckpointError, ExportError
@@ -330,3 +331,23 @@ def test_interrupt_and_sigterm_remove_the_staging_folder(tiny_checkpoint, tmp_pa
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130 and "interrupted" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_external_data_outside_the_artifact_is_refused(tiny_artifact, tmp_path):
+    """A graph (manifest updated to match) whose weights point out of the folder: onnxruntime refuses it."""
+    import onnx
+
+    artifact = copy_of(tiny_artifact("dense_tied"), tmp_path)
+    shutil.copy(artifact / "onnx/model.onnx_data", tmp_path / "outside.onnx_data")
+    graph_path = artifact / "onnx/model.onnx"
+    graph = onnx.load(str(graph_path), load_external_data=False)
+    for tensor in graph.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../../outside.onnx_data"
+    onnx.save(graph, str(graph_path))
+    record = contract.FileRecord.of(graph_path)
+    edit_manifest(artifact, lambda raw: raw["graphs"][0]["files"].update(
+        {"onnx/model.onnx": {"sha256": record.sha256, "bytes": record.bytes}}))
+    with pytest.raises(RuntimeInputError, match="onnxruntime cannot load"):
+        Model.load(artifact)
