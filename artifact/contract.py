@@ -15,9 +15,12 @@ nothing but the standard library, so a runtime-only install has it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import types
+import typing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -146,7 +149,7 @@ def records_json(records: dict[str, FileRecord]) -> dict[str, Any]:
 
 
 def records_from_json(raw: dict[str, Any]) -> dict[str, FileRecord]:
-    return {str(name): FileRecord(str(r["sha256"]), int(r["bytes"])) for name, r in raw.items()}
+    return {name: FileRecord(r["sha256"], r["bytes"]) for name, r in raw.items()}  # types: check_types
 
 
 # ---- the manifest -----------------------------------------------------------------------------------
@@ -356,6 +359,51 @@ def read_manifest(artifact: str | Path) -> Manifest:
         raise ArtifactError(f"{path} is format {found[0]!r} version {found[1]!r}; this version of qwen2-onnx reads "
                             f"{FORMAT!r} versions {list(READABLE_VERSIONS)} (re-export with it)")
     try:
-        return Manifest.from_json(raw)
+        manifest = Manifest.from_json(raw)
+        check_types(manifest, Manifest, "manifest")
     except (KeyError, TypeError, AttributeError, ValueError) as error:
-        raise ArtifactError(f"{path} lacks or mangles a field ({error!r}); re-export the artifact") from error
+        raise ArtifactError(f"{path} lacks or mangles a field ({error}); re-export the artifact") from error
+    counts = manifest.model
+    if min(counts.vocab_size, counts.hidden_size, counts.num_hidden_layers, counts.num_attention_heads,
+           counts.num_key_value_heads, counts.head_dim, counts.context_length) < 1 or \
+            len(counts.layer_types) != counts.num_hidden_layers:
+        raise ArtifactError(f"{path} describes an impossible model ({counts}); re-export the artifact")
+    return manifest
+
+
+def check_types(value: Any, hint: Any, where: str) -> None:
+    """Raise TypeError naming the field when `value` does not have the (dataclass field) type `hint`."""
+    origin, arguments = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, hint):
+            raise TypeError(f"{where} must be an object")
+        hints = typing.get_type_hints(hint)
+        for item in dataclasses.fields(hint):
+            check_types(getattr(value, item.name), hints[item.name], f"{where}.{item.name}")
+    elif origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in arguments:
+            try:
+                return check_types(value, option, where)
+            except TypeError as error:
+                errors.append(error)
+        raise errors[-1]
+    elif origin in (tuple, list):
+        if not isinstance(value, origin):
+            raise TypeError(f"{where} must be a list")
+        for index, item in enumerate(value):
+            check_types(item, arguments[0] if arguments[-1] is Ellipsis or origin is list else arguments[index], f"{where}[{index}]")
+    elif origin is dict:
+        if not isinstance(value, dict):
+            raise TypeError(f"{where} must be an object")
+        for key, item in value.items():
+            check_types(key, arguments[0], f"{where} key")
+            check_types(item, arguments[1], f"{where}[{key!r}]")
+    elif hint is type(None):
+        if value is not None:
+            raise TypeError(f"{where} must be null")
+    elif hint is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise TypeError(f"{where}={value!r} must be a number")
+    elif not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise TypeError(f"{where}={value!r} must be of type {hint.__name__}")

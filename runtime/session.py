@@ -60,9 +60,38 @@ class GraphSession:
                                         "pass --cpu-fallback (Model.load(..., cpu_fallback=True)) to allow it") from error
             raise RuntimeInputError(f"onnxruntime cannot load {graph_path} ({one_line(error)}); check the artifact "
                                     "with `qwen2-onnx verify ARTIFACT` or re-export it") from error
+        check_graph_io(self.session, graph, manifest)
         self.graph, self.device = graph, device
         self.steps: StepRunner = (steps or PlainSteps)(self.session, graph, device)
         self.caches = KVPool(manifest, graph, device)
+
+
+ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "bfloat16": "tensor(bfloat16)",
+             "int64": "tensor(int64)", "int32": "tensor(int32)"}
+
+
+def check_graph_io(session: ort.InferenceSession, graph: contract.GraphEntry, manifest: contract.Manifest) -> None:
+    """The graph's inputs and outputs are the ones its manifest entry declares, and its KV tensors have the
+    model's head count and size: a manifest that does not describe its graph is refused at load rather
+    than failing inside a step."""
+    model = manifest.model
+    actual = {arg.name: arg for arg in [*session.get_inputs(), *session.get_outputs()]}
+    for spec in (*graph.inputs, *graph.outputs):
+        arg = actual.pop(spec.name, None)
+        expected_type, expected_dims = spec.dtype, list(spec.dims)
+        if spec.name.startswith((contract.PAST, contract.PRESENT)):  # the runtime allocates these from the facts
+            expected_type = graph.activation_dtype or manifest.dtype
+            expected_dims[1:4:2] = [model.num_key_value_heads, model.head_dim] if len(expected_dims) == 4 else []
+        static = [(have, want) for have, want in zip(arg.shape, expected_dims) if isinstance(want, int)] if arg else []
+        if arg is None or arg.type != ORT_TYPES.get(spec.dtype) or arg.type != ORT_TYPES.get(expected_type) or \
+                len(arg.shape) != len(spec.dims) or any(have != want for have, want in static):
+            found = "missing" if arg is None else f"{arg.type} {arg.shape}"
+            raise RuntimeInputError(f"graph {graph.name!r}: {spec.name} is {found} but the manifest declares "
+                                    f"{expected_type} {expected_dims}; the manifest does not describe this graph, "
+                                    "re-export")
+    if actual:
+        raise RuntimeInputError(f"graph {graph.name!r} has inputs or outputs the manifest does not declare: "
+                                f"{sorted(actual)}; re-export the artifact")
 
 
 def session_settings(graph: contract.GraphEntry, device: str, optimize: bool, cuda_graph: bool, cpu_fallback: bool,

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import jinja2
 from jinja2 import nodes
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
 from jinja2.visitor import NodeTransformer
 
 LOOP_GUARD, CONCAT_GUARD = "__qwen2_onnx_loop__", "__qwen2_onnx_concat__"
@@ -140,7 +140,7 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
 
     def bounded_range(self, *args: int) -> range:
         self.check_arguments(args, {})
-        return range(*args)
+        return safe_range(*args)  # the sandbox's own cap: 100,000 items
 
     def bounded_loop(self, iterable: Any) -> Any:
         for item in iterable:

@@ -1,17 +1,23 @@
-"""Property tests: any value of a sampling option or of a config.json key ends in a valid result or in the
-stage's own error type, never in another exception (hypothesis generates the values)."""
+"""Property tests: any value of a sampling option, a config.json key or a manifest field ends in a valid
+result or in the stage's own error type, never in another exception (hypothesis generates the values)."""
 
 from __future__ import annotations
 
+import copy
+import json
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
-from hypothesis import given, settings
+import pytest
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qwen2_export.config import parse_config
 from qwen2_export.errors import ConfigError
 from qwen2_export.synthetic import tiny_config
+from runtime import Model
 from runtime.errors import RuntimeInputError
 from runtime.sampling import SAMPLING_OPTIONS, SamplingConfig, choose_tokens, sampling_from_generation_config
 
@@ -55,3 +61,38 @@ def test_config_values_end_in_config_error_or_a_config(variant, changes):
     except ConfigError:
         return
     assert config.num_hidden_layers >= 1 and config.head_dim >= 1 and len(config.layer_types) == config.num_hidden_layers
+
+
+def leaf_paths(value, prefix=()) -> list[tuple]:
+    if isinstance(value, dict):
+        return [path for key, item in value.items() for path in leaf_paths(item, (*prefix, key))]
+    if isinstance(value, list) and value:
+        return [path for index, item in enumerate(value[:2]) for path in leaf_paths(item, (*prefix, index))]
+    return [prefix]
+
+
+@pytest.fixture(scope="module")
+def manifest_playground(tiny_artifact, tmp_path_factory):
+    artifact = Path(shutil.copytree(tiny_artifact("dense_tied"), tmp_path_factory.mktemp("manifest") / "artifact"))
+    return artifact, json.loads((artifact / "manifest.json").read_text())
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_manifest_values_end_in_our_error_or_a_run(manifest_playground, data):
+    """Any one or two manifest fields replaced by any value: the runtime refuses the artifact with its error
+    type at load, or loads it and generates."""
+    artifact, original = manifest_playground
+    raw = copy.deepcopy(original)
+    for path in data.draw(st.lists(st.sampled_from(leaf_paths(original)), min_size=1, max_size=2)):
+        *parents, last = path
+        target = raw
+        for key in parents:
+            target = target[key]
+        target[last] = data.draw(ANY_VALUE)
+    (artifact / "manifest.json").write_text(json.dumps(raw))
+    try:
+        model = Model.load(artifact)
+        model.generate([1, 2, 3], max_new_tokens=2, greedy=True, ignore_eos=True)
+    except RuntimeInputError:
+        pass
