@@ -300,9 +300,16 @@ def _moe(raw: dict[str, Any], num_layers: int) -> MoeConfig:
 
 def _positive_int(raw: dict[str, Any], key: str, where: str = "config.json") -> int:
     value = raw.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(f"{where}: {key}={value!r} must be a positive integer")
+    most = MOST.get(key, MOST_ANY)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= most:
+        raise ConfigError(f"{where}: {key}={value!r} must be a positive integer of at most {most:,}")
     return value
+
+
+# upper bounds far past any published model, so a corrupt value is an error instead of an export that
+# tries to build 10^18 layers; ONNX dims beyond int32 are not run by onnxruntime's kernels anyway
+MOST_ANY = 2**31 - 1
+MOST = {"num_hidden_layers": 4096, "num_experts": 65536, "num_experts_per_tok": 65536}
 
 
 def _positive_float(raw: dict[str, Any], key: str, where: str = "config.json", default: float | None = None) -> float:

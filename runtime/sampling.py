@@ -110,13 +110,29 @@ def min_p_filter(logits: np.ndarray, min_p: float) -> np.ndarray:
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
+    # a tiny temperature or penalty overflows scores to +inf; inf - inf would be NaN (and a draw of token
+    # 0), so +inf counts as the largest finite value: the probability goes to the top scores
+    logits = np.minimum(logits, np.finfo(logits.dtype).max)
     shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
     return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
+def apply_temperature(scores: np.ndarray, temperature: float) -> np.ndarray:
+    """scores / temperature. A temperature so small that a row overflows (or underflows to 0 in fp32) is
+    applied in fp64 to the row shifted by its maximum (softmax and every filter ignore a constant per
+    row), so the best score stays finite and the others go to -inf: the greedy limit, not NaN."""
+    with np.errstate(all="ignore"):
+        scaled = scores / temperature
+        broken = (~np.isfinite(scaled) & np.isfinite(scores)).any(axis=-1)
+        if broken.any():
+            rows = scores[broken].astype(np.float64)
+            scaled[broken] = (rows - rows.max(axis=-1, keepdims=True)) / temperature
+    return scaled
+
+
 def sampling_filters(scores: np.ndarray, config: SamplingConfig) -> np.ndarray:
     """Temperature, top-k, top-p, min-p (sampling only), each returning a new array."""
-    scores = scores / config.temperature
+    scores = apply_temperature(scores, config.temperature)
     scores = top_k_filter(scores, config.top_k)
     scores = top_p_filter(scores, config.top_p)
     return min_p_filter(scores, config.min_p)

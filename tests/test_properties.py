@@ -43,8 +43,19 @@ def test_sampling_options_end_in_our_error_or_a_valid_choice(overrides, generati
     assert isinstance(config, SamplingConfig)
     assert math.isfinite(config.temperature) and config.temperature > 0 and 0 < config.top_p <= 1
     logits = np.random.default_rng(0).standard_normal((2, 40)).astype(np.float32)
-    tokens = choose_tokens(logits, config, [np.array([1, 2]), np.array([3])], np.random.default_rng(config.seed))
+    with np.errstate(over="ignore", divide="ignore"):  # extreme values overflow to inf on purpose
+        tokens = choose_tokens(logits, config, [np.array([1, 2]), np.array([3])], np.random.default_rng(config.seed))
     assert tokens.shape == (2,) and all(0 <= t < 40 for t in tokens)
+
+
+def test_a_tiny_temperature_draws_the_best_token_not_token_0():
+    """Scores overflow to inf; the draw must still follow them (it once returned token 0 every time)."""
+    logits = np.random.default_rng(1).standard_normal((3, 50)).astype(np.float32)
+    for temperature in (1e-30, 1e-300, 5e-324):
+        config = SamplingConfig(do_sample=True, temperature=temperature)
+        with np.errstate(over="ignore", divide="ignore"):
+            tokens = choose_tokens(logits, config, [np.array([], np.int64)] * 3, np.random.default_rng(0))
+        assert tokens.tolist() == logits.argmax(axis=-1).tolist()
 
 
 CONFIG_KEYS = sorted({*tiny_config("moe_shared"), *tiny_config("yarn"), *tiny_config("sliding_window"), "head_dim",
