@@ -14,6 +14,7 @@ from typing import Callable
 import pytest
 import torch
 from filelock import FileLock
+from hypothesis import settings
 
 from qwen2_export.export import export_checkpoint
 from qwen2_export.synthetic import TINY_VARIANTS, write_tiny_checkpoint
@@ -22,6 +23,12 @@ VARIANTS = sorted(TINY_VARIANTS)
 
 logging.getLogger("torch.onnx").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", module="torch")
+
+# CI runs the property tests on the same examples every time (a red CI is then a change, not luck);
+# elsewhere hypothesis explores new ones on each run and remembers failures in .hypothesis/
+settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
