@@ -20,6 +20,7 @@ from qwen2_export.synthetic import tiny_config
 from runtime import Model
 from runtime.errors import RuntimeInputError
 from runtime.sampling import SAMPLING_OPTIONS, SamplingConfig, choose_tokens, sampling_from_generation_config
+from runtime.tokenizer import TextTokenizer
 
 ANY_VALUE = st.one_of(
     st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True, allow_infinity=True),
@@ -107,3 +108,16 @@ def test_manifest_values_end_in_our_error_or_a_run(manifest_playground, data):
         model.generate([1, 2, 3], max_new_tokens=2, greedy=True, ignore_eos=True)
     except RuntimeInputError:
         pass
+
+
+JAMO = st.text(st.sampled_from("\u1100\u1161\u11a8\u1112\u1175 e\u0301a\u0308<|im_end|>x"), max_size=200)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.text(max_size=300), JAMO))
+def test_the_cheap_prompt_bound_never_exceeds_the_real_token_count(manifest_playground, text):
+    """The size bound that refuses huge prompts before tokenization is a true lower bound, NFC
+    composition (Hangul jamo, combining accents) and special-token text included."""
+    tokenizer = TextTokenizer(manifest_playground[0] / "tokenizer.json")
+    text = text.encode("utf-8", "replace").decode("utf-8")  # lone surrogates are refused earlier
+    assert tokenizer.fewest_tokens(len(text.encode("utf-8"))) <= len(tokenizer.encode(text, add_special_tokens=False))
