@@ -298,6 +298,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "qwen2-onnx", commands: 
         return fail(prog, args.command, str(error))
     except OSError as error:
         return fail(prog, args.command, describe_os_error(error))
+    except Exception as error:
+        if not type(error).__module__.startswith("onnxruntime"):
+            raise  # our own defect: keep the traceback
+        # a graph that passed the load checks but fails inside onnxruntime (device memory, a kernel)
+        return fail(prog, args.command, f"onnxruntime failed: {' '.join(str(error).split())[:500]}")
     except KeyboardInterrupt:
         print(f"{prog} {args.command}: interrupted", file=sys.stderr)
         return 130

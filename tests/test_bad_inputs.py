@@ -351,3 +351,16 @@ def test_external_data_outside_the_artifact_is_refused(tiny_artifact, tmp_path):
         {"onnx/model.onnx": {"sha256": record.sha256, "bytes": record.bytes}}))
     with pytest.raises(RuntimeInputError, match="onnxruntime cannot load"):
         Model.load(artifact)
+
+
+def test_a_failure_inside_onnxruntime_is_one_line(tiny_artifact, capsys, monkeypatch):
+    """A graph that passed the load checks but fails in a step (device memory, a kernel): no traceback."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail
+
+    from runtime import steps
+
+    def failing(*args, **kwargs):
+        raise Fail("CUDA failure 2: out of memory")
+
+    monkeypatch.setattr(steps.PlainSteps, "step", failing)
+    one_error(capsys, ["generate", str(tiny_artifact("dense_tied")), "--prompt", "x"], "onnxruntime failed", "out of memory")
