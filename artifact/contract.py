@@ -204,6 +204,16 @@ class RopeFacts:
 
 
 @dataclass(frozen=True)
+class QuantFacts:
+    """An int4 artifact: how its projection weights were quantized and how the portable graph holds them."""
+
+    method: str  # "awq"
+    bits: int
+    group_size: int
+    weights: str = "DequantizeLinear"  # uint4 codes, scales and zero points, blocked along the inputs
+
+
+@dataclass(frozen=True)
 class TokenFacts:
     vocab_size: int  # ids the tokenizer can produce; embedding rows past it are padding
     special_tokens: dict[str, int]
@@ -291,6 +301,7 @@ class Manifest:
     graphs: tuple[GraphEntry, ...]
     tokenizer: TokenFacts
     files: dict[str, FileRecord] = field(default_factory=dict)  # the checkpoint files copied in
+    quantization: QuantFacts | None = None
     producer: str = PRODUCER
 
     def graph(self, name: str) -> GraphEntry | None:
@@ -315,6 +326,7 @@ class Manifest:
                           "pad_token_id": tokens.pad_token_id, "stop_token_ids": list(tokens.stop_token_ids),
                           "has_chat_template": tokens.has_chat_template, "add_bos_token": tokens.add_bos_token},
             "files": records_json(self.files),
+            "quantization": None if self.quantization is None else dict(self.quantization.__dict__),
         }
 
     @classmethod
@@ -330,6 +342,7 @@ class Manifest:
             graphs=tuple(GraphEntry.from_json(g) for g in raw["graphs"]),
             tokenizer=TokenFacts(**{**tokens, "stop_token_ids": tuple(tokens["stop_token_ids"])}),
             files=records_from_json(raw.get("files", {})),
+            quantization=None if raw.get("quantization") is None else QuantFacts(**raw["quantization"]),
             producer=raw.get("producer", PRODUCER),
         )
 

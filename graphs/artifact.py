@@ -16,6 +16,7 @@ import onnx_ir as ir
 
 from artifact import contract, files
 
+from .errors import GraphError
 from .fusions import packed_matmul
 from .pipeline import PASSES, PassReport, optimize
 
@@ -29,6 +30,10 @@ def optimize_artifact(artifact: str | Path, target: str, dtype: str | None = Non
     of long prompts, slower decode on the H100: tools/gpu_notes.md)."""
     artifact = Path(artifact)
     manifest = contract.read_manifest(artifact)
+    if manifest.quantization is not None:
+        raise GraphError(f"{artifact} holds int4 weights ({manifest.quantization.method}), which the fusion passes "
+                         "do not handle yet; run its portable graph (onnxruntime turns its DequantizeLinear + MatMul "
+                         "pairs into MatMulNBits itself)")
     portable = manifest.graph(contract.PORTABLE_GRAPH)
     if portable is None:
         raise contract.ArtifactError(f"{artifact} has no portable graph to optimize; re-export it")

@@ -20,13 +20,14 @@ from typing import Any, Iterator
 
 import torch
 
+from . import int4
 from .config import Qwen2Config
 from .errors import CheckpointError
 from .model import Qwen2ForCausalLM, build_model
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32}
 CHUNK_BYTES = 64 << 20
 MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own limit
 
@@ -49,10 +50,12 @@ class TensorEntry:
 
 @dataclass(frozen=True)
 class Placement:
-    """A checkpoint tensor's destination: elements [offset, offset + numel) of `parameter`, flattened."""
+    """A checkpoint tensor's destination: elements [offset, offset + numel) of `parameter`, flattened;
+    or, for an int4 checkpoint, one `part` of a quantized parameter (int4.PARTS), whole."""
 
     parameter: str
     offset: int
+    part: str | None = None
 
 
 def safetensors_files(checkpoint_dir: Path) -> list[Path]:
@@ -158,6 +161,10 @@ def placement_of(name: str, config: Qwen2Config) -> Placement | None:
     """Where a hub tensor goes; None for a tensor we deliberately drop (lm_head of a tied model)."""
     if name == "lm_head.weight" and config.tie_word_embeddings:
         return None
+    if config.quantization is not None:
+        prefix, _, part = name.rpartition(".")
+        if part in int4.PARTS and f"{prefix}.weight" in quantized_parameters(config):
+            return Placement(f"{prefix}.weight", 0, part)
     match = _EXPERT.fullmatch(name)
     if match is None:
         return Placement(name, 0)
@@ -170,6 +177,16 @@ def placement_of(name: str, config: Qwen2Config) -> Placement | None:
     return Placement(f"{experts}.gate_up_proj", (2 * expert + (projection == "up_proj")) * block)
 
 
+def quantized_parameters(config: Qwen2Config) -> set[str]:
+    """The weights an int4 checkpoint stores quantized: every attention and MLP projection (AutoAWQ's
+    choice for Qwen2); embeddings, norms and lm_head keep their float type."""
+    if config.quantization is None:
+        return set()
+    projections = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    return {f"model.layers.{i}.{p}.weight" for i in range(config.num_hidden_layers) for p in projections}
+
+
 def plan_placements(
     entries: list[TensorEntry], config: Qwen2Config, parameter_shapes: dict[str, tuple[int, ...]]
 ) -> dict[str, Placement | None]:
@@ -177,6 +194,7 @@ def plan_placements(
     plan: dict[str, Placement | None] = {}
     unknown, wrong_shape = [], []
     filled = {name: 0 for name in parameter_shapes}
+    parts_seen: dict[str, set[str]] = {}  # int4 weights: which of their tensors the checkpoint has
     for entry in entries:
         placement = placement_of(entry.name, config)
         plan[entry.name] = placement
@@ -186,12 +204,21 @@ def plan_placements(
         if shape is None:
             unknown.append(entry.name)
             continue
+        if placement.part is not None:  # one of the three tensors of an int4 weight: filled once all are seen
+            expected = int4.part_shape(placement.part, shape, config.quantization.group_size)
+            if tuple(entry.shape) != expected or entry.dtype != int4.PARTS[placement.part]:
+                wrong_shape.append(f"{entry.name} {list(entry.shape)} (expected {list(expected)})")
+            else:
+                parts_seen.setdefault(placement.parameter, set()).add(placement.part)
+            continue
         whole = placement.parameter == entry.name
         if (whole and tuple(entry.shape) != shape) or placement.offset + entry.numel > _numel(shape):
             wrong_shape.append(f"{entry.name} {list(entry.shape)} (parameter {list(shape)})")
             continue
         filled[placement.parameter] += entry.numel
-    unfilled = [name for name, count in filled.items() if count != _numel(parameter_shapes[name])]
+    quantized = quantized_parameters(config)
+    unfilled = [name for name, count in filled.items() if name not in quantized and count != _numel(parameter_shapes[name])]
+    unfilled += sorted(name for name in quantized if parts_seen.get(name) != set(int4.PARTS))
     problems = []
     if unknown:
         problems.append(f"checkpoint tensors not used by {config.architecture}: {_listing(unknown)}")

@@ -51,6 +51,15 @@ class MoeConfig:
 
 
 @dataclass(frozen=True)
+class QuantConfig:
+    """An int4 checkpoint's quantization: AutoAWQ "gemm" packing, zero points, groups along the input."""
+
+    method: str  # "awq"
+    bits: int
+    group_size: int
+
+
+@dataclass(frozen=True)
 class Qwen2Config:
     """Everything the model definition, the loader and the exporter need to know about a checkpoint."""
 
@@ -71,6 +80,7 @@ class Qwen2Config:
     layer_types: tuple[str, ...]
     sliding_window: int | None
     moe: MoeConfig | None = None
+    quantization: QuantConfig | None = None
     torch_dtype: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -116,7 +126,6 @@ def load_config(checkpoint_dir: str | Path) -> Qwen2Config:
 def parse_config(raw: dict[str, Any]) -> Qwen2Config:
     """Build a Qwen2Config from the parsed config.json dict."""
     architecture = _architecture(raw)
-    _refuse_quantization(raw)
     hidden_act = raw.get("hidden_act", "silu")
     if hidden_act != "silu":
         raise ConfigError(f"hidden_act={hidden_act!r} is not supported; Qwen2 uses 'silu'")
@@ -138,6 +147,7 @@ def parse_config(raw: dict[str, Any]) -> Qwen2Config:
         raise ConfigError(f"head_dim={head_dim} must be even for rotary embeddings")
 
     num_layers = _positive_int(raw, "num_hidden_layers")
+    intermediate_size = _positive_int(raw, "intermediate_size")
     max_positions = _positive_int(raw, "max_position_embeddings")
     layer_types, sliding_window = _attention_layout(raw, num_layers)
     moe = _moe(raw, num_layers) if architecture == "Qwen2MoeForCausalLM" else None
@@ -146,7 +156,7 @@ def parse_config(raw: dict[str, Any]) -> Qwen2Config:
         model_type=ARCHITECTURES[architecture],
         vocab_size=_positive_int(raw, "vocab_size"),
         hidden_size=hidden_size,
-        intermediate_size=_positive_int(raw, "intermediate_size"),
+        intermediate_size=intermediate_size,
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads,
@@ -159,6 +169,8 @@ def parse_config(raw: dict[str, Any]) -> Qwen2Config:
         layer_types=layer_types,
         sliding_window=sliding_window,
         moe=moe,
+        quantization=_quantization(raw, architecture, (hidden_size, num_heads * head_dim, num_kv_heads * head_dim,
+                                                       intermediate_size)),
         torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
         raw=raw,
     )
@@ -184,19 +196,34 @@ def _architecture(raw: dict[str, Any]) -> str:
     return architecture
 
 
-def _refuse_quantization(raw: dict[str, Any]) -> None:
+def _quantization(raw: dict[str, Any], architecture: str, linear_sizes: tuple[int, ...]) -> QuantConfig | None:
+    """`quantization_config`, when the checkpoint is int4: AutoAWQ "gemm" with zero points is supported."""
     quantization = raw.get("quantization_config")
     if quantization is None:
-        return
+        return None
     method = quantization.get("quant_method") if isinstance(quantization, dict) else None
-    if method == "awq":
+    if method != "awq":
         raise ConfigError(
-            "quantization_config.quant_method='awq': AWQ int4 checkpoints are not supported yet; "
-            "export the unquantized checkpoint (e.g. Qwen2-7B-Instruct instead of Qwen2-7B-Instruct-AWQ)"
+            f"quantization_config.quant_method={method!r} is not supported; export an unquantized checkpoint "
+            "(AWQ int4 checkpoints are supported)"
         )
-    raise ConfigError(
-        f"quantization_config.quant_method={method!r} is not supported; export an unquantized checkpoint"
-    )
+    where = "quantization_config"
+    version = quantization.get("version", "gemm")
+    if not isinstance(version, str) or version.lower() != "gemm":
+        raise ConfigError(f"{where}.version={version!r}: only AutoAWQ's 'gemm' packing is supported")
+    bits = quantization.get("bits", quantization.get("w_bit"))
+    if bits != 4:
+        raise ConfigError(f"{where}.bits={bits!r}: only 4-bit AWQ is supported")
+    if _bool(quantization, "zero_point", default=True, where=where) is not True:
+        raise ConfigError(f"{where}.zero_point=false: only AWQ with zero points is supported")
+    group_size = quantization.get("group_size", quantization.get("q_group_size"))
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0 or \
+            any(size % group_size or size % 8 for size in linear_sizes):
+        raise ConfigError(f"{where}.group_size={group_size!r} must divide every projection's input size "
+                          f"{sorted(set(linear_sizes))} (and those must be multiples of 8)")
+    if architecture != "Qwen2ForCausalLM":
+        raise ConfigError(f"AWQ checkpoints of {architecture} are not supported yet; export the unquantized one")
+    return QuantConfig("awq", 4, group_size)
 
 
 def _rope(raw: dict[str, Any], max_positions: int) -> RopeConfig:

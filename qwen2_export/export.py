@@ -28,7 +28,8 @@ from artifact import contract
 
 from . import io_spec
 from . import staging as staging_area
-from .checkpoint import CHUNK_BYTES, TensorEntry, list_tensors, plan_placements, read_chunks
+from . import int4
+from .checkpoint import CHUNK_BYTES, TensorEntry, list_tensors, plan_placements, quantized_parameters, read_chunks
 from .config import Qwen2Config, load_config
 from .errors import CheckpointError, ExportError
 from .manifest import portable_manifest, token_facts
@@ -89,7 +90,10 @@ def export_checkpoint(
         graph = trace_to_onnx(model, config, torch_dtype)
         progress(f"traced in {time.monotonic() - started:.1f}s; writing weights")
         aliases = _parameter_aliases(model)
-        transposed = fold_weight_transposes(graph, _whole_parameters(plan, entries, aliases))
+        quantized = quantized_parameters(config)  # int4 checkpoints: DequantizeLinear of [in, out] codes
+        transposed = fold_weight_transposes(graph, _whole_parameters(plan, entries, aliases) | quantized)
+        if quantized:
+            int4.dequantize_weights(graph, quantized, config.quantization.group_size)
         slots = lay_out(graph)
         data_path = staging / contract.GRAPH_FOLDER / DATA_FILE
         write_weights(data_path, graph, slots, transposed, aliases, entries, plan, config, progress)
@@ -199,7 +203,8 @@ def write_weights(
 ) -> None:
     """Stream every checkpoint tensor, cast, into its initializer's slot; derived tables are computed."""
     initializer_of = {aliases.get(name, name): name for name in graph.graph.initializers}
-    dtype_of = {name: io_spec.TORCH_DTYPES[int(value.const_value.dtype)] for name, value in graph.graph.initializers.items()}
+    dtype_of = {name: io_spec.TORCH_DTYPES[int(value.const_value.dtype)] for name, value in graph.graph.initializers.items()
+                if int(value.const_value.dtype) in io_spec.TORCH_DTYPES}  # not the uint4 codes
     total = sum(entry.end - entry.start for entry in entries)
     done, last_report, written = 0, time.monotonic(), set()
     with data_path.open("wb") as f:
@@ -208,10 +213,16 @@ def write_weights(
             placement = plan[entry.name]
             if placement is not None:
                 name = initializer_of.get(placement.parameter)
-                if name is None:
+                if placement.part is not None:
+                    name = int4.initializer_name(placement.parameter, placement.part)
+                if name not in slots:
                     raise ExportError(f"traced graph has no initializer for parameter {placement.parameter}")
                 base = slots[name].offset
-                if name in transposed:
+                if placement.part in ("qweight", "qzeros"):  # int32 words -> the same bytes, nibbles reordered
+                    for offset, chunk in read_chunks(entry):
+                        f.seek(base + offset * 4)
+                        f.write(int4.awq_words_to_uint4(chunk))
+                elif name in transposed:
                     _write_transposed(f, base, entry, dtype_of[name])
                 else:
                     itemsize = dtype_of[name].itemsize

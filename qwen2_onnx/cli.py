@@ -41,6 +41,12 @@ def run_export(args: argparse.Namespace) -> None:
     if args.dtype == "bf16" and "cpu" not in args.target:
         say("note: onnxruntime has no bf16 kernels for the CPU, so this artifact runs on CUDA only; for a CPU add "
             f"its CPU graph: qwen2-onnx optimize {artifact} --target cpu")
+    from artifact import contract
+
+    if args.target and contract.read_manifest(artifact).quantization is not None:
+        say("note: int4 artifacts have only the portable graph so far (no --target graphs); onnxruntime turns "
+            "its DequantizeLinear + MatMul pairs into MatMulNBits when it loads it")
+        return
     for target in args.target:
         optimize_and_report(artifact, target, None, True)
 

@@ -104,6 +104,9 @@ def session_settings(graph: contract.GraphEntry, device: str, optimize: bool, cu
         # its shapes change every step and onnxruntime keeps a memory pattern per input shape: off, the
         # CPU arena's growth over 10,000 tokens drops from 50 to 33 MiB (tools/rss_over_tokens.py)
         options.enable_mem_pattern = False
+    # int4 graphs: onnxruntime fuses DequantizeLinear + MatMul into MatMulNBits, by default with int8
+    # activations on the CPU (0.4 off in the logits of the tiny AWQ model); level 1 computes in float, exact
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
     if not optimize:  # onnxruntime's own rewrites off, so they cannot hide ours
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if device == "cpu":

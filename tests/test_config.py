@@ -64,7 +64,10 @@ def test_model_card_yarn_block_without_beta_fast_uses_defaults():
         ({"layer_types": ["sliding_attention", "full_attention"]}, "use_sliding_window is false"),
         ({"layer_types": ["full_attention"]}, "layer_types must list 2"),
         ({"tie_word_embeddings": "yes"}, "tie_word_embeddings"),
-        ({"quantization_config": {"quant_method": "awq", "bits": 4}}, "AWQ"),
+        ({"quantization_config": {"quant_method": "awq", "bits": 4}}, "group_size=None"),
+        ({"quantization_config": {"quant_method": "awq", "bits": 8, "group_size": 32}}, "bits=8"),
+        ({"quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 48}}, "group_size=48"),
+        ({"quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 32, "version": "gemv"}}, "gemm"),
         ({"quantization_config": {"quant_method": "gptq", "bits": 4}}, "quant_method='gptq'"),
     ],
 )

@@ -1,0 +1,65 @@
+"""Seeded AWQ checkpoints (AutoAWQ "gemm" layout) from a tiny random model, and their exact dequantization.
+
+The quantizer follows AutoAWQ's `WQLinear_GEMM.from_linear` (per group of inputs: scale from the
+range, integer zero point, `q = round(w / s + z)` clamped to 0..15); the packer writes code
+8c + ORDER[i] into nibble i of word c. The dequantized weights `(q - z) * s` (exact in fp32) are the
+parity reference: what a float model must compute to equal the int4 checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .checkpoint import quantized_parameters
+from .config import parse_config
+from .int4 import ORDER
+from .synthetic import tiny_config, write_checkpoint
+
+
+def pack_awq(codes: torch.Tensor) -> torch.Tensor:
+    """Codes [R, N] in 0..15 -> int32 words [R, N/8] in AutoAWQ's nibble order."""
+    words = sum(codes[:, ORDER[i]::8].to(torch.int64) << (4 * i) for i in range(8))
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(words.numpy(), dtype=np.uint32).view(np.int32)))
+
+
+def quantize_awq(weight: torch.Tensor, group_size: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """A Linear weight [N, K] -> ({qweight, qzeros, scales}, the dequantized weight [N, K] in fp32)."""
+    n, k = weight.shape
+    groups = weight.float().t().reshape(k // group_size, group_size, n)  # [K/G, G, N]
+    low, high = groups.amin(dim=1), groups.amax(dim=1)
+    scales = ((high - low).clamp(min=1e-5) / 15).half()
+    s = scales.float()
+    zeros = torch.round(-low / s).clamp(0, 15)
+    codes = torch.round(groups / s[:, None] + zeros[:, None]).clamp(0, 15)  # [K/G, G, N]
+    dequantized = ((codes - zeros[:, None]) * s[:, None]).reshape(k, n).t().contiguous()
+    parts = {"qweight": pack_awq(codes.reshape(k, n).to(torch.int64)), "qzeros": pack_awq(zeros.to(torch.int64)),
+             "scales": scales}
+    return parts, dequantized
+
+
+def write_awq_checkpoint(out_dir: str | Path, variant: str = "dense_tied", group_size: int = 32,
+                         seed: int = 0) -> dict[str, torch.Tensor]:
+    """A tiny AWQ checkpoint (float tensors in fp16, as published); returns the float state dict that
+    equals it exactly (dequantized projections, every tensor in fp32)."""
+    out = Path(out_dir)
+    config_json = {**tiny_config(variant), "torch_dtype": "float16", "quantization_config": {
+        "quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm"}}
+    write_checkpoint(out, config_json, seed=seed, dtype=torch.float16)
+    quantized = quantized_parameters(parse_config(config_json))
+    floats = load_file(out / "model.safetensors")
+    stored, reference = {}, {}
+    for name, tensor in floats.items():
+        if name in quantized:
+            parts, reference[name] = quantize_awq(tensor, group_size)
+            prefix = name.removesuffix(".weight")
+            stored.update({f"{prefix}.{part}": value for part, value in parts.items()})
+        else:
+            stored[name], reference[name] = tensor.contiguous(), tensor.float()
+    save_file(stored, out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config_json, indent=2))
+    return reference
