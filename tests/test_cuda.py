@@ -93,3 +93,29 @@ def test_last_token_logits_of_each_graph_match_transformers_fp32(cuda_artifact, 
         assert np.isfinite(row).all()
         assert np.abs(row - expected).max() < LOGIT_TOLERANCE[dtype], graph
         assert row.argmax() == expected.argmax(), graph
+
+
+def test_awq_int4_portable_graph_on_cuda_equals_the_dequantized_model(tmp_path_factory):
+    """An AWQ export in fp16 on the CUDA EP (DequantizeLinear + MatMul, fused by onnxruntime) against the
+    fp32 float model holding the dequantized weights (CPU)."""
+    import json
+
+    from qwen2_export.synthetic_awq import write_awq_checkpoint
+
+    folder = tmp_path_factory.mktemp("awq-cuda")
+    weights = write_awq_checkpoint(folder / "checkpoint", variant="sliding_window", group_size=32)
+    artifact = export_checkpoint(folder / "checkpoint", folder / "artifact", dtype="fp16")
+    config = json.loads((folder / "checkpoint" / "config.json").read_text())
+    config.pop("quantization_config")
+    reference = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**config)).float().eval()
+    reference.load_state_dict(weights)
+    model = Model.load(artifact, device="cuda")
+    ids = np.array([PROMPT])
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(ids.shape[1])[None]}
+    feeds.update({name: np.zeros((1, 2, 0, 16), np.float16) for name in model.session.graph.input_names
+                  if name.startswith("past_key_values")})
+    ours = model.session.session.run(["logits"], feeds)[0][0, -1]
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(ids)).logits[0, -1].numpy()
+    assert np.abs(ours - expected).max() <= LOGIT_TOLERANCE["fp16"] * max(1.0, np.abs(expected).max() / 15)
+    assert int(ours.argmax()) == int(expected.argmax())
