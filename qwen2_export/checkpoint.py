@@ -51,7 +51,7 @@ class TensorEntry:
 @dataclass(frozen=True)
 class Placement:
     """A checkpoint tensor's destination: elements [offset, offset + numel) of `parameter`, flattened;
-    or, for an int4 checkpoint, one `part` of a quantized parameter (int4.PARTS), whole."""
+    or, for an int4 checkpoint, one `part` of a quantized parameter (int4.LAYOUTS), whole."""
 
     parameter: str
     offset: int
@@ -163,7 +163,7 @@ def placement_of(name: str, config: Qwen2Config) -> Placement | None:
         return None
     if config.quantization is not None:
         prefix, _, part = name.rpartition(".")
-        if part in int4.PARTS and f"{prefix}.weight" in quantized_parameters(config):
+        if part in int4.LAYOUTS[config.quantization.method] and f"{prefix}.weight" in quantized_parameters(config):
             return Placement(f"{prefix}.weight", 0, part)
     match = _EXPERT.fullmatch(name)
     if match is None:
@@ -205,8 +205,9 @@ def plan_placements(
             unknown.append(entry.name)
             continue
         if placement.part is not None:  # one of the three tensors of an int4 weight: filled once all are seen
-            expected = int4.part_shape(placement.part, shape, config.quantization.group_size)
-            if tuple(entry.shape) != expected or entry.dtype != int4.PARTS[placement.part]:
+            layout = int4.LAYOUTS[config.quantization.method][placement.part]
+            expected = layout.shape(*shape, config.quantization.group_size)
+            if tuple(entry.shape) != expected or entry.dtype != layout.dtype:
                 wrong_shape.append(f"{entry.name} {list(entry.shape)} (expected {list(expected)})")
             else:
                 parts_seen.setdefault(placement.parameter, set()).add(placement.part)
@@ -218,7 +219,9 @@ def plan_placements(
         filled[placement.parameter] += entry.numel
     quantized = quantized_parameters(config)
     unfilled = [name for name, count in filled.items() if name not in quantized and count != _numel(parameter_shapes[name])]
-    unfilled += sorted(name for name in quantized if parts_seen.get(name) != set(int4.PARTS))
+    if quantized:
+        parts = set(int4.LAYOUTS[config.quantization.method])
+        unfilled += sorted(name for name in quantized if parts_seen.get(name) != parts)
     problems = []
     if unknown:
         problems.append(f"checkpoint tensors not used by {config.architecture}: {_listing(unknown)}")

@@ -52,9 +52,9 @@ class MoeConfig:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """An int4 checkpoint's quantization: AutoAWQ "gemm" packing, zero points, groups along the input."""
+    """An int4 checkpoint's quantization (qwen2_export/int4.py): zero points, groups along the input."""
 
-    method: str  # "awq"
+    method: str  # "awq" or "gptq"
     bits: int
     group_size: int
 
@@ -197,33 +197,41 @@ def _architecture(raw: dict[str, Any]) -> str:
 
 
 def _quantization(raw: dict[str, Any], architecture: str, linear_sizes: tuple[int, ...]) -> QuantConfig | None:
-    """`quantization_config`, when the checkpoint is int4: AutoAWQ "gemm" with zero points is supported."""
+    """`quantization_config` of an int4 checkpoint: AutoAWQ "gemm" with zero points, or GPTQ ("gptq"
+    format, desc_act false); both with groups that divide every projection's input size."""
     quantization = raw.get("quantization_config")
     if quantization is None:
         return None
-    method = quantization.get("quant_method") if isinstance(quantization, dict) else None
-    if method != "awq":
-        raise ConfigError(
-            f"quantization_config.quant_method={method!r} is not supported; export an unquantized checkpoint "
-            "(AWQ int4 checkpoints are supported)"
-        )
     where = "quantization_config"
-    version = quantization.get("version", "gemm")
-    if not isinstance(version, str) or version.lower() != "gemm":
-        raise ConfigError(f"{where}.version={version!r}: only AutoAWQ's 'gemm' packing is supported")
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+    if method not in ("awq", "gptq"):
+        raise ConfigError(f"{where}.quant_method={method!r} is not supported; export an unquantized checkpoint "
+                          "(AWQ and GPTQ int4 checkpoints are supported)")
     bits = quantization.get("bits", quantization.get("w_bit"))
     if bits != 4:
-        raise ConfigError(f"{where}.bits={bits!r}: only 4-bit AWQ is supported")
-    if _bool(quantization, "zero_point", default=True, where=where) is not True:
-        raise ConfigError(f"{where}.zero_point=false: only AWQ with zero points is supported")
+        raise ConfigError(f"{where}.bits={bits!r}: only 4-bit {method.upper()} is supported")
+    if method == "awq":
+        version = quantization.get("version", "gemm")
+        if not isinstance(version, str) or version.lower() != "gemm":
+            raise ConfigError(f"{where}.version={version!r}: only AutoAWQ's 'gemm' packing is supported")
+        if _bool(quantization, "zero_point", default=True, where=where) is not True:
+            raise ConfigError(f"{where}.zero_point=false: only AWQ with zero points is supported")
+    else:
+        if _bool(quantization, "desc_act", default=False, where=where):
+            raise ConfigError(f"{where}.desc_act=true (act-order) is not supported; use a checkpoint quantized "
+                              "with desc_act false, as Qwen publishes them")
+        layout = quantization.get("checkpoint_format", "gptq")
+        if layout != "gptq":
+            raise ConfigError(f"{where}.checkpoint_format={layout!r}: only the 'gptq' format is supported")
     group_size = quantization.get("group_size", quantization.get("q_group_size"))
     if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0 or \
             any(size % group_size or size % 8 for size in linear_sizes):
         raise ConfigError(f"{where}.group_size={group_size!r} must divide every projection's input size "
                           f"{sorted(set(linear_sizes))} (and those must be multiples of 8)")
     if architecture != "Qwen2ForCausalLM":
-        raise ConfigError(f"AWQ checkpoints of {architecture} are not supported yet; export the unquantized one")
-    return QuantConfig("awq", 4, group_size)
+        raise ConfigError(f"{method.upper()} checkpoints of {architecture} are not supported yet; export the "
+                          "unquantized one")
+    return QuantConfig(method, 4, group_size)
 
 
 def _rope(raw: dict[str, Any], max_positions: int) -> RopeConfig:

@@ -211,18 +211,16 @@ def write_weights(
         f.truncate(max((s.offset + s.length for s in slots.values()), default=0))
         for entry in entries:
             placement = plan[entry.name]
-            if placement is not None:
+            if placement is not None and placement.part not in (None, "scales"):
+                written.update(write_int4_part(f, entry, placement, slots, config))
+            elif placement is not None:
                 name = initializer_of.get(placement.parameter)
                 if placement.part is not None:
-                    name = int4.initializer_name(placement.parameter, placement.part)
+                    name = int4.initializer_name(placement.parameter, "scales")
                 if name not in slots:
                     raise ExportError(f"traced graph has no initializer for parameter {placement.parameter}")
                 base = slots[name].offset
-                if placement.part in ("qweight", "qzeros"):  # int32 words -> the same bytes, nibbles reordered
-                    for offset, chunk in read_chunks(entry):
-                        f.seek(base + offset * 4)
-                        f.write(int4.awq_words_to_uint4(chunk))
-                elif name in transposed:
+                if name in transposed:
                     _write_transposed(f, base, entry, dtype_of[name])
                 else:
                     itemsize = dtype_of[name].itemsize
@@ -242,6 +240,24 @@ def write_weights(
     unfilled = set(slots) - written
     if unfilled:
         raise ExportError(f"initializers with no source (an exporter change?): {sorted(unfilled)}")
+
+
+def write_int4_part(f, entry: TensorEntry, placement, slots: dict[str, Slot], config: Qwen2Config) -> list[str]:
+    """Repack one packed tensor of a quantized Linear into its graph initializer (the same byte count, at
+    the same byte offsets), in chunks of whole rows; returns the initializer it filled (none for g_idx,
+    which is only checked)."""
+    quantization = config.quantization
+    suffix = int4.LAYOUTS[quantization.method][placement.part].initializer
+    name = int4.initializer_name(placement.parameter, suffix) if suffix else None
+    base = slots[name].offset if name else 0
+    row_bytes = entry.shape[-1] * entry.dtype.itemsize
+    for offset, chunk in read_chunks(entry, max(row_bytes, CHUNK_BYTES // row_bytes * row_bytes)):
+        data = int4.repack(quantization.method, placement.part, chunk, offset, entry.shape, quantization.group_size,
+                           f"{entry.file.name}: {entry.name}")
+        if data is not None:
+            f.seek(base + offset * entry.dtype.itemsize)
+            f.write(data)
+    return [name] if name else []
 
 
 def _write_transposed(f, base: int, entry: TensorEntry, dtype: torch.dtype) -> None:

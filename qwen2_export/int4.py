@@ -1,10 +1,12 @@
-"""Int4 weights of AWQ checkpoints, carried into the portable graph bit for bit.
+"""Int4 weights of AWQ and GPTQ checkpoints, carried into the portable graph bit for bit.
 
-AutoAWQ's "gemm" layout for a Linear with K inputs, N outputs and groups of G inputs:
+For a Linear with K inputs, N outputs and groups of G inputs, W[k, n] = (q[k, n] - z[k // G, n]) * s[k // G, n]:
 
-    qweight  int32 [K, N/8]    8 codes per word, packed along the outputs in the order ORDER
-    qzeros   int32 [K/G, N/8]  zero points, packed the same way
-    scales   fp16  [K/G, N]    W[k, n] = (q[k, n] - z[k // G, n]) * s[k // G, n]
+    AutoAWQ "gemm"                              AutoGPTQ ("gptq" format, desc_act false)
+    qweight int32 [K, N/8]  along the outputs,  qweight int32 [K/8, N]  along the inputs, nibble j = row 8r + j
+                            nibble i = column 8c + ORDER[i]
+    qzeros  int32 [K/G, N/8] as qweight          qzeros  int32 [K/G, N/8] nibble j = column 8c + j, stored as z - 1
+    scales  fp16  [K/G, N]                       scales  fp16  [K/G, N];  g_idx int32 [K] = k // G (checked)
 
 The portable graph computes exactly that with standard ONNX (opset 21+):
 
@@ -13,31 +15,50 @@ The portable graph computes exactly that with standard ONNX (opset 21+):
     z  uint4 [K/G, N]┘
 
 ONNX packs uint4 two to a byte, the lower index in the low nibble, row-major: codes 8c .. 8c+7 of a
-row fill one 32-bit word with code 8c + j in nibble j. So repacking an AWQ word is a permutation
-of its nibbles, done chunk by chunk while streaming (no dequantization, no requantization).
-onnxruntime runs the pair as is and fuses it into MatMulNBits itself.
+row fill one 32-bit word with code 8c + j in nibble j. Repacking is therefore a permutation of
+nibbles (AWQ words), a transpose of 8 x 8 nibble blocks (GPTQ words) or adding the 1 back (GPTQ
+zeros), done chunk by chunk while streaming: no dequantization, no requantization. onnxruntime runs
+the pairs as they are and fuses them into MatMulNBits itself.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import onnx_ir as ir
 import torch
 
+from .errors import CheckpointError
+
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AWQ: nibble i of a word holds code 8c + ORDER[i]
 NATURAL_FROM_AWQ = tuple(ORDER.index(j) for j in range(8))  # code 8c + j sits in AWQ nibble [j]
-PARTS = {"qweight": torch.int32, "qzeros": torch.int32, "scales": torch.float16}  # the checkpoint's tensors
-SUFFIX = {"qweight": "int4", "qzeros": "zero_points", "scales": "scales"}  # of the graph's initializers
 
 
-def part_shape(part: str, weight_shape: tuple[int, ...], group_size: int) -> tuple[int, int]:
-    """The checkpoint tensor `part` of a Linear weight of shape [N, K] (transformers' layout)."""
-    n, k = weight_shape
-    return {"qweight": (k, n // 8), "qzeros": (k // group_size, n // 8), "scales": (k // group_size, n)}[part]
+@dataclass(frozen=True)
+class Part:
+    """One checkpoint tensor of a quantized Linear: its type, its shape from (N, K, G), and the suffix of
+    the graph initializer it fills (None: checked, not stored)."""
+
+    dtype: torch.dtype
+    shape: Callable[[int, int, int], tuple[int, ...]]
+    initializer: str | None
 
 
-def initializer_name(parameter: str, part: str) -> str:
-    return f"{parameter}.{SUFFIX[part]}"
+LAYOUTS = {
+    "awq": {"qweight": Part(torch.int32, lambda n, k, g: (k, n // 8), "int4"),
+            "qzeros": Part(torch.int32, lambda n, k, g: (k // g, n // 8), "zero_points"),
+            "scales": Part(torch.float16, lambda n, k, g: (k // g, n), "scales")},
+    "gptq": {"qweight": Part(torch.int32, lambda n, k, g: (k // 8, n), "int4"),
+             "qzeros": Part(torch.int32, lambda n, k, g: (k // g, n // 8), "zero_points"),
+             "scales": Part(torch.float16, lambda n, k, g: (k // g, n), "scales"),
+             "g_idx": Part(torch.int32, lambda n, k, g: (k,), None)},
+}
+
+
+def initializer_name(parameter: str, suffix: str) -> str:
+    return f"{parameter}.{suffix}"
 
 
 def awq_words_to_uint4(words: torch.Tensor) -> bytes:
@@ -49,6 +70,46 @@ def awq_words_to_uint4(words: torch.Tensor) -> bytes:
     return natural.astype("<u4").tobytes()
 
 
+def gptq_words_to_uint4(words: torch.Tensor, columns: int) -> bytes:
+    """Whole rows of GPTQ words [R, N] (8 input rows each) -> codes [8R, N] as ONNX uint4 bytes."""
+    packed = words.numpy().view(np.uint32).reshape(-1, columns)
+    codes = np.stack([(packed >> np.uint32(4 * j)) & np.uint32(0xF) for j in range(8)], axis=1)  # [R, 8, N]
+    codes = codes.reshape(-1, columns).astype(np.uint8)
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).tobytes()
+
+
+def gptq_zeros_to_uint4(words: torch.Tensor, where: str) -> bytes:
+    """GPTQ zero points (stored as z - 1, 8 per word in column order) -> z as ONNX uint4 bytes."""
+    packed = words.numpy().view(np.uint32)
+    nibbles = np.stack([(packed >> np.uint32(4 * j)) & np.uint32(0xF) for j in range(8)], axis=-1)
+    if (nibbles == 15).any():  # z = 16 does not fit 4 bits (AutoGPTQ adds the 1 back without wrapping)
+        raise CheckpointError(f"{where} holds a zero point of 16, which 4-bit zero points cannot carry; "
+                              "re-quantize with sym=True or zero points up to 15")
+    natural = sum((nibbles[..., j] + 1).astype(np.uint32) << np.uint32(4 * j) for j in range(8))
+    return np.asarray(natural, dtype="<u4").tobytes()
+
+
+def check_g_idx(values: torch.Tensor, first: int, group_size: int, where: str) -> None:
+    expected = np.arange(first, first + values.numel()) // group_size
+    if not np.array_equal(values.numpy(), expected):
+        raise CheckpointError(f"{where} does not map input k to group k // {group_size}: an act-order (desc_act) "
+                              "checkpoint, which is not supported; use one quantized with desc_act false")
+
+
+def repack(method: str, part: str, chunk: torch.Tensor, first: int, shape: tuple[int, ...], group_size: int,
+           where: str) -> bytes | None:
+    """The graph bytes of one chunk of a packed part, starting at element `first` of the checkpoint
+    tensor of `shape` (same byte offset in the graph initializer); None for a part only checked."""
+    if method == "awq":
+        return awq_words_to_uint4(chunk)
+    if part == "qweight":
+        return gptq_words_to_uint4(chunk, shape[1])
+    if part == "qzeros":
+        return gptq_zeros_to_uint4(chunk, where)
+    check_g_idx(chunk, first, group_size, where)
+    return None
+
+
 def dequantize_weights(graph: ir.Model, parameters: set[str], group_size: int) -> None:
     """Replace each weight initializer in `parameters` (stored [K, N]) with DequantizeLinear of three new
     initializers whose bytes the export writes later (placeholders until then)."""
@@ -56,8 +117,8 @@ def dequantize_weights(graph: ir.Model, parameters: set[str], group_size: int) -
         weight = graph.graph.initializers[name]
         k, n = weight.shape
         float_type = weight.dtype
-        codes = placeholder(initializer_name(name, "qweight"), ir.DataType.UINT4, (k, n))
-        zeros = placeholder(initializer_name(name, "qzeros"), ir.DataType.UINT4, (k // group_size, n))
+        codes = placeholder(initializer_name(name, "int4"), ir.DataType.UINT4, (k, n))
+        zeros = placeholder(initializer_name(name, "zero_points"), ir.DataType.UINT4, (k // group_size, n))
         scales = placeholder(initializer_name(name, "scales"), float_type, (k // group_size, n))
         node = ir.node("DequantizeLinear", [codes, scales, zeros], attributes={"axis": 0, "block_size": group_size},
                        name=f"{name}/DequantizeLinear")

@@ -68,7 +68,10 @@ def test_model_card_yarn_block_without_beta_fast_uses_defaults():
         ({"quantization_config": {"quant_method": "awq", "bits": 8, "group_size": 32}}, "bits=8"),
         ({"quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 48}}, "group_size=48"),
         ({"quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 32, "version": "gemv"}}, "gemm"),
-        ({"quantization_config": {"quant_method": "gptq", "bits": 4}}, "quant_method='gptq'"),
+        ({"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": True}}, "desc_act"),
+        ({"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 32, "checkpoint_format": "gptq_v2"}},
+         "checkpoint_format"),
+        ({"quantization_config": {"quant_method": "bitsandbytes"}}, "quant_method='bitsandbytes'"),
     ],
 )
 def test_bad_config_names_the_key(change, message):

@@ -100,10 +100,10 @@ def test_awq_int4_portable_graph_on_cuda_equals_the_dequantized_model(tmp_path_f
     fp32 float model holding the dequantized weights (CPU)."""
     import json
 
-    from qwen2_export.synthetic_awq import write_awq_checkpoint
+    from qwen2_export.synthetic_int4 import write_int4_checkpoint
 
     folder = tmp_path_factory.mktemp("awq-cuda")
-    weights = write_awq_checkpoint(folder / "checkpoint", variant="sliding_window", group_size=32)
+    weights = write_int4_checkpoint(folder / "checkpoint", "awq", variant="sliding_window", group_size=32)
     artifact = export_checkpoint(folder / "checkpoint", folder / "artifact", dtype="fp16")
     config = json.loads((folder / "checkpoint" / "config.json").read_text())
     config.pop("quantization_config")
