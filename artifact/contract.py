@@ -357,6 +357,22 @@ def write_manifest(artifact: Path, manifest: Manifest) -> Path:
     return path
 
 
+class NotAJsonObject(ValueError):
+    """A file that is not UTF-8 JSON holding an object; the message names the file and what is wrong."""
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in `path` (config, tokenizer config, manifest, index files of every stage);
+    NotAJsonObject when it is not UTF-8, not JSON or not an object; OSError passes through."""
+    try:
+        value = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise NotAJsonObject(f"{path} is not valid JSON ({error})") from error
+    if not isinstance(value, dict):
+        raise NotAJsonObject(f"{path} holds a JSON {type(value).__name__}, not a JSON object")
+    return value
+
+
 def read_manifest(artifact: str | Path) -> Manifest:
     """Parse ARTIFACT/manifest.json; raises ArtifactError when it is missing, malformed or of another
     format or version."""
@@ -364,13 +380,12 @@ def read_manifest(artifact: str | Path) -> Manifest:
     if not path.is_file():
         raise ArtifactError(f"{path} not found: pass an artifact folder written by `qwen2-onnx export`")
     try:
-        raw = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ArtifactError(f"{path} is not valid JSON ({error}); re-export the artifact") from error
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT or raw.get("format_version") not in READABLE_VERSIONS:
-        found = (raw.get("format"), raw.get("format_version")) if isinstance(raw, dict) else (None, None)
-        raise ArtifactError(f"{path} is format {found[0]!r} version {found[1]!r}; this version of qwen2-onnx reads "
-                            f"{FORMAT!r} versions {list(READABLE_VERSIONS)} (re-export with it)")
+        raw = read_json_object(path)
+    except NotAJsonObject as error:
+        raise ArtifactError(f"{error}; re-export the artifact") from error
+    if raw.get("format") != FORMAT or raw.get("format_version") not in READABLE_VERSIONS:
+        raise ArtifactError(f"{path} is format {raw.get('format')!r} version {raw.get('format_version')!r}; this "
+                            f"version of qwen2-onnx reads {FORMAT!r} versions {list(READABLE_VERSIONS)} (re-export with it)")
     try:
         manifest = Manifest.from_json(raw)
         check_types(manifest, Manifest, "manifest")

@@ -20,6 +20,8 @@ from typing import Any, Iterator
 
 import torch
 
+from artifact import contract
+
 from . import int4
 from .config import Qwen2Config
 from .errors import CheckpointError
@@ -63,8 +65,8 @@ def safetensors_files(checkpoint_dir: Path) -> list[Path]:
     index = checkpoint_dir / INDEX_FILE
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            weight_map = contract.read_json_object(index)["weight_map"]
+        except (contract.NotAJsonObject, KeyError, TypeError) as error:
             raise CheckpointError(f"{index} is malformed ({error}); it needs a 'weight_map' object") from error
         files = [checkpoint_dir / name for name in sorted(set(weight_map.values()))]
         missing = [f.name for f in files if not f.is_file()]
@@ -157,13 +159,14 @@ def read_chunks(entry: TensorEntry, chunk_bytes: int = CHUNK_BYTES) -> Iterator[
 _EXPERT = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
 
 
-def placement_of(name: str, config: Qwen2Config) -> Placement | None:
-    """Where a hub tensor goes; None for a tensor we deliberately drop (lm_head of a tied model)."""
+def placement_of(name: str, config: Qwen2Config, quantized: set[str]) -> Placement | None:
+    """Where a hub tensor goes; None for a tensor we deliberately drop (lm_head of a tied model).
+    `quantized`: the weights an int4 checkpoint stores as parts (quantized_parameters)."""
     if name == "lm_head.weight" and config.tie_word_embeddings:
         return None
     if config.quantization is not None:
         prefix, _, part = name.rpartition(".")
-        if part in int4.LAYOUTS[config.quantization.method] and f"{prefix}.weight" in quantized_parameters(config):
+        if part in int4.LAYOUTS[config.quantization.method] and f"{prefix}.weight" in quantized:
             return Placement(f"{prefix}.weight", 0, part)
     match = _EXPERT.fullmatch(name)
     if match is None:
@@ -194,9 +197,10 @@ def plan_placements(
     plan: dict[str, Placement | None] = {}
     unknown, wrong_shape = [], []
     filled = {name: 0 for name in parameter_shapes}
+    quantized = quantized_parameters(config)
     parts_seen: dict[str, set[str]] = {}  # int4 weights: which of their tensors the checkpoint has
     for entry in entries:
-        placement = placement_of(entry.name, config)
+        placement = placement_of(entry.name, config, quantized)
         plan[entry.name] = placement
         if placement is None:
             continue
@@ -217,7 +221,6 @@ def plan_placements(
             wrong_shape.append(f"{entry.name} {list(entry.shape)} (parameter {list(shape)})")
             continue
         filled[placement.parameter] += entry.numel
-    quantized = quantized_parameters(config)
     unfilled = [name for name, count in filled.items() if name not in quantized and count != _numel(parameter_shapes[name])]
     if quantized:
         parts = set(int4.LAYOUTS[config.quantization.method])

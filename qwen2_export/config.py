@@ -8,11 +8,12 @@ the key and what is supported.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from artifact import contract
 
 from .errors import ConfigError
 
@@ -115,11 +116,9 @@ def load_config(checkpoint_dir: str | Path) -> Qwen2Config:
     if not path.is_file():
         raise ConfigError(f"{path} not found: a Hugging Face checkpoint folder needs config.json")
     try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"{path} is not valid JSON ({error}); fix or re-download config.json") from error
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a JSON object")
+        raw = contract.read_json_object(path)
+    except contract.NotAJsonObject as error:
+        raise ConfigError(f"{error}; fix or re-download config.json") from error
     return parse_config(raw)
 
 

@@ -211,12 +211,13 @@ def write_weights(
         f.truncate(max((s.offset + s.length for s in slots.values()), default=0))
         for entry in entries:
             placement = plan[entry.name]
-            if placement is not None and placement.part not in (None, "scales"):
+            part = None if placement is None or placement.part is None else \
+                int4.LAYOUTS[config.quantization.method][placement.part]
+            if part is not None and not part.dtype.is_floating_point:  # packed codes, zero points; g_idx
                 written.update(write_int4_part(f, entry, placement, slots, config))
-            elif placement is not None:
-                name = initializer_of.get(placement.parameter)
-                if placement.part is not None:
-                    name = int4.initializer_name(placement.parameter, "scales")
+            elif placement is not None:  # floats, int4 scales included: cast into their slot
+                name = int4.initializer_name(placement.parameter, part.initializer) if part else \
+                    initializer_of.get(placement.parameter)
                 if name not in slots:
                     raise ExportError(f"traced graph has no initializer for parameter {placement.parameter}")
                 base = slots[name].offset

@@ -3,7 +3,6 @@ attention factor is a number, not a rule), the portable graph's entry and the to
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -105,9 +104,6 @@ def read_tokenizer(path: Path) -> Tokenizer:
 
 def read_json_object(path: Path) -> dict[str, Any]:
     try:
-        value = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{path} is not valid JSON ({error}); download it again") from error
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path} holds a JSON {type(value).__name__}, not an object; download it again")
-    return value
+        return contract.read_json_object(path)
+    except contract.NotAJsonObject as error:
+        raise CheckpointError(f"{error}; download it again") from error

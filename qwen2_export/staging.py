@@ -47,8 +47,8 @@ def is_ours(folder: Path) -> bool:
     if (folder / MARKER).is_file():
         return True
     try:
-        return json.loads((folder / contract.MANIFEST_FILE).read_text()).get("format") == contract.FORMAT
-    except (OSError, ValueError, AttributeError):
+        return contract.read_json_object(folder / contract.MANIFEST_FILE).get("format") == contract.FORMAT
+    except (OSError, ValueError):
         return False
 
 
@@ -100,7 +100,7 @@ def remove_stale_staging(parent: Path) -> Freed:
 
 def abandoned(folder: Path) -> bool:
     try:
-        owner = json.loads((folder / MARKER).read_text())
+        owner = contract.read_json_object(folder / MARKER)
         pid, host = int(owner["pid"]), owner["host"]
     except (OSError, ValueError, KeyError, TypeError):
         return False  # not ours, or not yet marked

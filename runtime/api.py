@@ -22,7 +22,7 @@ from .kv_cache import KVCache
 from .sampling import SAMPLING_OPTIONS, SamplingConfig, sampling_from_generation_config
 from .session import GraphSession, StepsFactory
 from .stream import TextStream
-from .tokenizer import TextTokenizer, checked_text
+from .tokenizer import TextTokenizer, utf8_size
 
 Prompt = Union[str, list[Message], list[int]]  # raw text, chat messages, or token ids
 WARM_UP_LIMIT = 8192  # onnxruntime's MoE kernel treats larger token counts like 8,192
@@ -105,7 +105,7 @@ class Model:
 
     def fitting(self, text: str) -> str:
         """`text`, unless even its fewest possible tokens leave no room for one new token."""
-        self.check_prompt_size(len(checked_text(text).encode("utf-8")))
+        self.check_prompt_size(utf8_size(text))
         return text
 
     def check_prompt_size(self, utf8_bytes: int) -> None:

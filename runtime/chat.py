@@ -83,12 +83,9 @@ def read_json(path: Path, required: bool = True) -> dict[str, Any]:
             raise RuntimeInputError(f"{path} is missing; re-export the artifact")
         return {}
     try:
-        value = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise RuntimeInputError(f"{path} is not valid JSON ({error}); re-export the artifact") from error
-    if not isinstance(value, dict):
-        raise RuntimeInputError(f"{path} holds a JSON {type(value).__name__}, not an object; re-export the artifact")
-    return value
+        return contract.read_json_object(path)
+    except contract.NotAJsonObject as error:
+        raise RuntimeInputError(f"{error}; re-export the artifact") from error
 
 
 def read_template(path: Path) -> str:

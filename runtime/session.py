@@ -81,7 +81,8 @@ def check_graph_io(session: ort.InferenceSession, graph: contract.GraphEntry, ma
         expected_type, expected_dims = spec.dtype, list(spec.dims)
         if spec.name.startswith((contract.PAST, contract.PRESENT)):  # the runtime allocates these from the facts
             expected_type = graph.activation_dtype or manifest.dtype
-            expected_dims[1:4:2] = [model.num_key_value_heads, model.head_dim] if len(expected_dims) == 4 else []
+            if len(expected_dims) == 4:  # other ranks are refused by the rank check below
+                expected_dims[1], expected_dims[3] = model.num_key_value_heads, model.head_dim
         static = [(have, want) for have, want in zip(arg.shape, expected_dims) if isinstance(want, int)] if arg else []
         if arg is None or arg.type != ORT_TYPES.get(spec.dtype) or arg.type != ORT_TYPES.get(expected_type) or \
                 len(arg.shape) != len(spec.dims) or any(have != want for have, want in static):

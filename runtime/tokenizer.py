@@ -52,10 +52,15 @@ def bytes_per_token(tokenizer: Tokenizer) -> int | None:
     return max(*regular, *added, 1) * shrink
 
 
-def checked_text(text: str) -> str:
-    """`text` if it is valid Unicode; arguments and files that were not UTF-8 arrive with lone surrogates."""
+def utf8_size(text: str) -> int:
+    """The UTF-8 size of `text`; RuntimeInputError when it is not valid Unicode (arguments and files that
+    were not UTF-8 arrive with lone surrogates)."""
     try:
-        text.encode("utf-8")
+        return len(text.encode("utf-8"))
     except UnicodeEncodeError as error:
         raise RuntimeInputError(f"the prompt is not valid UTF-8 (byte {error.start}); save it as UTF-8") from error
+
+
+def checked_text(text: str) -> str:
+    utf8_size(text)
     return text
