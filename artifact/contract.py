@@ -203,14 +203,26 @@ class RopeFacts:
     inv_freq_initializer: str = "model.rotary_emb.inv_freq"
 
 
+# The Linear modules of a layer that int4 artifacts hold quantized (AutoAWQ's and AutoGPTQ's choice for
+# Qwen2); embeddings, norms, lm_head, the MoE router and the shared-expert gate keep their float type.
+QUANTIZED_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
 @dataclass(frozen=True)
 class QuantFacts:
     """An int4 artifact: how its projection weights were quantized and how the portable graph holds them."""
 
-    method: str  # "awq"
+    method: str  # "awq", "gptq" (the checkpoint's codes, repacked) or "rtn" (quantized at export)
     bits: int
     group_size: int
-    weights: str = "DequantizeLinear"  # uint4 codes, scales and zero points, blocked along the inputs
+    weights: str = "DequantizeLinear"  # int4 codes, scales and zero points, blocked along the inputs
+    symmetric: bool = False  # int4 codes in [-8, 7] and no zero points; else uint4 codes and zero points
+    projections: tuple[str, ...] = QUANTIZED_PROJECTIONS  # the Linear modules of every layer held in int4
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> "QuantFacts":
+        return cls(**{**raw, "projections": tuple(raw.get("projections", QUANTIZED_PROJECTIONS))})
 
 
 @dataclass(frozen=True)
@@ -342,7 +354,7 @@ class Manifest:
             graphs=tuple(GraphEntry.from_json(g) for g in raw["graphs"]),
             tokenizer=TokenFacts(**{**tokens, "stop_token_ids": tuple(tokens["stop_token_ids"])}),
             files=records_from_json(raw.get("files", {})),
-            quantization=None if raw.get("quantization") is None else QuantFacts(**raw["quantization"]),
+            quantization=None if raw.get("quantization") is None else QuantFacts.from_json(raw["quantization"]),
             producer=raw.get("producer", PRODUCER),
         )
 

@@ -16,7 +16,6 @@ import onnx_ir as ir
 
 from artifact import contract, files
 
-from .errors import GraphError
 from .fusions import packed_matmul
 from .pipeline import PASSES, PassReport, optimize
 
@@ -24,16 +23,12 @@ TYPE_NAMES = {number: name for name, number in contract.ELEMENT_TYPES.items()}
 
 
 def optimize_artifact(artifact: str | Path, target: str, dtype: str | None = None,
-                      pack_gate_up: bool = True) -> contract.GraphEntry:
+                      pack_gate_up: bool = True, int4_accuracy: int | None = None) -> contract.GraphEntry:
     """Build `onnx/model_{target}.onnx` from the portable graph; returns the manifest's new graph entry.
     `pack_gate_up=False` computes gate and up with two GEMMs instead of one and a Split (faster prefill
-    of long prompts, slower decode on the H100: tools/gpu_notes.md)."""
+    of long prompts, slower decode on the H100: tools/gpu_notes.md). `int4_accuracy`: see pipeline.optimize."""
     artifact = Path(artifact)
     manifest = contract.read_manifest(artifact)
-    if manifest.quantization is not None:
-        raise GraphError(f"{artifact} holds int4 weights ({manifest.quantization.method}), which the fusion passes "
-                         "do not handle yet; run its portable graph (onnxruntime turns its DequantizeLinear + MatMul "
-                         "pairs into MatMulNBits itself)")
     portable = manifest.graph(contract.PORTABLE_GRAPH)
     if portable is None:
         raise contract.ArtifactError(f"{artifact} has no portable graph to optimize; re-export it")
@@ -41,7 +36,7 @@ def optimize_artifact(artifact: str | Path, target: str, dtype: str | None = Non
     files.check_files(artifact, portable.files)
     model = ir.load(files.inside(artifact, portable.file))
     passes = PASSES if pack_gate_up else tuple(p for p in PASSES if p is not packed_matmul.GATE_UP)
-    reports = optimize(model, manifest, target, dtype, passes)
+    reports = optimize(model, manifest, target, dtype, passes, int4_accuracy)
     graph_file = contract.graph_file(target)
     write_graph(model, artifact / graph_file, contract.data_file(target))
     folder = contract.GRAPH_FOLDER

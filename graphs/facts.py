@@ -29,6 +29,7 @@ class ModelFacts:
     inv_freq_initializer: str
     tied_embeddings: bool
     tokenizer_vocab_size: int  # ids the tokenizer can produce; embedding rows past it are padding
+    quantized_weights: int  # int4 Linear weights (DequantizeLinear + MatMul in the portable graph)
 
     @classmethod
     def from_manifest(cls, manifest: contract.Manifest) -> "ModelFacts":
@@ -41,6 +42,7 @@ class ModelFacts:
             normalize_routing=bool(moe and moe.norm_topk_prob), context_length=model.context_length,
             attention_factor=manifest.rope.attention_factor, inv_freq_initializer=manifest.rope.inv_freq_initializer,
             tied_embeddings=model.tie_word_embeddings, tokenizer_vocab_size=manifest.tokenizer.vocab_size,
+            quantized_weights=model.num_hidden_layers * len(manifest.quantization.projections) if manifest.quantization else 0,
         )
 
 
@@ -51,4 +53,5 @@ class PassFacts:
     model: ModelFacts
     lengths: AttentionLengths  # seqlens_k and the total-length input, made once before the passes
     float_type: str  # the target's float type (contract.FLOAT_TYPES): weights, activations and KV
+    int4_accuracy: int  # MatMulNBits accuracy_level (int4_matmul.EXACT or INT8_ACTIVATIONS)
     last_token_logits: bool = False  # the final norm and lm_head see one position per row

@@ -1,7 +1,7 @@
 """The only place that knows the pass order. Runs each pass as find -> check -> build, counts what
 fired, and fails when a count differs from what the model implies (one attention per layer, ...).
 
-    portable graph --GroupQueryAttention--> --last_token_logits--> --tied_lm_head--> --MoE--> --packed_qkv-->
+    portable graph --GroupQueryAttention--> --last_token_logits--> --tied_lm_head--> --MoE--> --MatMulNBits--> --packed_qkv-->
                    --packed_gate_up--> --SimplifiedLayerNormalization--> --SkipSimplifiedLayerNormalization-->
                    --precision--> --token_candidates--> optimized graph
 """
@@ -19,10 +19,10 @@ from .build import MS_DOMAIN, remove_unused
 from .errors import GraphError
 from .facts import TARGET_DTYPES, ModelFacts, PassFacts
 from .fusion import Fusion
-from .fusions import gqa, last_logits, moe, packed_matmul, precision, rms_norm, tied_lm_head, token_candidates
+from .fusions import gqa, int4_matmul, last_logits, moe, packed_matmul, precision, rms_norm, tied_lm_head, token_candidates
 
 PASSES: tuple[Fusion, ...] = (
-    gqa.FUSION, last_logits.FUSION, tied_lm_head.FUSION, moe.FUSION, packed_matmul.QKV, packed_matmul.GATE_UP,
+    gqa.FUSION, last_logits.FUSION, tied_lm_head.FUSION, moe.FUSION, int4_matmul.FUSION, packed_matmul.QKV, packed_matmul.GATE_UP,
     rms_norm.NORM, rms_norm.SKIP, precision.FUSION, token_candidates.FUSION,
 )
 
@@ -49,17 +49,22 @@ def run_pass(graph: ir.Graph, fusion: Fusion, facts: PassFacts) -> tuple[PassFac
 
 
 def optimize(model: ir.Model, manifest: contract.Manifest, target: str, dtype: str | None = None,
-             passes: tuple[Fusion, ...] = PASSES) -> list[PassReport]:
+             passes: tuple[Fusion, ...] = PASSES, int4_accuracy: int | None = None) -> list[PassReport]:
     """Rewrite the portable `model` in place for `target` ("cpu" or "cuda") with `passes` (a subset of
-    PASSES, in their order); returns the pass reports. Raises GraphError naming every pass whose count
-    differs from what the model implies."""
+    PASSES, in their order); returns the pass reports. `int4_accuracy`: MatMulNBits' accuracy_level for
+    int4 weights (default: int8 activations on CPU, where they are several times faster). Raises GraphError
+    naming every pass whose count differs from what the model implies."""
     if target not in TARGET_DTYPES:
         raise GraphError(f"target {target!r} is not supported; choose one of {sorted(TARGET_DTYPES)}")
     dtype = dtype or TARGET_DTYPES[target][0]
     if dtype not in TARGET_DTYPES[target]:
         raise GraphError(f"{target} graphs run {list(TARGET_DTYPES[target])} (GroupQueryAttention and MoE kernels); not {dtype}")
+    if int4_accuracy is None:
+        int4_accuracy = int4_matmul.INT8_ACTIVATIONS if target == "cpu" else int4_matmul.EXACT
+    if int4_accuracy not in int4_matmul.ACCURACY_LEVELS:
+        raise GraphError(f"int4 accuracy level {int4_accuracy} is not supported; choose one of {int4_matmul.ACCURACY_LEVELS}")
     graph = model.graph
-    facts = PassFacts(ModelFacts.from_manifest(manifest), attention_lengths(graph), dtype)
+    facts = PassFacts(ModelFacts.from_manifest(manifest), attention_lengths(graph), dtype, int4_accuracy)
     reports = []
     for fusion in passes:
         facts, report = run_pass(graph, fusion, facts)

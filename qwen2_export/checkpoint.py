@@ -181,13 +181,10 @@ def placement_of(name: str, config: Qwen2Config, quantized: set[str]) -> Placeme
 
 
 def quantized_parameters(config: Qwen2Config) -> set[str]:
-    """The weights an int4 checkpoint stores quantized: every attention and MLP projection (AutoAWQ's
-    choice for Qwen2); embeddings, norms and lm_head keep their float type."""
+    """The weights an int4 checkpoint stores quantized (contract.QUANTIZED_PROJECTIONS of every layer)."""
     if config.quantization is None:
         return set()
-    projections = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-    return {f"model.layers.{i}.{p}.weight" for i in range(config.num_hidden_layers) for p in projections}
+    return {f"model.layers.{i}.{p}.weight" for i in range(config.num_hidden_layers) for p in contract.QUANTIZED_PROJECTIONS}
 
 
 def plan_placements(
@@ -211,7 +208,8 @@ def plan_placements(
         if placement.part is not None:  # one of the three tensors of an int4 weight: filled once all are seen
             layout = int4.LAYOUTS[config.quantization.method][placement.part]
             expected = layout.shape(*shape, config.quantization.group_size)
-            if tuple(entry.shape) != expected or entry.dtype != layout.dtype:
+            dtype_fits = entry.dtype.is_floating_point if layout.dtype is None else entry.dtype == layout.dtype
+            if tuple(entry.shape) != expected or not dtype_fits:
                 wrong_shape.append(f"{entry.name} {list(entry.shape)} (expected {list(expected)})")
             else:
                 parts_seen.setdefault(placement.parameter, set()).add(placement.part)

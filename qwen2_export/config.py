@@ -9,7 +9,7 @@ the key and what is supported.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,11 +53,13 @@ class MoeConfig:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """An int4 checkpoint's quantization (qwen2_export/int4.py): zero points, groups along the input."""
+    """Int4 projections (qwen2_export/int4.py), groups along the input: an AWQ or GPTQ checkpoint's own, or
+    round to nearest at export ("rtn", `--quantize int4`)."""
 
-    method: str  # "awq" or "gptq"
+    method: str  # "awq", "gptq" or "rtn"
     bits: int
     group_size: int
+    symmetric: bool = False  # rtn only: int4 codes without zero points
 
 
 @dataclass(frozen=True)
@@ -193,6 +195,25 @@ def _architecture(raw: dict[str, Any]) -> str:
             f"(expected {ARCHITECTURES[architecture]!r})"
         )
     return architecture
+
+
+INT4_BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits takes powers of two from 16
+
+
+def round_to_nearest(config: Qwen2Config, block_size: int, symmetric: bool) -> Qwen2Config:
+    """The config of an export that quantizes every projection to int4 itself, block by block."""
+    if config.quantization is not None:
+        raise ConfigError(f"the checkpoint is already {config.quantization.method.upper()} int4; export it without --quantize")
+    if config.architecture != "Qwen2ForCausalLM":
+        raise ConfigError(f"--quantize int4 of {config.architecture} checkpoints is not supported yet (the experts need "
+                          "QMoE); export it in fp16 or bf16")
+    if block_size not in INT4_BLOCK_SIZES:
+        raise ConfigError(f"--block-size {block_size} is not supported; choose one of {list(INT4_BLOCK_SIZES)}")
+    inputs = {config.hidden_size, config.num_attention_heads * config.head_dim, config.intermediate_size}
+    if any(size % block_size for size in inputs):
+        raise ConfigError(f"--block-size {block_size} does not divide every projection's input size {sorted(inputs)}; "
+                          "choose a smaller block")
+    return replace(config, quantization=QuantConfig("rtn", 4, block_size, symmetric))
 
 
 def _quantization(raw: dict[str, Any], architecture: str, linear_sizes: tuple[int, ...]) -> QuantConfig | None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxscript.optimizer
@@ -30,7 +31,7 @@ from . import io_spec
 from . import staging as staging_area
 from . import int4
 from .checkpoint import CHUNK_BYTES, TensorEntry, list_tensors, plan_placements, quantized_parameters, read_chunks
-from .config import Qwen2Config, load_config
+from .config import Qwen2Config, load_config, round_to_nearest
 from .errors import CheckpointError, ExportError
 from .manifest import portable_manifest, token_facts
 from .model import build_model
@@ -57,8 +58,13 @@ def export_checkpoint(
     dtype: str = "fp32",
     force: bool = False,
     progress: Progress = lambda message: None,
+    quantize: str | None = None,
+    block_size: int = 32,
+    symmetric: bool = False,
 ) -> Path:
-    """Export `checkpoint_dir` to the artifact folder `output_dir`; returns its path.
+    """Export `checkpoint_dir` to the artifact folder `output_dir`; returns its path. `quantize="int4"`
+    rounds every projection to int4 per `block_size` inputs (with zero points unless `symmetric`) while
+    streaming; int4 checkpoints (AWQ, GPTQ) keep their own codes without it.
 
     Raises ConfigError / CheckpointError for a bad checkpoint, ExportError for an output it may not
     replace (without `force`, or not an artifact) or too little disk space, OSError naming `output_dir`
@@ -66,10 +72,14 @@ def export_checkpoint(
     """
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r} is not supported; choose one of {sorted(DTYPES)}")
+    if quantize not in (None, "int4"):
+        raise ExportError(f"--quantize {quantize!r} is not supported; choose int4")
     source, target = Path(checkpoint_dir), Path(output_dir)
     staging_area.check_output(source, target, force)
     missing = [name for name in contract.CHECKPOINT_FILES if not (source / name).is_file()]
     config = load_config(source)
+    if quantize:
+        config = round_to_nearest(config, block_size, symmetric)
     if missing:
         raise CheckpointError(f"{source} lacks {missing}; an artifact carries the tokenizer, copy those files in")
     tokens = token_facts(source)  # a broken tokenizer stops the export before any work
@@ -93,7 +103,7 @@ def export_checkpoint(
         quantized = quantized_parameters(config)  # int4 checkpoints: DequantizeLinear of [in, out] codes
         transposed = fold_weight_transposes(graph, _whole_parameters(plan, entries, aliases) | quantized)
         if quantized:
-            int4.dequantize_weights(graph, quantized, config.quantization.group_size)
+            int4.dequantize_weights(graph, quantized, config.quantization.group_size, config.quantization.symmetric)
         slots = lay_out(graph)
         data_path = staging / contract.GRAPH_FOLDER / DATA_FILE
         write_weights(data_path, graph, slots, transposed, aliases, entries, plan, config, progress)
@@ -213,7 +223,10 @@ def write_weights(
             placement = plan[entry.name]
             part = None if placement is None or placement.part is None else \
                 int4.LAYOUTS[config.quantization.method][placement.part]
-            if part is not None and not part.dtype.is_floating_point:  # packed codes, zero points; g_idx
+            if part is not None and part.dtype is None:  # a float weight quantized here
+                written.update(write_rtn_weight(f, entry, placement.parameter, slots, config.quantization,
+                                                dtype_of[int4.initializer_name(placement.parameter, int4.SCALES)]))
+            elif part is not None and not part.dtype.is_floating_point:  # packed codes, zero points; g_idx
                 written.update(write_int4_part(f, entry, placement, slots, config))
             elif placement is not None:  # floats, int4 scales included: cast into their slot
                 name = int4.initializer_name(placement.parameter, part.initializer) if part else \
@@ -261,6 +274,33 @@ def write_int4_part(f, entry: TensorEntry, placement, slots: dict[str, Slot], co
     return [name] if name else []
 
 
+def write_rtn_weight(f, entry: TensorEntry, parameter: str, slots: dict[str, Slot], quantization, scale_dtype: torch.dtype) -> list[str]:
+    """Quantize a float Linear weight [N, K] a band of whole rows (outputs) at a time and write each band's
+    codes, scales and zero points as columns of their [K, N] and [K / G, N] initializers."""
+    n, k = entry.shape
+    names = {suffix: int4.initializer_name(parameter, suffix) for suffix in (int4.CODES, int4.SCALES, int4.ZERO_POINTS)}
+    # a quarter chunk: quantizing holds an fp32 copy of the band and its codes (export's peak RSS);
+    # even: two uint4 columns a byte
+    band_rows = max(2, CHUNK_BYTES // 4 // (k * entry.dtype.itemsize) // 2 * 2)
+    for offset, chunk in read_chunks(entry, band_rows * k * entry.dtype.itemsize):
+        first = offset // k
+        band = int4.round_to_nearest(chunk.view(-1, k), quantization.group_size, quantization.symmetric, scale_dtype)
+        write_columns(f, slots[names[int4.CODES]].offset, n // 2, first // 2, int4.nibbles(band.codes.T))
+        scales = band.scales.t().contiguous().view(torch.uint8).numpy()  # [K / G, band rows * itemsize]
+        write_columns(f, slots[names[int4.SCALES]].offset, n * scale_dtype.itemsize, first * scale_dtype.itemsize, scales)
+        if band.zeros is not None:
+            write_columns(f, slots[names[int4.ZERO_POINTS]].offset, n // 2, first // 2, int4.nibbles(band.zeros.T))
+    return [name for name in names.values() if name in slots]
+
+
+def write_columns(f, base: int, row_bytes: int, first_byte: int, band: np.ndarray) -> None:
+    """Write the bytes `band` [R, b] into rows 0..R-1 of a row-major tensor at `base` whose rows are
+    `row_bytes` long, starting `first_byte` into each row."""
+    for row in range(band.shape[0]):
+        f.seek(base + row * row_bytes + first_byte)
+        f.write(np.ascontiguousarray(band[row]).data)
+
+
 def _write_transposed(f, base: int, entry: TensorEntry, dtype: torch.dtype) -> None:
     """Write a [rows, columns] tensor as [columns, rows], a band of whole rows at a time."""
     rows, columns = entry.shape
@@ -270,10 +310,8 @@ def _write_transposed(f, base: int, entry: TensorEntry, dtype: torch.dtype) -> N
         first_row = offset // columns
         band = chunk.view(-1, columns).t().to(dtype).contiguous()  # [columns, band rows]
         # flatten first: a band of one row stays a strided [columns, 1] view, which .view(uint8) refuses
-        data = band.flatten().view(torch.uint8).view(columns, -1).numpy()
-        for column in range(columns):
-            f.seek(base + (column * rows + first_row) * dtype.itemsize)
-            f.write(data[column].data)
+        write_columns(f, base, rows * dtype.itemsize, first_row * dtype.itemsize,
+                      band.flatten().view(torch.uint8).view(columns, -1).numpy())
 
 
 def derived_tensors(config: Qwen2Config) -> dict[str, torch.Tensor]:

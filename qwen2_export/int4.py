@@ -8,6 +8,11 @@ For a Linear with K inputs, N outputs and groups of G inputs, W[k, n] = (q[k, n]
     qzeros  int32 [K/G, N/8] as qweight          qzeros  int32 [K/G, N/8] nibble j = column 8c + j, stored as z - 1
     scales  fp16  [K/G, N]                       scales  fp16  [K/G, N];  g_idx int32 [K] = k // G (checked)
 
+`--quantize int4` ("rtn") computes codes from a float checkpoint, block by block along the inputs
+(round_to_nearest): with zero points, s = (max - min) / 15 and z = round(-min / s) over the block
+(its range widened to hold 0); symmetric, s = -w* / 8 for the block's value w* of largest magnitude,
+int4 codes in [-8, 7] and no zero points (as onnxruntime's own quantizer does).
+
 The portable graph computes exactly that with standard ONNX (opset 21+):
 
     q  uint4 [K, N] ─┐
@@ -38,22 +43,24 @@ NATURAL_FROM_AWQ = tuple(ORDER.index(j) for j in range(8))  # code 8c + j sits i
 
 @dataclass(frozen=True)
 class Part:
-    """One checkpoint tensor of a quantized Linear: its type, its shape from (N, K, G), and the suffix of
-    the graph initializer it fills (None: checked, not stored)."""
+    """One checkpoint tensor of a quantized Linear: its type (None: a float weight quantized at export), its
+    shape from (N, K, G), and the suffix of the graph initializer it fills (None: checked, or quantized)."""
 
-    dtype: torch.dtype
+    dtype: torch.dtype | None
     shape: Callable[[int, int, int], tuple[int, ...]]
     initializer: str | None
 
 
+CODES, SCALES, ZERO_POINTS = "int4", "scales", "zero_points"  # the initializers of one int4 weight
 LAYOUTS = {
-    "awq": {"qweight": Part(torch.int32, lambda n, k, g: (k, n // 8), "int4"),
-            "qzeros": Part(torch.int32, lambda n, k, g: (k // g, n // 8), "zero_points"),
-            "scales": Part(torch.float16, lambda n, k, g: (k // g, n), "scales")},
-    "gptq": {"qweight": Part(torch.int32, lambda n, k, g: (k // 8, n), "int4"),
-             "qzeros": Part(torch.int32, lambda n, k, g: (k // g, n // 8), "zero_points"),
-             "scales": Part(torch.float16, lambda n, k, g: (k // g, n), "scales"),
+    "awq": {"qweight": Part(torch.int32, lambda n, k, g: (k, n // 8), CODES),
+            "qzeros": Part(torch.int32, lambda n, k, g: (k // g, n // 8), ZERO_POINTS),
+            "scales": Part(torch.float16, lambda n, k, g: (k // g, n), SCALES)},
+    "gptq": {"qweight": Part(torch.int32, lambda n, k, g: (k // 8, n), CODES),
+             "qzeros": Part(torch.int32, lambda n, k, g: (k // g, n // 8), ZERO_POINTS),
+             "scales": Part(torch.float16, lambda n, k, g: (k // g, n), SCALES),
              "g_idx": Part(torch.int32, lambda n, k, g: (k,), None)},
+    "rtn": {"weight": Part(None, lambda n, k, g: (n, k), None)},
 }
 
 
@@ -74,8 +81,7 @@ def gptq_words_to_uint4(words: torch.Tensor, columns: int) -> bytes:
     """Whole rows of GPTQ words [R, N] (8 input rows each) -> codes [8R, N] as ONNX uint4 bytes."""
     packed = words.numpy().view(np.uint32).reshape(-1, columns)
     codes = np.stack([(packed >> np.uint32(4 * j)) & np.uint32(0xF) for j in range(8)], axis=1)  # [R, 8, N]
-    codes = codes.reshape(-1, columns).astype(np.uint8)
-    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).tobytes()
+    return nibbles(codes.reshape(-1, columns)).tobytes()
 
 
 def gptq_zeros_to_uint4(words: torch.Tensor, where: str) -> bytes:
@@ -110,16 +116,60 @@ def repack(method: str, part: str, chunk: torch.Tensor, first: int, shape: tuple
     return None
 
 
-def dequantize_weights(graph: ir.Model, parameters: set[str], group_size: int) -> None:
-    """Replace each weight initializer in `parameters` (stored [K, N]) with DequantizeLinear of three new
-    initializers whose bytes the export writes later (placeholders until then)."""
+@dataclass(frozen=True)
+class Quantized:
+    """A band of rows [n, K] of a Linear weight quantized: codes [n, K], scales and zero points [n, K / G]."""
+
+    codes: np.ndarray  # uint8 values 0..15, or int8 values -8..7 (symmetric)
+    scales: torch.Tensor  # in the graph's float type: the codes were computed with these rounded scales
+    zeros: np.ndarray | None
+
+
+def round_to_nearest(weight: torch.Tensor, group_size: int, symmetric: bool, scale_dtype: torch.dtype) -> Quantized:
+    """Quantize rows [n, K] of a float weight to int4, one scale (and zero point) per `group_size` inputs
+    (in place on one fp32 copy: this runs over every projection of the model)."""
+    n, k = weight.shape
+    blocks = weight.float().reshape(n, k // group_size, group_size)
+    if symmetric:
+        extreme = blocks.gather(2, blocks.abs().argmax(dim=2, keepdim=True))[..., 0]
+        scales = (extreme / -8).to(scale_dtype)
+        codes = blocks.div_(nonzero(scales)[..., None]).round_().clamp_(-8, 7).to(torch.int8)
+        return Quantized(codes.reshape(n, k).numpy(), scales, None)
+    low, high = torch.aminmax(blocks, dim=2)
+    low.clamp_(max=0)
+    high.clamp_(min=0)
+    scales = ((high - low) / 15).to(scale_dtype)
+    s = nonzero(scales)
+    zeros = torch.round(-low / s).clamp_(0, 15)
+    codes = blocks.div_(s[..., None]).add_(zeros[..., None]).round_().clamp_(0, 15).to(torch.uint8)
+    return Quantized(codes.reshape(n, k).numpy(), scales, zeros.to(torch.uint8).numpy())
+
+
+def nonzero(scales: torch.Tensor) -> torch.Tensor:
+    """fp32 scales to divide by: an all-zero block (scale 0) divides by 1 and gets codes at its zero point."""
+    s = scales.float()
+    s[s == 0] = 1.0
+    return s
+
+
+def nibbles(values: np.ndarray) -> np.ndarray:
+    """int4 or uint4 values [R, 2m] -> bytes [R, m] as ONNX packs them: two a byte, the lower index in the
+    low nibble."""
+    values = values.astype(np.uint8) & 0xF
+    return values[:, 0::2] | (values[:, 1::2] << 4)
+
+
+def dequantize_weights(graph: ir.Model, parameters: set[str], group_size: int, symmetric: bool = False) -> None:
+    """Replace each weight initializer in `parameters` (stored [K, N]) with DequantizeLinear of new
+    initializers whose bytes the export writes later (placeholders until then): uint4 codes and zero
+    points, or int4 codes alone (`symmetric`), and scales."""
     for name in sorted(parameters):
         weight = graph.graph.initializers[name]
         k, n = weight.shape
         float_type = weight.dtype
-        codes = placeholder(initializer_name(name, "int4"), ir.DataType.UINT4, (k, n))
-        zeros = placeholder(initializer_name(name, "zero_points"), ir.DataType.UINT4, (k // group_size, n))
-        scales = placeholder(initializer_name(name, "scales"), float_type, (k // group_size, n))
+        codes = placeholder(initializer_name(name, CODES), ir.DataType.INT4 if symmetric else ir.DataType.UINT4, (k, n))
+        zeros = None if symmetric else placeholder(initializer_name(name, ZERO_POINTS), ir.DataType.UINT4, (k // group_size, n))
+        scales = placeholder(initializer_name(name, SCALES), float_type, (k // group_size, n))
         node = ir.node("DequantizeLinear", [codes, scales, zeros], attributes={"axis": 0, "block_size": group_size},
                        name=f"{name}/DequantizeLinear")
         node.outputs[0].name, node.outputs[0].dtype, node.outputs[0].shape = f"{name}.dequantized", float_type, ir.Shape([k, n])
@@ -128,7 +178,8 @@ def dequantize_weights(graph: ir.Model, parameters: set[str], group_size: int) -
         graph.graph.insert_before(first_use, node)
         del graph.graph.initializers[name]
         for value in (codes, zeros, scales):
-            graph.graph.register_initializer(value)
+            if value is not None:
+                graph.graph.register_initializer(value)
 
 
 def placeholder(name: str, dtype: ir.DataType, shape: tuple[int, int]) -> ir.Value:

@@ -33,7 +33,8 @@ def portable_manifest(artifact: Path, config: Qwen2Config, dtype: torch.dtype,
         architecture=config.architecture, model_type=config.model_type, dtype=io_spec.DTYPE_NAMES[dtype],
         model=model_facts(config), rope=rope_facts(config), graphs=(portable,), tokenizer=tokens,
         quantization=None if config.quantization is None else contract.QuantFacts(
-            config.quantization.method, config.quantization.bits, config.quantization.group_size),
+            config.quantization.method, config.quantization.bits, config.quantization.group_size,
+            symmetric=config.quantization.symmetric),
         files={name: contract.FileRecord.of(artifact / name)
                for name in contract.CHECKPOINT_FILES + contract.OPTIONAL_CHECKPOINT_FILES if (artifact / name).is_file()},
     )

@@ -37,29 +37,24 @@ def run_export(args: argparse.Namespace) -> None:
     from qwen2_export.export import export_checkpoint
 
     quiet_torch_exporter()
-    artifact = export_checkpoint(args.checkpoint, args.output, dtype=args.dtype, force=args.force, progress=say)
+    artifact = export_checkpoint(args.checkpoint, args.output, dtype=args.dtype, force=args.force, progress=say,
+                                 quantize=args.quantize, block_size=args.block_size, symmetric=args.symmetric)
     if args.dtype == "bf16" and "cpu" not in args.target:
         say("note: onnxruntime has no bf16 kernels for the CPU, so this artifact runs on CUDA only; for a CPU add "
             f"its CPU graph: qwen2-onnx optimize {artifact} --target cpu")
-    from artifact import contract
-
-    if args.target and contract.read_manifest(artifact).quantization is not None:
-        say("note: int4 artifacts have only the portable graph so far (no --target graphs); onnxruntime turns "
-            "its DequantizeLinear + MatMul pairs into MatMulNBits when it loads it")
-        return
     for target in args.target:
-        optimize_and_report(artifact, target, None, True)
+        optimize_and_report(artifact, target, None, True, args.int4_accuracy_level)
 
 
-def optimize_and_report(artifact: Path, target: str, dtype: str | None, pack_gate_up: bool) -> None:
+def optimize_and_report(artifact: Path, target: str, dtype: str | None, pack_gate_up: bool, int4_accuracy: int | None) -> None:
     from graphs.artifact import optimize_artifact
 
-    entry = optimize_artifact(artifact, target, dtype, pack_gate_up)
-    say(f"optimized for {target}: {entry.file} (" + ", ".join(f"{p.name} x{p.fired}" for p in entry.passes) + ")")
+    entry = optimize_artifact(artifact, target, dtype, pack_gate_up, int4_accuracy)
+    say(f"optimized for {target}: {entry.file} (" + ", ".join(f"{p.name} x{p.fired}" for p in entry.passes if p.fired) + ")")
 
 
 def run_optimize(args: argparse.Namespace) -> None:
-    optimize_and_report(args.artifact, args.target, args.dtype, not args.separate_gate_up)
+    optimize_and_report(args.artifact, args.target, args.dtype, not args.separate_gate_up, args.int4_accuracy_level)
 
 
 def run_verify(args: argparse.Namespace) -> None:
@@ -237,6 +232,12 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser(prog: str = "qwen2-onnx", commands: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The parser for `commands` (default: all)."""
+    def add_int4_accuracy(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--int4-accuracy-level", type=int, choices=[1, 4], metavar="{1,4}",
+                             help="int4 artifacts: 4 lets the CPU graph quantize activations to int8 per block "
+                                  "(its default: several times faster, ~1e-2 relative error); 1 keeps them float (exact). "
+                                  "CUDA computes in float either way")
+
     parser = argparse.ArgumentParser(prog=prog, description="Export and run Qwen2-family models with ONNX.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -254,6 +255,13 @@ def build_parser(prog: str = "qwen2-onnx", commands: Sequence[str] | None = None
         export.add_argument("--force", action="store_true", help="replace an existing artifact folder")
         export.add_argument("--target", action="append", choices=["cpu", "cuda"], default=[],
                             help="also write the graph optimized for this device (repeatable)")
+        export.add_argument("--quantize", choices=["int4"],
+                            help="round every attention and MLP projection to int4 per block of inputs while streaming "
+                                 "(embeddings, norms and lm_head keep --dtype); AWQ and GPTQ checkpoints are int4 without it")
+        export.add_argument("--block-size", type=int, default=32, choices=[16, 32, 64, 128, 256],
+                            help="--quantize: inputs per scale (default 32)")
+        export.add_argument("--symmetric", action="store_true", help="--quantize: no zero points (codes -8..7)")
+        add_int4_accuracy(export)
     if optimize := add("optimize", run_optimize, "add the graph optimized for a device to an artifact"):
         optimize.add_argument("artifact")
         optimize.add_argument("--target", choices=["cpu", "cuda"], required=True)
@@ -262,6 +270,7 @@ def build_parser(prog: str = "qwen2-onnx", commands: Sequence[str] | None = None
         optimize.add_argument("--separate-gate-up", action="store_true",
                               help="gate and up as two GEMMs instead of one GEMM + Split: faster prefill of long "
                                    "prompts, slower decode (Qwen2-7B shapes on an H100: 4,096-token prefill -10%%, decode +4%%)")
+        add_int4_accuracy(optimize)
     if verify := add("verify", run_verify, "check every file of an artifact against the manifest's sizes and sha256"):
         verify.add_argument("artifact")
     if inspect := add("inspect", run_inspect, "print each graph's op histogram, inputs and outputs"):

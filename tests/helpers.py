@@ -86,12 +86,13 @@ def prefill_and_decode(model, config, ids: torch.Tensor, prefill: int) -> list[t
 NUMPY_TYPES = {"float32": np.float32, "float16": np.float16}
 
 
-def open_session(artifact: Path) -> tuple[ort.InferenceSession, dict]:
-    """CPU session with onnxruntime's own graph rewrites off, so nothing hides what we exported."""
+def open_session(artifact: Path, graph: int = 0) -> tuple[ort.InferenceSession, dict]:
+    """CPU session for the manifest's graph number `graph` (0: portable) with onnxruntime's own graph
+    rewrites off, so nothing hides what we exported."""
     manifest = json.loads((artifact / contract.MANIFEST_FILE).read_text())
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    graph = artifact / manifest["graphs"][0]["file"]
+    graph = artifact / manifest["graphs"][graph]["file"]
     return ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"]), manifest
 
 
@@ -135,6 +136,37 @@ def greedy(session, manifest: dict, prompt: list[int], steps: int) -> tuple[list
         ids = np.array([[tokens[-1]]], dtype=np.int64)
         position = np.array([[total]], dtype=np.int64)
     return tokens, rows
+
+
+def last_logits_per_step(session, manifest, ids: np.ndarray, prefill: int) -> list[np.ndarray]:
+    """Batch-1 prefill then single-token steps, feeding present.* back as past (both graphs accept it)."""
+    past_type = next(i.type for i in session.get_inputs() if i.name.startswith("past"))
+    cache = {name: value.astype(np.float16 if "float16" in past_type else np.float32)
+             for name, value in empty_cache(manifest, 1).items()}
+    logits, cache = run_step(session, cache, ids[:, :prefill], np.ones((1, prefill), np.int64), np.arange(prefill)[None])
+    rows = [logits[:, -1]]
+    for position in range(prefill, ids.shape[1]):
+        logits, cache = run_step(session, cache, ids[:, position : position + 1], np.ones((1, position + 1), np.int64),
+                                 np.array([[position]]))
+        rows.append(logits[:, -1])
+    return [row.astype(np.float32) for row in rows]
+
+
+def dequantized_from_graph(artifact: Path) -> dict[str, torch.Tensor]:
+    """The projection weights the portable graph holds, dequantized by ONNX's rule in numpy: [N, K] each."""
+    import onnx_ir as ir
+
+    graph = ir.load(artifact / "onnx/model.onnx").graph
+    weights = {}
+    for node in graph:
+        if node.op_type == "DequantizeLinear":
+            codes, scales, zeros = (list(node.inputs) + [None])[:3]
+            block = node.attributes["block_size"].value
+            q = codes.const_value.numpy().astype(np.float64)
+            z = 0 if zeros is None else np.repeat(zeros.const_value.numpy().astype(np.float64), block, axis=0)
+            s = np.repeat(scales.const_value.numpy().astype(np.float64), block, axis=0)
+            weights[codes.name.removesuffix(".int4")] = torch.from_numpy(((q - z) * s).T.astype(np.float32))
+    return weights
 
 
 class SyncStream:

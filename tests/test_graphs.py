@@ -26,7 +26,7 @@ from runtime.cuda_graph import CapturedSteps, PipelinedSteps, captured_prompt_bu
 from runtime.padding import RightPadding
 
 from conftest import VARIANTS
-from helpers import PROMPTS, SyncStream, counting_steps, empty_cache, open_session, run_step, transformers_generate, with_stop_tokens
+from helpers import PROMPTS, SyncStream, counting_steps, last_logits_per_step, open_session, transformers_generate, with_stop_tokens
 
 TOLERANCE = 1e-4  # fp32, fused graph vs portable graph
 
@@ -49,20 +49,6 @@ def session_for(path: Path) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def last_logits_per_step(session, manifest, ids: np.ndarray, prefill: int) -> list[np.ndarray]:
-    """Batch-1 prefill then single-token steps, feeding present.* back as past (both graphs accept it)."""
-    past_type = next(i.type for i in session.get_inputs() if i.name.startswith("past"))
-    cache = {name: value.astype(np.float16 if "float16" in past_type else np.float32)
-             for name, value in empty_cache(manifest, 1).items()}
-    logits, cache = run_step(session, cache, ids[:, :prefill], np.ones((1, prefill), np.int64), np.arange(prefill)[None])
-    rows = [logits[:, -1]]
-    for position in range(prefill, ids.shape[1]):
-        logits, cache = run_step(session, cache, ids[:, position : position + 1], np.ones((1, position + 1), np.int64),
-                                 np.array([[position]]))
-        rows.append(logits[:, -1])
-    return [row.astype(np.float32) for row in rows]
 
 
 def assert_same_numbers(artifact: Path, fused: Path, tolerance: float = TOLERANCE) -> None:

@@ -14,12 +14,15 @@ import torch
 
 from artifact import contract
 from graphs.artifact import optimize_artifact
-from graphs.errors import GraphError
+from graphs.fusions.int4_matmul import EXACT, INT8_ACTIVATIONS
 from qwen2_export.errors import CheckpointError
 from qwen2_export.export import export_checkpoint
-from qwen2_export.int4 import awq_words_to_uint4, gptq_words_to_uint4, gptq_zeros_to_uint4
+from qwen2_export.int4 import awq_words_to_uint4, gptq_words_to_uint4, gptq_zeros_to_uint4, round_to_nearest
+from qwen2_export.synthetic import tiny_config, write_checkpoint
 from qwen2_export.synthetic_int4 import pack_awq, pack_columns, pack_rows, write_int4_checkpoint
 from runtime import Model
+
+from helpers import dequantized_from_graph, last_logits_per_step, load_reference, open_session
 
 
 @pytest.fixture(scope="module", params=["awq", "gptq"])
@@ -99,10 +102,50 @@ def test_logits_equal_the_dequantized_model_fused_or_not(int4, optimize):
     assert np.abs(ours - expected).max() <= 1e-4 * np.abs(expected).max()
 
 
-def test_optimize_refuses_int4_artifacts_with_the_way_out(int4, tmp_path):
-    artifact = Path(shutil.copytree(int4[1], tmp_path / "artifact"))
-    with pytest.raises(GraphError, match="portable graph"):
-        optimize_artifact(artifact, "cpu")
+@pytest.fixture(scope="module", params=[EXACT, INT8_ACTIVATIONS])
+def optimized(request, int4, tmp_path_factory) -> tuple[Path, Path, dict[str, torch.Tensor], int]:
+    """An int4 artifact with its CPU graph at one MatMulNBits accuracy level."""
+    checkpoint, artifact, weights = int4
+    copy = Path(shutil.copytree(artifact, tmp_path_factory.mktemp("optimized") / "artifact"))
+    optimize_artifact(copy, "cpu", int4_accuracy=request.param)
+    return checkpoint, copy, weights, request.param
+
+
+def test_the_cpu_graph_runs_packed_matmulnbits(optimized):
+    _, artifact, _, level = optimized
+    graph = onnx.load(str(artifact / "onnx/model_cpu.onnx"), load_external_data=False).graph
+    nbits = [node for node in graph.node if node.op_type == "MatMulNBits"]
+    # per layer: packed q/k/v, o_proj, packed gate/up, down_proj; lm_head and embeddings stay float
+    assert len(nbits) == 2 * 4 and not [node for node in graph.node if node.op_type == "DequantizeLinear"]
+    attributes = [{a.name: onnx.helper.get_attribute_value(a) for a in node.attribute} for node in nbits]
+    assert {(a["bits"], a["block_size"], a["accuracy_level"]) for a in attributes} == {(4, 32, level)}
+    assert sorted(a["N"] for a in attributes) == sorted([64 + 2 * 32, 64, 2 * 128, 64] * 2)
+
+
+def test_the_cpu_graph_equals_the_dequantized_model(optimized):
+    """Accuracy level 1: the float model's logits to rounding and its 32 greedy tokens. Level 4 (int8
+    activations per block): logits within 3% of their range, every greedy token in the reference's top 3."""
+    checkpoint, artifact, weights, level = optimized
+    reference = reference_model(checkpoint, weights)
+    session, manifest = open_session(artifact, graph=1)
+    ids = np.random.default_rng(5).integers(0, 456, size=(1, 14))
+    ours = np.stack(last_logits_per_step(session, manifest, ids, prefill=10))[:, 0]
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(ids)).logits.numpy()[0, 9:]
+    error = np.abs(ours - expected).max() / np.abs(expected).max()
+    assert error <= (1e-5 if level == EXACT else 3e-2), error
+
+    prompt = [1, 5, 9, 33, 100, 7, 250, 18]
+    model = Model.load(artifact)
+    assert model.session.graph.name == contract.optimized_graph_name("cpu")
+    tokens = model.generate(prompt, max_new_tokens=32, greedy=True, repetition_penalty=1.0, ignore_eos=True).output_ids
+    with torch.no_grad():
+        rows = reference(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1]
+    rows = rows[:, : model.manifest.tokenizer.vocab_size]
+    if level == EXACT:
+        assert tokens == rows.argmax(-1).tolist()
+    else:  # teacher-forced on our own tokens: each is among the reference's three best there
+        assert all(token in top for token, top in zip(tokens, rows.topk(3).indices.tolist(), strict=True))
 
 
 def test_a_missing_quantized_tensor_is_named(int4, tmp_path):
@@ -116,9 +159,93 @@ def test_a_missing_quantized_tensor_is_named(int4, tmp_path):
         export_checkpoint(checkpoint, tmp_path / "out")
 
 
-def test_export_with_targets_says_int4_has_only_the_portable_graph(int4, tmp_path, capsys):
+def test_export_with_targets_writes_the_int4_graphs(int4, tmp_path, capsys):
     from qwen2_onnx.cli import main
 
-    assert main(["export", str(int4[0]), "-o", str(tmp_path / "out"), "--target", "cpu"]) == 0
-    assert "only the portable graph" in capsys.readouterr().err
-    assert [g.name for g in contract.read_manifest(tmp_path / "out").graphs] == [contract.PORTABLE_GRAPH]
+    assert main(["export", str(int4[0]), "-o", str(tmp_path / "out"), "--target", "cpu", "--target", "cuda",
+                 "--int4-accuracy-level", "1"]) == 0
+    assert "MatMulNBits x14" in capsys.readouterr().err
+    graphs = contract.read_manifest(tmp_path / "out").graphs
+    assert [g.name for g in graphs] == [contract.PORTABLE_GRAPH, "optimized-cpu", "optimized-cuda"]
+
+
+# ---- --quantize int4: round to nearest while streaming ----
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_round_to_nearest_is_within_half_a_step(symmetric):
+    weight = torch.randn(6, 64) * torch.linspace(0.1, 3, 64)
+    weight[0, :32] = 0  # an all-zero block keeps its zeros
+    band = round_to_nearest(weight.to(torch.float16), 32, symmetric, torch.float16)
+    scales = band.scales.float().repeat_interleave(32, dim=1)
+    zeros = 0 if symmetric else torch.from_numpy(band.zeros).float().repeat_interleave(32, dim=1)
+    codes = torch.from_numpy(band.codes.astype(np.float32))
+    assert codes.min() >= (-8 if symmetric else 0) and codes.max() <= (7 if symmetric else 15)
+    error = (weight.half().float() - (codes - zeros) * scales).abs()
+    # symmetric: the block's largest magnitude is exact at -8; its opposite, at +8, is clipped to 7 (one step)
+    assert (error <= scales.abs() * (1.0 if symmetric else 0.5) + 1e-3).all()
+    assert error[0, :32].max() == 0
+
+
+@pytest.fixture(scope="module", params=[(32, False), (16, True)], ids=["block32", "block16-symmetric"])
+def rtn(request, tmp_path_factory) -> tuple[Path, Path]:
+    """A float fp16 checkpoint and its --quantize int4 export with an exact CPU graph."""
+    folder = tmp_path_factory.mktemp("rtn")
+    write_checkpoint(folder / "checkpoint", tiny_config("sliding_window"), seed=0, dtype=torch.float16)
+    block, symmetric = request.param
+    artifact = export_checkpoint(folder / "checkpoint", folder / "artifact", quantize="int4", block_size=block,
+                                 symmetric=symmetric)
+    optimize_artifact(artifact, "cpu", int4_accuracy=EXACT)
+    return folder / "checkpoint", artifact
+
+
+def test_rtn_graphs_compute_exactly_the_codes_they_hold(rtn):
+    """Both graphs against transformers holding the weights dequantized from the stored codes."""
+    checkpoint, artifact = rtn
+    manifest = contract.read_manifest(artifact)
+    assert (manifest.quantization.method, manifest.quantization.group_size) in {("rtn", 32), ("rtn", 16)}
+    reference = load_reference(checkpoint)
+    stored = dequantized_from_graph(artifact)
+    assert len(stored) == 2 * 7
+    reference.load_state_dict(stored, strict=False)
+    ids = np.random.default_rng(6).integers(0, 456, size=(1, 14))
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(ids)).logits.numpy()[0, 9:]
+    for graph in (0, 1):
+        session, raw = open_session(artifact, graph=graph)
+        ours = np.stack(last_logits_per_step(session, raw, ids, prefill=10))[:, 0]
+        assert np.abs(ours - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_rtn_greedy_tokens_stay_in_the_float_models_top3(rtn):
+    """Against the unquantized checkpoint, 32 greedy tokens teacher-forced: each among the float model's
+    three best; the logits error (int4 on random weights) is bounded, not zero."""
+    checkpoint, artifact = rtn
+    model = Model.load(artifact)
+    prompt = [1, 5, 9, 33, 100, 7, 250, 18]
+    tokens = model.generate(prompt, max_new_tokens=32, greedy=True, repetition_penalty=1.0, ignore_eos=True).output_ids
+    reference = load_reference(checkpoint)
+    with torch.no_grad():
+        rows = reference(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1, : model.manifest.tokenizer.vocab_size]
+    assert all(token in top for token, top in zip(tokens, rows.topk(3).indices.tolist(), strict=True))
+    ours = np.stack(last_logits_per_step(*open_session(artifact, graph=1), np.array([prompt + tokens]), prefill=8))[:, 0]
+    error = np.abs(ours[:-1, : rows.shape[1]] - rows.numpy()).max() / rows.abs().max().item()
+    assert 0 < error < 0.3, error
+
+
+@pytest.mark.parametrize("case, message", [
+    ("awq", "already AWQ int4"),
+    ("moe", "not supported yet"),
+    ("block", "does not divide"),
+])
+def test_quantize_refusals_name_the_fix(case, message, int4, tmp_path):
+    from qwen2_export.errors import ConfigError
+
+    if case == "awq":
+        checkpoint, block = int4[0], 32
+        if "gptq" in str(checkpoint):
+            message = "already GPTQ int4"
+    else:
+        checkpoint, block = tmp_path / "checkpoint", 256 if case == "block" else 32
+        write_checkpoint(checkpoint, tiny_config("moe_shared" if case == "moe" else "sliding_window"), seed=0)
+    with pytest.raises(ConfigError, match=message):
+        export_checkpoint(checkpoint, tmp_path / "out", quantize="int4", block_size=block)
+    assert not (tmp_path / "out").exists()

@@ -5,6 +5,7 @@ memory), exports it in a child process and reports the child's peak RSS beside t
 
     python tools/export_memory.py --shape qwen2-7b --workdir /tmp/memcheck
     python tools/export_memory.py --shape qwen2-57b-a14b --layers 4 --workdir /tmp/memcheck
+    python tools/export_memory.py --shape qwen2-7b --quantize int4 --target cpu --workdir /tmp/memcheck
 
 Needs free disk for the checkpoint and the artifact (about 31 GB for Qwen2-7B in bf16). Folders are
 removed afterwards unless --keep.
@@ -64,6 +65,10 @@ def main() -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="checkpoint and export dtype")
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--quantize", choices=["int4"], help="export with --quantize int4 (round to nearest)")
+    parser.add_argument("--block-size", type=int, default=32, help="--quantize: inputs per scale")
+    parser.add_argument("--target", action="append", default=[], choices=["cpu", "cuda"],
+                        help="also write this optimized graph (part of the measured export)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint and artifact folders")
     parser.add_argument("--check", action="store_true", help="afterwards run the artifact on onnxruntime CPU "
                         "against the torch model (fp16/fp32 only; needs about 3x the checkpoint in memory)")
@@ -73,7 +78,8 @@ def main() -> None:
     if args.layers:
         config["num_hidden_layers"] = config["max_window_layers"] = args.layers
     name = f"{args.shape}-{config['num_hidden_layers']}l-{args.dtype}"
-    checkpoint, artifact = args.workdir / f"{name}-checkpoint", args.workdir / f"{name}-artifact"
+    suffix = f"-int4-b{args.block_size}" if args.quantize else ""
+    checkpoint, artifact = args.workdir / f"{name}-checkpoint", args.workdir / f"{name}{suffix}-artifact"
     args.workdir.mkdir(parents=True, exist_ok=True)
     try:
         if not (checkpoint / "config.json").is_file():
@@ -82,7 +88,9 @@ def main() -> None:
             print(f"synthesised {checkpoint} in {time.monotonic() - started:.0f}s", file=sys.stderr)
         started = time.monotonic()
         command = [sys.executable, "-m", "qwen2_onnx", "export", str(checkpoint), "-o", str(artifact),
-                   "--dtype", args.dtype, "--force"]
+                   "--dtype", args.dtype, "--force", *(f"--target={t}" for t in args.target)]
+        if args.quantize:
+            command += ["--quantize", args.quantize, "--block-size", str(args.block_size)]
         subprocess.run(command, check=True)
         wall = time.monotonic() - started
         peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux reports KiB
@@ -90,6 +98,8 @@ def main() -> None:
             "shape": args.shape,
             "layers": config["num_hidden_layers"],
             "dtype": args.dtype,
+            "quantize": f"{args.quantize} block {args.block_size}" if args.quantize else None,
+            "targets": args.target,
             "checkpoint_gb": round(folder_bytes(checkpoint) / 1e9, 2),
             "artifact_gb": round(folder_bytes(artifact) / 1e9, 2),
             "export_peak_rss_gib": round(peak_rss / 2**30, 2),

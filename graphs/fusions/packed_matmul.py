@@ -12,6 +12,8 @@ gate/up of a SwiGLU MLP:
     x --MatMul Wu--> u --------┴--> Mul   becomes
 
 Weights are concatenated along the output axis as [in, out]; GQA accepts packed QKV [B, S, (H + 2 Hkv) Dh].
+Int4 weights (MatMulNBits) are concatenated the same way: their codes, scales and zero points are stored
+per output row, so packing stacks rows and the result is one MatMulNBits with N the sum.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from ..build import add_initializer, add_node, constant, replace_value
+from ..build import MS_DOMAIN, add_initializer, add_node, constant, replace_value
 from ..facts import PassFacts
 from ..fusion import Fusion
-from ..linear import Linear, linear_producing
+from ..linear import Linear, linear_producing, same_kind
 from ..regions import node_path
 
 NAME = "packed_qkv"
@@ -39,18 +41,38 @@ class Packing:
 
 
 def _pack(graph: ir.Graph, packing: Packing) -> ir.Value:
-    """One MatMul (+ one Add) computing every linear's output side by side."""
+    """One MatMul or MatMulNBits (+ one Add) computing every linear's output side by side."""
     linears = packing.linears
     x = linears[0].input
     width = sum(l.out_features for l in linears)
-    dtype = linears[0].weight.dtype
-    weight = add_initializer(graph, f"{packing.name}/weight", dtype, (linears[0].in_features, width),
-                             lambda: np.concatenate([l.weight_in_out()() for l in linears], axis=1))
-    (out,) = add_node(graph, "MatMul", [x, weight], name=f"{packing.name}/MatMul")
+    dtype = linears[0].weight.dtype if linears[0].nbits is None else linears[0].nbits.inputs[2].dtype
+    if linears[0].nbits is not None:
+        out = _pack_nbits(graph, packing.name, linears, width)
+    else:
+        weight = add_initializer(graph, f"{packing.name}/weight", dtype, (linears[0].in_features, width),
+                                 lambda: np.concatenate([l.weight_in_out()() for l in linears], axis=1))
+        (out,) = add_node(graph, "MatMul", [x, weight], name=f"{packing.name}/MatMul")
     if all(l.bias is not None for l in linears):
         bias = add_initializer(graph, f"{packing.name}/bias", dtype, (width,),
                                lambda: np.concatenate([l.bias.const_value.numpy() for l in linears]))
         (out,) = add_node(graph, "Add", [out, bias], name=f"{packing.name}/Add")
+    return out
+
+
+def _pack_nbits(graph: ir.Graph, name: str, linears: tuple[Linear, ...], width: int) -> ir.Value:
+    """MatMulNBits over the stacked rows (codes, scales, zero points) of every linear."""
+    nodes = [l.nbits for l in linears]
+
+    def stacked(index: int, role: str) -> ir.Value | None:
+        parts = [node.inputs[index] for node in nodes]
+        if parts[0] is None:
+            return None
+        return add_initializer(graph, f"{name}/{role}", parts[0].dtype, (width, *parts[0].shape[1:]),
+                               lambda: np.concatenate([p.const_value.numpy() for p in parts]))
+
+    attributes = {key: attr.value for key, attr in nodes[0].attributes.items()} | {"N": width}
+    (out,) = add_node(graph, "MatMulNBits", [linears[0].input, stacked(1, "B"), stacked(2, "scales"), stacked(3, "zero_points")],
+                      attributes, name=f"{name}/MatMulNBits", domain=MS_DOMAIN)
     return out
 
 
@@ -66,6 +88,8 @@ def check(graph: ir.Graph, node: ir.Node, facts: PassFacts) -> Packing | str:
         return f"{node.name}: q/k/v read different inputs or only some have a bias"
     if any(len(l.output.uses()) != 1 for l in linears):
         return f"{node.name}: a projection output has other consumers"
+    if not same_kind(linears):
+        return f"{node.name}: q/k/v weights differ in type or int4 blocks"
     return Packing(node.name.replace("/GroupQueryAttention", "/qkv"), linears, node)
 
 
@@ -94,6 +118,8 @@ def check_gate_up(graph: ir.Graph, node: ir.Node, facts: PassFacts) -> Packing |
     gate, up = linear_producing(gate_value), linear_producing(up_value)
     if gate is None or up is None or gate.input is not up.input or gate.bias is not None or up.bias is not None:
         return f"{node.name}: gate and up are not bias-free linears of one input"
+    if not same_kind((gate, up)):
+        return f"{node.name}: gate and up weights differ in type or int4 blocks"
     return Packing(f"{node_path(node)}/gate_up", (gate, up))
 
 

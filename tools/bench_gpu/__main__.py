@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 
 from . import __doc__ as DESCRIPTION
+from .int4 import int4_speed
 from .measure import DEVICE, GREEDY, PeakMemory
 from .ours import bucket_sweep, long_context, ours_timings, padded_prompt_same_tokens, replay_timings, variant_timings
 from .peers import peer_timings
@@ -97,6 +98,8 @@ def main() -> None:
     parser.add_argument("--bucket-sweep", default="", help="comma-separated prompt lengths: first and warm prefill, "
                         "memory, captured against plain steps, at each shape of --shapes")
     parser.add_argument("--ours-only", action="store_true", help="skip transformers and onnxruntime-genai")
+    parser.add_argument("--int4", action="store_true", help="instead of the full comparison: ours fp16 and --quantize "
+                        "int4 (blocks 32 and 128) against onnxruntime-genai int4, at each shape")
     args = parser.parse_args()
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
@@ -122,6 +125,9 @@ def main() -> None:
     for shape in shapes:
         if sweep:
             report.run(f"bucket_sweep/{shape}", bucket_sweep, args.workdir, shape, sweep)
+        elif args.int4:
+            report.run(f"int4/{shape}", int4_speed, args.workdir, shape, args.prompt_tokens, args.new_tokens, copy_tb_s,
+                       genai, profiles)
         else:
             report.run(f"speed/{shape}", speed, args.workdir, shape, args.prompt_tokens, args.new_tokens, copy_tb_s,
                        genai, variants, not args.ours_only, profiles)

@@ -63,18 +63,18 @@ def forward_ms(model, ids: torch.Tensor, runs: int = 3) -> float:
     return statistics.median(times)
 
 
-def genai_timings(checkpoint: Path, workdir: Path, prompt: list[int], new_tokens: int) -> dict:
-    """onnxruntime-genai's own builder on the same checkpoint (fp16, CUDA), then og.Generator greedy,
-    with the builder's settings and with enable_cuda_graph."""
+def genai_timings(checkpoint: Path, workdir: Path, prompt: list[int], new_tokens: int, precision: str = "fp16") -> dict:
+    """onnxruntime-genai's own builder on the same checkpoint (`precision` fp16 or int4, CUDA), then
+    og.Generator greedy, with the builder's settings and with enable_cuda_graph."""
     import subprocess
     import sys
 
     import onnxruntime_genai as og
 
-    folder = workdir / f"{checkpoint.name}-genai"
+    folder = workdir / f"{checkpoint.name}-genai-{precision}"
     if not (folder / "genai_config.json").is_file():
         subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint), "-o", str(folder),
-                        "-p", "fp16", "-e", "cuda", "-c", str(workdir / "genai-cache")], check=True,
+                        "-p", precision, "-e", "cuda", "-c", str(workdir / "genai-cache")], check=True,
                        stdout=subprocess.DEVNULL)
     base = json.loads((folder / "genai_config.json").read_text())
     results = {}
@@ -162,7 +162,7 @@ def peer_timings(workdir: Path, checkpoint: Path, artifact: Path, config_json: d
             report["onnxruntime_genai"] = genai_timings(checkpoint, workdir, prompt, new_tokens)
         except Exception:
             report["onnxruntime_genai"] = {"error": traceback.format_exc(limit=3)}
-        shutil.rmtree(workdir / f"{checkpoint.name}-genai", ignore_errors=True)  # disk for the variants
+        shutil.rmtree(workdir / f"{checkpoint.name}-genai-fp16", ignore_errors=True)  # disk for the variants
     return report
 
 

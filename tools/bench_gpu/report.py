@@ -77,6 +77,28 @@ def print_table(report: dict) -> None:
               f"| {r['ours_batch8_cuda_graph']['tokens_per_s']:.0f} / {r['transformers_batch8_eager_tokens_per_s']:.0f} "
               f"| {r['ours_peak_gib']:.1f} / {r['transformers_peak_gib']:.1f} |")
     print_variants(report)
+    print_int4(report)
+
+
+def print_int4(report: dict) -> None:
+    """--int4: decode (with its own floor), prefill and memory of ours fp16 and int4 against genai int4."""
+    rows = [(name.split("/", 1)[1], r) for name, r in report.items() if name.startswith("int4/") and "shape" in r]
+    if not rows:
+        return
+    print("\n| shape | build | decode ms/token, CUDA graph (× its floor) | prefill 512 ms | prefill 4096 ms | peak GiB |")
+    print("|" + "---|" * 6)
+    for shape, r in rows:
+        for key, entry in r.items():
+            if key.startswith("ours_"):
+                floor = f" ({entry['floor_ratio']:.2f}×)" if "floor_ratio" in entry else ""
+                peak = f"{entry['peak_gib']:.1f}" if "peak_gib" in entry else "–"
+                print(f"| {shape} | {key.removeprefix('ours_')} | {entry['decode_ms_per_token']:.2f}{floor} "
+                      f"| {entry['prefill_ms']:.1f} | {entry['prefill_4096_ms']:.1f} | {peak} |")
+        for genai in ("genai_int4", "genai_int4_fpa_intb"):
+            for variant, entry in (r.get(genai) or {}).items():
+                if isinstance(entry, dict):
+                    print(f"| {shape} | onnxruntime-{genai.replace('_', ' ', 1)}, {variant} | {entry['decode_ms_per_token']:.2f} | "
+                          f"{entry['prefill_ms']:.1f} | – | – |")
 
 
 def print_variants(report: dict) -> None:
