@@ -11,39 +11,20 @@ and one artifact (fp16: ~30 GB at Qwen2-7B shapes).
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from artifact import contract
 from graphs.artifact import optimize_artifact
-from qwen2_export.config import parse_config
 from qwen2_export.export import export_checkpoint
-from qwen2_export.synthetic import hub_tensor_shapes
 
 from .measure import DEVICE, GREEDY, PeakMemory
 from .ours import ours_timings
 from .peers import genai_timings
-from .prepare import SHAPES, prepare
+from .prepare import SHAPES, decode_read_bytes, prepare
 from .profiles import captured_step, kernel_profile
-
-
-def int4_read_bytes(config_json: dict, block_size: int | None) -> int:
-    """Bytes one batch-1 decode step reads: int4 projections with an fp16 scale and a 4-bit zero point per
-    block (fp16 everywhere when `block_size` is None), the rest fp16, one embedding row."""
-    config = parse_config(config_json)
-    total = 0
-    for name, shape in hub_tensor_shapes(config):
-        count = int(np.prod(shape))
-        if name == "model.embed_tokens.weight" and not config.tie_word_embeddings:
-            continue
-        quantized = block_size and name.removesuffix(".weight").split(".", 3)[-1] in contract.QUANTIZED_PROJECTIONS
-        total += count // 2 + count // block_size * 2 + count // block_size // 2 if quantized else 2 * count
-    return total
 
 
 def int4_artifact(checkpoint: Path, folder: Path, block_size: int) -> Path:
@@ -82,7 +63,7 @@ def int4_speed(workdir: Path, shape: str, prompt_tokens: int, new_tokens: int, c
             model.generate(prompt, max_new_tokens=2, **GREEDY)
         result = ours_timings(model, [prompt], new_tokens, runs=2, **GREEDY)
         result["prefill_4096_ms"] = ours_timings(model, [long_prompt], 2, runs=2, **GREEDY)["prefill_ms"]
-        floor_ms = int4_read_bytes(config_json, block) / (copy_tb_s * 1e12) * 1e3  # as speed(): bytes over copy rate
+        floor_ms = decode_read_bytes(config_json, block) / (copy_tb_s * 1e12) * 1e3  # as speed(): bytes over copy rate
         result.update(peak_gib=memory.gib, floor_ms_per_token=floor_ms, floor_ratio=result["decode_ms_per_token"] / floor_ms,
                       artifact_gb=sum(p.stat().st_size for p in artifact.rglob("*") if p.is_file()) / 1e9,
                       tokens_first_16=result.pop("tokens")[:16])
@@ -90,28 +71,7 @@ def int4_speed(workdir: Path, shape: str, prompt_tokens: int, new_tokens: int, c
         print(name, result, flush=True)
         profiles.append(lambda result=result, model=model: result.update(
             decode_kernels=decode_kernels(model, prompt_tokens + new_tokens // 2)))
-        if block is not None:  # onnxruntime's other int4 CUDA path (prepacked CUTLASS GEMM and GEMV), for every session
-            with fpa_intb():
-                fast = Model.load(artifact, device=DEVICE, cuda_graph=True)
-                report[f"ours_{name}_fpa_intb"] = ours_timings(fast, [prompt], new_tokens, runs=2, **GREEDY)
-                report[f"ours_{name}_fpa_intb"]["prefill_4096_ms"] = ours_timings(fast, [long_prompt], 2, runs=2, **GREEDY)["prefill_ms"]
-            print(name, "fpa_intb", report[f"ours_{name}_fpa_intb"], flush=True)
-            profiles.append(lambda result=report[f"ours_{name}_fpa_intb"], model=fast: result.update(
-                decode_kernels=decode_kernels(model, prompt_tokens + new_tokens // 2)))
         shutil.rmtree(artifact)  # the session holds its weights on the GPU; the disk is needed for the next
     if genai:
         report["genai_int4"] = genai_timings(checkpoint, workdir, prompt, new_tokens, precision="int4")
-        with fpa_intb():
-            report["genai_int4_fpa_intb"] = genai_timings(checkpoint, workdir, prompt, new_tokens, precision="int4")
     return report
-
-
-@contextlib.contextmanager
-def fpa_intb():
-    """ORT_FPA_INTB_GEMM=1 while sessions are made: MatMulNBits on CUDA prepacks its weights at load for
-    the CUTLASS fpA_intB GEMM and its GEMV decode kernel (onnxruntime-genai reads the variable too)."""
-    os.environ["ORT_FPA_INTB_GEMM"] = "1"
-    try:
-        yield
-    finally:
-        del os.environ["ORT_FPA_INTB_GEMM"]

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from artifact import contract
 from graphs.artifact import optimize_artifact
 from qwen2_export.config import parse_config
 from qwen2_export.export import export_checkpoint
@@ -109,13 +110,18 @@ def yarn_artifact(workdir: Path) -> Path:
     return build_artifact(checkpoint, workdir / "qwen2-7b-yarn4-fp16", "fp16")
 
 
-def decode_read_bytes(config_json: dict) -> int:
+def decode_read_bytes(config_json: dict, int4_block: int | None = None) -> int:
     """Bytes of fp16 weights one batch-1 decode step must read: every tensor but the embedding table
-    (one row is gathered; a tied lm_head reads it whole), and k of E routed experts."""
+    (one row is gathered; a tied lm_head reads it whole), and k of E routed experts. With `int4_block`,
+    the quantized projections (contract.QUANTIZED_PROJECTIONS) read half a byte per weight, an fp16
+    scale and a 4-bit zero point per block."""
     config = parse_config(config_json)
     total = 0
     for name, shape in hub_tensor_shapes(config):
-        size = 2 * int(np.prod(shape))
+        count = int(np.prod(shape))
+        size = 2 * count
+        if int4_block and name.removesuffix(".weight").split(".", 3)[-1] in contract.QUANTIZED_PROJECTIONS:
+            size = count // 2 + count // int4_block * 2 + count // int4_block // 2
         if name == "model.embed_tokens.weight" and not config.tie_word_embeddings:
             continue
         if ".mlp.experts." in name:

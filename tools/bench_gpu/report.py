@@ -90,15 +90,12 @@ def print_int4(report: dict) -> None:
     for shape, r in rows:
         for key, entry in r.items():
             if key.startswith("ours_"):
-                floor = f" ({entry['floor_ratio']:.2f}×)" if "floor_ratio" in entry else ""
-                peak = f"{entry['peak_gib']:.1f}" if "peak_gib" in entry else "–"
-                print(f"| {shape} | {key.removeprefix('ours_')} | {entry['decode_ms_per_token']:.2f}{floor} "
-                      f"| {entry['prefill_ms']:.1f} | {entry['prefill_4096_ms']:.1f} | {peak} |")
-        for genai in ("genai_int4", "genai_int4_fpa_intb"):
-            for variant, entry in (r.get(genai) or {}).items():
-                if isinstance(entry, dict):
-                    print(f"| {shape} | onnxruntime-{genai.replace('_', ' ', 1)}, {variant} | {entry['decode_ms_per_token']:.2f} | "
-                          f"{entry['prefill_ms']:.1f} | – | – |")
+                print(f"| {shape} | {key.removeprefix('ours_')} | {entry['decode_ms_per_token']:.2f} ({entry['floor_ratio']:.2f}×) "
+                      f"| {entry['prefill_ms']:.1f} | {entry['prefill_4096_ms']:.1f} | {entry['peak_gib']:.1f} |")
+        for variant, entry in (r.get("genai_int4") or {}).items():
+            if isinstance(entry, dict):
+                print(f"| {shape} | onnxruntime-genai int4, {variant} | {entry['decode_ms_per_token']:.2f} | "
+                      f"{entry['prefill_ms']:.1f} | – | – |")
 
 
 def print_variants(report: dict) -> None:
