@@ -207,6 +207,17 @@ class RopeFacts:
 # Qwen2); embeddings, norms, lm_head, the MoE router and the shared-expert gate keep their float type.
 QUANTIZED_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# A sparse (routed) layer: attention, the shared expert's MLP, and the stacked experts ([E, out, in] each).
+QUANTIZED_SPARSE = (*QUANTIZED_PROJECTIONS[:4], "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj",
+                    "mlp.shared_expert.down_proj")
+QUANTIZED_EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+
+
+def quantized_weights(num_layers: int, sparse_layers: tuple[int, ...]) -> tuple[list[str], list[str]]:
+    """The parameter names an int4 artifact holds quantized: (2-D Linear weights, stacked expert tensors)."""
+    linears = [f"model.layers.{i}.{p}.weight" for i in range(num_layers)
+               for p in (QUANTIZED_SPARSE if i in sparse_layers else QUANTIZED_PROJECTIONS)]
+    return linears, [f"model.layers.{i}.{p}" for i in sparse_layers for p in QUANTIZED_EXPERTS]
 
 
 @dataclass(frozen=True)
@@ -218,7 +229,7 @@ class QuantFacts:
     group_size: int
     weights: str = "DequantizeLinear"  # int4 codes, scales and zero points, blocked along the inputs
     symmetric: bool = False  # int4 codes in [-8, 7] and no zero points; else uint4 codes and zero points
-    projections: tuple[str, ...] = QUANTIZED_PROJECTIONS  # the Linear modules of every layer held in int4
+    projections: tuple[str, ...] = QUANTIZED_PROJECTIONS  # the modules held in int4 (of each layer that has them)
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> "QuantFacts":

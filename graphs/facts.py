@@ -29,7 +29,7 @@ class ModelFacts:
     inv_freq_initializer: str
     tied_embeddings: bool
     tokenizer_vocab_size: int  # ids the tokenizer can produce; embedding rows past it are padding
-    quantized_weights: int  # int4 Linear weights (DequantizeLinear + MatMul in the portable graph)
+    quantized_linears: int  # int4 Linear weights (DequantizeLinear + MatMul in the portable graph)
 
     @classmethod
     def from_manifest(cls, manifest: contract.Manifest) -> "ModelFacts":
@@ -42,7 +42,8 @@ class ModelFacts:
             normalize_routing=bool(moe and moe.norm_topk_prob), context_length=model.context_length,
             attention_factor=manifest.rope.attention_factor, inv_freq_initializer=manifest.rope.inv_freq_initializer,
             tied_embeddings=model.tie_word_embeddings, tokenizer_vocab_size=manifest.tokenizer.vocab_size,
-            quantized_weights=model.num_hidden_layers * len(manifest.quantization.projections) if manifest.quantization else 0,
+            quantized_linears=len(contract.quantized_weights(model.num_hidden_layers, moe.sparse_layers if moe else ())[0])
+            if manifest.quantization else 0,
         )
 
 

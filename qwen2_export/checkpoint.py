@@ -164,7 +164,7 @@ def placement_of(name: str, config: Qwen2Config, quantized: set[str]) -> Placeme
     `quantized`: the weights an int4 checkpoint stores as parts (quantized_parameters)."""
     if name == "lm_head.weight" and config.tie_word_embeddings:
         return None
-    if config.quantization is not None:
+    if config.quantization is not None and config.quantization.method in int4.LAYOUTS:
         prefix, _, part = name.rpartition(".")
         if part in int4.LAYOUTS[config.quantization.method] and f"{prefix}.weight" in quantized:
             return Placement(f"{prefix}.weight", 0, part)
@@ -181,10 +181,12 @@ def placement_of(name: str, config: Qwen2Config, quantized: set[str]) -> Placeme
 
 
 def quantized_parameters(config: Qwen2Config) -> set[str]:
-    """The weights an int4 checkpoint stores quantized (contract.QUANTIZED_PROJECTIONS of every layer)."""
+    """The parameters an int4 artifact holds quantized (contract.quantized_weights): Linear weights and,
+    in Qwen2-MoE layers, the stacked experts."""
     if config.quantization is None:
         return set()
-    return {f"model.layers.{i}.{p}.weight" for i in range(config.num_hidden_layers) for p in contract.QUANTIZED_PROJECTIONS}
+    linears, experts = contract.quantized_weights(config.num_hidden_layers, config.sparse_layers)
+    return set(linears) | set(experts)
 
 
 def plan_placements(
@@ -194,10 +196,11 @@ def plan_placements(
     plan: dict[str, Placement | None] = {}
     unknown, wrong_shape = [], []
     filled = {name: 0 for name in parameter_shapes}
-    quantized = quantized_parameters(config)
+    # int4 checkpoints store each quantized weight as parts; --quantize int4 reads float weights like any other
+    packed = quantized_parameters(config) if config.quantization and config.quantization.method in int4.LAYOUTS else set()
     parts_seen: dict[str, set[str]] = {}  # int4 weights: which of their tensors the checkpoint has
     for entry in entries:
-        placement = placement_of(entry.name, config, quantized)
+        placement = placement_of(entry.name, config, packed)
         plan[entry.name] = placement
         if placement is None:
             continue
@@ -208,8 +211,7 @@ def plan_placements(
         if placement.part is not None:  # one of the three tensors of an int4 weight: filled once all are seen
             layout = int4.LAYOUTS[config.quantization.method][placement.part]
             expected = layout.shape(*shape, config.quantization.group_size)
-            dtype_fits = entry.dtype.is_floating_point if layout.dtype is None else entry.dtype == layout.dtype
-            if tuple(entry.shape) != expected or not dtype_fits:
+            if tuple(entry.shape) != expected or entry.dtype != layout.dtype:
                 wrong_shape.append(f"{entry.name} {list(entry.shape)} (expected {list(expected)})")
             else:
                 parts_seen.setdefault(placement.parameter, set()).add(placement.part)
@@ -219,10 +221,10 @@ def plan_placements(
             wrong_shape.append(f"{entry.name} {list(entry.shape)} (parameter {list(shape)})")
             continue
         filled[placement.parameter] += entry.numel
-    unfilled = [name for name, count in filled.items() if name not in quantized and count != _numel(parameter_shapes[name])]
-    if quantized:
+    unfilled = [name for name, count in filled.items() if name not in packed and count != _numel(parameter_shapes[name])]
+    if packed:
         parts = set(int4.LAYOUTS[config.quantization.method])
-        unfilled += sorted(name for name in quantized if parts_seen.get(name) != parts)
+        unfilled += sorted(name for name in packed if parts_seen.get(name) != parts)
     problems = []
     if unknown:
         problems.append(f"checkpoint tensors not used by {config.architecture}: {_listing(unknown)}")

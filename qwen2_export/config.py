@@ -91,6 +91,10 @@ class Qwen2Config:
     def is_moe(self) -> bool:
         return self.moe is not None
 
+    @property
+    def sparse_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.num_hidden_layers) if self.is_sparse_layer(i))
+
     def is_sparse_layer(self, layer: int) -> bool:
         """True when layer `layer` has a routed MoE MLP (transformers' Qwen2MoeDecoderLayer rule)."""
         moe = self.moe
@@ -204,12 +208,12 @@ def round_to_nearest(config: Qwen2Config, block_size: int, symmetric: bool) -> Q
     """The config of an export that quantizes every projection to int4 itself, block by block."""
     if config.quantization is not None:
         raise ConfigError(f"the checkpoint is already {config.quantization.method.upper()} int4; export it without --quantize")
-    if config.architecture != "Qwen2ForCausalLM":
-        raise ConfigError(f"--quantize int4 of {config.architecture} checkpoints is not supported yet (the experts need "
-                          "QMoE); export it in fp16 or bf16")
     if block_size not in INT4_BLOCK_SIZES:
         raise ConfigError(f"--block-size {block_size} is not supported; choose one of {list(INT4_BLOCK_SIZES)}")
-    inputs = {config.hidden_size, config.num_attention_heads * config.head_dim, config.intermediate_size}
+    inputs = {config.hidden_size, config.num_attention_heads * config.head_dim}
+    inputs |= {config.intermediate_size} if len(config.sparse_layers) < config.num_hidden_layers else set()
+    if config.moe is not None and config.sparse_layers:
+        inputs |= {config.moe.moe_intermediate_size, config.moe.shared_expert_intermediate_size}
     if any(size % block_size for size in inputs):
         raise ConfigError(f"--block-size {block_size} does not divide every projection's input size {sorted(inputs)}; "
                           "choose a smaller block")

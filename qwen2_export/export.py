@@ -215,6 +215,7 @@ def write_weights(
     initializer_of = {aliases.get(name, name): name for name in graph.graph.initializers}
     dtype_of = {name: io_spec.TORCH_DTYPES[int(value.const_value.dtype)] for name, value in graph.graph.initializers.items()
                 if int(value.const_value.dtype) in io_spec.TORCH_DTYPES}  # not the uint4 codes
+    rounded = quantized_parameters(config) if config.quantization and config.quantization.method == "rtn" else set()
     total = sum(entry.end - entry.start for entry in entries)
     done, last_report, written = 0, time.monotonic(), set()
     with data_path.open("wb") as f:
@@ -223,8 +224,8 @@ def write_weights(
             placement = plan[entry.name]
             part = None if placement is None or placement.part is None else \
                 int4.LAYOUTS[config.quantization.method][placement.part]
-            if part is not None and part.dtype is None:  # a float weight quantized here
-                written.update(write_rtn_weight(f, entry, placement.parameter, slots, config.quantization,
+            if placement is not None and placement.parameter in rounded:  # --quantize int4
+                written.update(write_rtn_weight(f, entry, placement, slots, config.quantization,
                                                 dtype_of[int4.initializer_name(placement.parameter, int4.SCALES)]))
             elif part is not None and not part.dtype.is_floating_point:  # packed codes, zero points; g_idx
                 written.update(write_int4_part(f, entry, placement, slots, config))
@@ -274,22 +275,36 @@ def write_int4_part(f, entry: TensorEntry, placement, slots: dict[str, Slot], co
     return [name] if name else []
 
 
-def write_rtn_weight(f, entry: TensorEntry, parameter: str, slots: dict[str, Slot], quantization, scale_dtype: torch.dtype) -> list[str]:
-    """Quantize a float Linear weight [N, K] a band of whole rows (outputs) at a time and write each band's
-    codes, scales and zero points as columns of their [K, N] and [K / G, N] initializers."""
-    n, k = entry.shape
-    names = {suffix: int4.initializer_name(parameter, suffix) for suffix in (int4.CODES, int4.SCALES, int4.ZERO_POINTS)}
+def write_rtn_weight(f, entry: TensorEntry, placement, slots: dict[str, Slot], quantization, scale_dtype: torch.dtype) -> list[str]:
+    """Quantize a float weight a band of whole rows (outputs) at a time. A Linear weight [N, K] fills the
+    columns of its [K, N] codes and [K / G, N] scales and zero points (stored transposed, as MatMul reads
+    them); one expert's [rows, K] fills its rows of the stacked [E, R, K] codes and [E, R, K / G] scales
+    and zero points, at the placement's offset."""
+    rows, k = entry.shape
+    group = quantization.group_size
+    names = {suffix: int4.initializer_name(placement.parameter, suffix) for suffix in (int4.CODES, int4.SCALES, int4.ZERO_POINTS)}
+    codes, scales, zeros = (slots.get(names[suffix]) for suffix in (int4.CODES, int4.SCALES, int4.ZERO_POINTS))
+    stacked = entry.name != placement.parameter
     # a quarter chunk: quantizing holds an fp32 copy of the band and its codes (export's peak RSS);
-    # even: two uint4 columns a byte
+    # even: two uint4 values a byte
     band_rows = max(2, CHUNK_BYTES // 4 // (k * entry.dtype.itemsize) // 2 * 2)
     for offset, chunk in read_chunks(entry, band_rows * k * entry.dtype.itemsize):
         first = offset // k
-        band = int4.round_to_nearest(chunk.view(-1, k), quantization.group_size, quantization.symmetric, scale_dtype)
-        write_columns(f, slots[names[int4.CODES]].offset, n // 2, first // 2, int4.nibbles(band.codes.T))
-        scales = band.scales.t().contiguous().view(torch.uint8).numpy()  # [K / G, band rows * itemsize]
-        write_columns(f, slots[names[int4.SCALES]].offset, n * scale_dtype.itemsize, first * scale_dtype.itemsize, scales)
+        band = int4.round_to_nearest(chunk.view(-1, k), group, quantization.symmetric, scale_dtype)
+        if stacked:  # rows of [E, R, K]: contiguous, starting at element placement.offset + first * k
+            start = placement.offset + first * k
+            for slot, data, element in ((codes, int4.nibbles(band.codes.reshape(1, -1)), start // 2),
+                                        (scales, band.scales.contiguous().view(torch.uint8).numpy(), start // group * scale_dtype.itemsize),
+                                        (zeros, None if band.zeros is None else int4.nibbles(band.zeros.reshape(1, -1)), start // group // 2)):
+                if data is not None:
+                    f.seek(slot.offset + element)
+                    f.write(data.tobytes())
+            continue
+        write_columns(f, codes.offset, rows // 2, first // 2, int4.nibbles(band.codes.T))
+        write_columns(f, scales.offset, rows * scale_dtype.itemsize, first * scale_dtype.itemsize,
+                      band.scales.t().contiguous().view(torch.uint8).numpy())  # [K / G, band rows * itemsize]
         if band.zeros is not None:
-            write_columns(f, slots[names[int4.ZERO_POINTS]].offset, n // 2, first // 2, int4.nibbles(band.zeros.T))
+            write_columns(f, zeros.offset, rows // 2, first // 2, int4.nibbles(band.zeros.T))
     return [name for name in names.values() if name in slots]
 
 

@@ -43,10 +43,10 @@ NATURAL_FROM_AWQ = tuple(ORDER.index(j) for j in range(8))  # code 8c + j sits i
 
 @dataclass(frozen=True)
 class Part:
-    """One checkpoint tensor of a quantized Linear: its type (None: a float weight quantized at export), its
-    shape from (N, K, G), and the suffix of the graph initializer it fills (None: checked, or quantized)."""
+    """One checkpoint tensor of a quantized Linear: its type, its shape from (N, K, G), and the suffix of
+    the graph initializer it fills (None: checked, not stored)."""
 
-    dtype: torch.dtype | None
+    dtype: torch.dtype
     shape: Callable[[int, int, int], tuple[int, ...]]
     initializer: str | None
 
@@ -60,8 +60,7 @@ LAYOUTS = {
              "qzeros": Part(torch.int32, lambda n, k, g: (k // g, n // 8), ZERO_POINTS),
              "scales": Part(torch.float16, lambda n, k, g: (k // g, n), SCALES),
              "g_idx": Part(torch.int32, lambda n, k, g: (k,), None)},
-    "rtn": {"weight": Part(None, lambda n, k, g: (n, k), None)},
-}
+}  # "rtn" (--quantize int4) reads float weights and has no parts
 
 
 def initializer_name(parameter: str, suffix: str) -> str:
@@ -160,19 +159,21 @@ def nibbles(values: np.ndarray) -> np.ndarray:
 
 
 def dequantize_weights(graph: ir.Model, parameters: set[str], group_size: int, symmetric: bool = False) -> None:
-    """Replace each weight initializer in `parameters` (stored [K, N]) with DequantizeLinear of new
-    initializers whose bytes the export writes later (placeholders until then): uint4 codes and zero
-    points, or int4 codes alone (`symmetric`), and scales."""
+    """Replace each weight initializer in `parameters` with DequantizeLinear of new initializers whose bytes
+    the export writes later (placeholders until then): uint4 codes and zero points, or int4 codes alone
+    (`symmetric`), and scales, blocked along the inputs: axis 0 of a Linear weight stored [K, N], the last
+    axis of stacked experts [E, R, K]."""
     for name in sorted(parameters):
         weight = graph.graph.initializers[name]
-        k, n = weight.shape
-        float_type = weight.dtype
-        codes = placeholder(initializer_name(name, CODES), ir.DataType.INT4 if symmetric else ir.DataType.UINT4, (k, n))
-        zeros = None if symmetric else placeholder(initializer_name(name, ZERO_POINTS), ir.DataType.UINT4, (k // group_size, n))
-        scales = placeholder(initializer_name(name, SCALES), float_type, (k // group_size, n))
-        node = ir.node("DequantizeLinear", [codes, scales, zeros], attributes={"axis": 0, "block_size": group_size},
+        shape, float_type = tuple(weight.shape), weight.dtype
+        axis = 0 if len(shape) == 2 else len(shape) - 1
+        blocks = tuple(size // group_size if i == axis else size for i, size in enumerate(shape))
+        codes = placeholder(initializer_name(name, CODES), ir.DataType.INT4 if symmetric else ir.DataType.UINT4, shape)
+        zeros = None if symmetric else placeholder(initializer_name(name, ZERO_POINTS), ir.DataType.UINT4, blocks)
+        scales = placeholder(initializer_name(name, SCALES), float_type, blocks)
+        node = ir.node("DequantizeLinear", [codes, scales, zeros], attributes={"axis": axis, "block_size": group_size},
                        name=f"{name}/DequantizeLinear")
-        node.outputs[0].name, node.outputs[0].dtype, node.outputs[0].shape = f"{name}.dequantized", float_type, ir.Shape([k, n])
+        node.outputs[0].name, node.outputs[0].dtype, node.outputs[0].shape = f"{name}.dequantized", float_type, ir.Shape(shape)
         first_use = next(node for node in graph.graph if any(value is weight for value in node.inputs))
         weight.replace_all_uses_with(node.outputs[0])
         graph.graph.insert_before(first_use, node)
@@ -182,8 +183,8 @@ def dequantize_weights(graph: ir.Model, parameters: set[str], group_size: int, s
                 graph.graph.register_initializer(value)
 
 
-def placeholder(name: str, dtype: ir.DataType, shape: tuple[int, int]) -> ir.Value:
+def placeholder(name: str, dtype: ir.DataType, shape: tuple[int, ...]) -> ir.Value:
     """An initializer whose bytes are not in memory: its slot in the data file is assigned later."""
-    nbytes = shape[0] * shape[1] * dtype.bitwidth // 8
+    nbytes = (int(np.prod(shape)) * dtype.bitwidth + 7) // 8
     tensor = ir.ExternalTensor("pending", 0, nbytes, dtype, shape=ir.Shape(shape), name=name)
     return ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(dtype), const_value=tensor)

@@ -32,12 +32,17 @@ def portable_manifest(artifact: Path, config: Qwen2Config, dtype: torch.dtype,
     return contract.Manifest(
         architecture=config.architecture, model_type=config.model_type, dtype=io_spec.DTYPE_NAMES[dtype],
         model=model_facts(config), rope=rope_facts(config), graphs=(portable,), tokenizer=tokens,
-        quantization=None if config.quantization is None else contract.QuantFacts(
-            config.quantization.method, config.quantization.bits, config.quantization.group_size,
-            symmetric=config.quantization.symmetric),
+        quantization=None if config.quantization is None else quant_facts(config),
         files={name: contract.FileRecord.of(artifact / name)
                for name in contract.CHECKPOINT_FILES + contract.OPTIONAL_CHECKPOINT_FILES if (artifact / name).is_file()},
     )
+
+
+def quant_facts(config: Qwen2Config) -> contract.QuantFacts:
+    linears, experts = contract.quantized_weights(config.num_hidden_layers, config.sparse_layers)
+    modules = dict.fromkeys(name.split(".", 3)[3].removesuffix(".weight") for name in linears + experts)
+    q = config.quantization
+    return contract.QuantFacts(q.method, q.bits, q.group_size, symmetric=q.symmetric, projections=tuple(modules))
 
 
 def model_facts(config: Qwen2Config) -> contract.ModelFacts:
@@ -53,7 +58,7 @@ def model_facts(config: Qwen2Config) -> contract.ModelFacts:
             num_experts=moe.num_experts, num_experts_per_tok=moe.num_experts_per_tok,
             moe_intermediate_size=moe.moe_intermediate_size,
             shared_expert_intermediate_size=moe.shared_expert_intermediate_size, norm_topk_prob=moe.norm_topk_prob,
-            sparse_layers=tuple(i for i in range(config.num_hidden_layers) if config.is_sparse_layer(i))),
+            sparse_layers=config.sparse_layers),
     )
 
 

@@ -152,23 +152,6 @@ def last_logits_per_step(session, manifest, ids: np.ndarray, prefill: int) -> li
     return [row.astype(np.float32) for row in rows]
 
 
-def dequantized_from_graph(artifact: Path) -> dict[str, torch.Tensor]:
-    """The projection weights the portable graph holds, dequantized by ONNX's rule in numpy: [N, K] each."""
-    import onnx_ir as ir
-
-    graph = ir.load(artifact / "onnx/model.onnx").graph
-    weights = {}
-    for node in graph:
-        if node.op_type == "DequantizeLinear":
-            codes, scales, zeros = (list(node.inputs) + [None])[:3]
-            block = node.attributes["block_size"].value
-            q = codes.const_value.numpy().astype(np.float64)
-            z = 0 if zeros is None else np.repeat(zeros.const_value.numpy().astype(np.float64), block, axis=0)
-            s = np.repeat(scales.const_value.numpy().astype(np.float64), block, axis=0)
-            weights[codes.name.removesuffix(".int4")] = torch.from_numpy(((q - z) * s).T.astype(np.float32))
-    return weights
-
-
 class SyncStream:
     """cuda_stream.DeviceStream's interface on the CPU, where onnxruntime runs synchronously: writes are
     immediate and events already complete. Drives the pipelined decode loop in CPU tests."""

@@ -94,6 +94,28 @@ def test_corrupt_tokenizer_is_found_before_tracing(tiny_checkpoint, tmp_path, mo
         export_checkpoint(checkpoint, tmp_path / "out")
 
 
+@pytest.mark.parametrize("variant, options, expected", [
+    ("awq", [], "already AWQ int4"),
+    ("sliding_window", ["--block-size", "256"], "does not divide"),
+    ("act_order", [], "desc_act"),
+])
+def test_refused_int4_layouts(tiny_checkpoint, tmp_path, capsys, variant, options, expected):
+    from qwen2_export.synthetic_int4 import write_int4_checkpoint
+
+    if variant in ("awq", "act_order"):
+        checkpoint = tmp_path / "checkpoint"
+        write_int4_checkpoint(checkpoint, "awq" if variant == "awq" else "gptq", group_size=32)
+        if variant == "act_order":
+            config = json.loads((checkpoint / "config.json").read_text())
+            config["quantization_config"]["desc_act"] = True
+            (checkpoint / "config.json").write_text(json.dumps(config))
+    else:
+        checkpoint = tiny_checkpoint(variant)
+    quantize = [] if variant == "act_order" else ["--quantize", "int4"]
+    one_error(capsys, ["export", str(checkpoint), "-o", str(tmp_path / "out"), *quantize, *options], expected)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("header", [b"\xff" * 8, (12).to_bytes(8, "little") + b'{"w": {}}   '])
 def test_safetensors_with_an_absurd_header_or_missing_keys(tiny_checkpoint, tmp_path, header):
     checkpoint = copy_of(tiny_checkpoint("dense_tied"), tmp_path)

@@ -129,8 +129,7 @@ def test_int4_cuda_graph_runs_on_cuda_and_equals_its_dequantized_weights(tmp_pat
     dequantized: the first 8 greedy tokens equal, all 32 in its top 3; captured steps give the same tokens."""
     from qwen2_export.synthetic import tiny_config, write_checkpoint
     from qwen2_export.synthetic_int4 import write_int4_checkpoint
-
-    from helpers import dequantized_from_graph
+    from tools.int4_error import stored_weights
 
     folder = tmp_path_factory.mktemp(f"{method}-cuda")
     checkpoint = folder / "checkpoint"
@@ -147,7 +146,7 @@ def test_int4_cuda_graph_runs_on_cuda_and_equals_its_dequantized_weights(tmp_pat
     reference = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**config)).float().eval()
     floats = {name: tensor.float() for name, tensor in load_file(checkpoint / "model.safetensors").items()
               if tensor.dtype.is_floating_point and name in reference.state_dict()}
-    reference.load_state_dict({**floats, **dequantized_from_graph(artifact)})
+    reference.load_state_dict({**floats, **stored_weights(artifact)})
     model = Model.load(artifact, device="cuda")
     ours = model.generate(PROMPT, **GREEDY, ignore_eos=True).output_ids
     vocab = model.manifest.tokenizer.vocab_size

@@ -14,6 +14,7 @@ import torch
 
 from artifact import contract
 from graphs.artifact import optimize_artifact
+from graphs.errors import GraphError
 from graphs.fusions.int4_matmul import EXACT, INT8_ACTIVATIONS
 from qwen2_export.errors import CheckpointError
 from qwen2_export.export import export_checkpoint
@@ -22,7 +23,8 @@ from qwen2_export.synthetic import tiny_config, write_checkpoint
 from qwen2_export.synthetic_int4 import pack_awq, pack_columns, pack_rows, write_int4_checkpoint
 from runtime import Model
 
-from helpers import dequantized_from_graph, last_logits_per_step, load_reference, open_session
+from helpers import last_logits_per_step, load_reference, open_session
+from tools.int4_error import stored_weights
 
 
 @pytest.fixture(scope="module", params=["awq", "gptq"])
@@ -185,12 +187,14 @@ def test_round_to_nearest_is_within_half_a_step(symmetric):
     assert error[0, :32].max() == 0
 
 
-@pytest.fixture(scope="module", params=[(32, False), (16, True)], ids=["block32", "block16-symmetric"])
+@pytest.fixture(scope="module", params=[("sliding_window", 32, False), ("sliding_window", 16, True),
+                                        ("moe_shared", 16, False), ("moe_mlp_only_norm", 32, True)],
+                ids=["block32", "block16-symmetric", "moe-block16", "moe-norm-block32-symmetric"])
 def rtn(request, tmp_path_factory) -> tuple[Path, Path]:
-    """A float fp16 checkpoint and its --quantize int4 export with an exact CPU graph."""
+    """A float fp16 checkpoint and its --quantize int4 export with an exact CPU graph (MoE: QMoE experts)."""
     folder = tmp_path_factory.mktemp("rtn")
-    write_checkpoint(folder / "checkpoint", tiny_config("sliding_window"), seed=0, dtype=torch.float16)
-    block, symmetric = request.param
+    variant, block, symmetric = request.param
+    write_checkpoint(folder / "checkpoint", tiny_config(variant), seed=0, dtype=torch.float16)
     artifact = export_checkpoint(folder / "checkpoint", folder / "artifact", quantize="int4", block_size=block,
                                  symmetric=symmetric)
     optimize_artifact(artifact, "cpu", int4_accuracy=EXACT)
@@ -203,9 +207,17 @@ def test_rtn_graphs_compute_exactly_the_codes_they_hold(rtn):
     manifest = contract.read_manifest(artifact)
     assert (manifest.quantization.method, manifest.quantization.group_size) in {("rtn", 32), ("rtn", 16)}
     reference = load_reference(checkpoint)
-    stored = dequantized_from_graph(artifact)
-    assert len(stored) == 2 * 7
-    reference.load_state_dict(stored, strict=False)
+    stored = stored_weights(artifact)
+    layers, moe = manifest.model.num_hidden_layers, manifest.model.moe
+    # every layer: 4 attention + 3 MLP or shared-expert projections; a sparse layer also 2 expert stacks
+    assert len(stored) == 7 * layers + (2 * len(moe.sparse_layers) if moe else 0)
+    assert not reference.load_state_dict(stored, strict=False).unexpected_keys
+    if moe:
+        ops = [node.op_type for node in onnx.load(str(artifact / "onnx/model_cpu.onnx"), load_external_data=False).graph.node]
+        assert ops.count("QMoE") == len(moe.sparse_layers) and "MoE" not in ops
+        # CUDA QMoE gave wrong tokens on the layout the CPU kernel reads (one H200): refused, with the way out
+        with pytest.raises(GraphError, match="int4 experts have no CUDA graph yet"):
+            optimize_artifact(artifact, "cuda")
     ids = np.random.default_rng(6).integers(0, 456, size=(1, 14))
     with torch.no_grad():
         expected = reference(torch.from_numpy(ids)).logits.numpy()[0, 9:]
@@ -217,7 +229,8 @@ def test_rtn_graphs_compute_exactly_the_codes_they_hold(rtn):
 
 def test_rtn_greedy_tokens_stay_in_the_float_models_top3(rtn):
     """Against the unquantized checkpoint, 32 greedy tokens teacher-forced: each among the float model's
-    three best; the logits error (int4 on random weights) is bounded, not zero."""
+    three best (MoE: 29 of 32, the rest in its best 8: int4 hidden states flip near-tied routing on random
+    weights); the logits error (int4 on random weights) is bounded, not zero."""
     checkpoint, artifact = rtn
     model = Model.load(artifact)
     prompt = [1, 5, 9, 33, 100, 7, 250, 18]
@@ -225,7 +238,11 @@ def test_rtn_greedy_tokens_stay_in_the_float_models_top3(rtn):
     reference = load_reference(checkpoint)
     with torch.no_grad():
         rows = reference(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1, : model.manifest.tokenizer.vocab_size]
-    assert all(token in top for token, top in zip(tokens, rows.topk(3).indices.tolist(), strict=True))
+    ranks = [int((row > row[token]).sum()) for row, token in zip(rows, tokens, strict=True)]
+    if model.manifest.model.moe is None:
+        assert max(ranks) < 3, ranks
+    else:
+        assert sum(rank < 3 for rank in ranks) >= 29 and max(ranks) < 8, ranks
     ours = np.stack(last_logits_per_step(*open_session(artifact, graph=1), np.array([prompt + tokens]), prefill=8))[:, 0]
     error = np.abs(ours[:-1, : rows.shape[1]] - rows.numpy()).max() / rows.abs().max().item()
     assert 0 < error < 0.3, error
@@ -233,7 +250,6 @@ def test_rtn_greedy_tokens_stay_in_the_float_models_top3(rtn):
 
 @pytest.mark.parametrize("case, message", [
     ("awq", "already AWQ int4"),
-    ("moe", "not supported yet"),
     ("block", "does not divide"),
 ])
 def test_quantize_refusals_name_the_fix(case, message, int4, tmp_path):
@@ -244,8 +260,8 @@ def test_quantize_refusals_name_the_fix(case, message, int4, tmp_path):
         if "gptq" in str(checkpoint):
             message = "already GPTQ int4"
     else:
-        checkpoint, block = tmp_path / "checkpoint", 256 if case == "block" else 32
-        write_checkpoint(checkpoint, tiny_config("moe_shared" if case == "moe" else "sliding_window"), seed=0)
+        checkpoint, block = tmp_path / "checkpoint", 256
+        write_checkpoint(checkpoint, tiny_config("sliding_window"), seed=0)
     with pytest.raises(ConfigError, match=message):
         export_checkpoint(checkpoint, tmp_path / "out", quantize="int4", block_size=block)
     assert not (tmp_path / "out").exists()

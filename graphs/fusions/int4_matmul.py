@@ -50,12 +50,16 @@ def pack_low_first(codes: np.ndarray) -> np.ndarray:
     return codes[..., 0::2] | (codes[..., 1::2] << 4)
 
 
+def unsigned(codes: np.ndarray) -> np.ndarray:
+    """uint4 codes as they are; int4 codes (symmetric, no zero points) shifted by 8 into uint4, the zero
+    point MatMulNBits and QMoE assume when given none."""
+    return codes.astype(np.int16) + 8 if codes.dtype.name == "int4" else codes
+
+
 def blocked_codes(codes: np.ndarray, block_size: int) -> np.ndarray:
-    """Codes [K, N] -> MatMulNBits' B [N, K / block, block / 2]; int4 codes (no zero points) are shifted by
-    8 into uint4, the zero point MatMulNBits assumes when it is given none."""
+    """Codes [K, N] -> MatMulNBits' B [N, K / block, block / 2]."""
     k, n = codes.shape
-    unsigned = codes.astype(np.int16) + 8 if codes.dtype.name == "int4" else codes
-    return pack_low_first(unsigned.T).reshape(n, k // block_size, block_size // 2)
+    return pack_low_first(unsigned(codes).T).reshape(n, k // block_size, block_size // 2)
 
 
 def find(graph: ir.Graph, facts: PassFacts) -> list[ir.Node]:
@@ -100,7 +104,7 @@ def build(graph: ir.Graph, found: list[Dequantized], facts: PassFacts) -> PassFa
 
 
 def expected(facts: PassFacts) -> int:
-    return facts.model.quantized_weights
+    return facts.model.quantized_linears
 
 
 FUSION = Fusion(NAME, expected, find, check, build)

@@ -10,6 +10,12 @@ After:
     MoE(x [B, S, D], Reshape(logits, [-1, E]), fc1 = interleave(gate_up) [E, 2I, D], "", fc2 = down [E, D, I],
         k, activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=norm_topk_prob)
 
+Int4 experts (--quantize int4: blocked DequantizeLinear of the two stacks) become com.microsoft::QMoE
+with the same routing and layout: codes packed two a byte along the inputs (fc1 [E, 2I, D/2] rows
+interleaved, fc2 [E, D, I/2]), scales [E, rows, K/G] and zero points packed along the blocks. CPU QMoE
+renormalizes the top-k weights whatever normalize_routing_weights says, so without norm_topk_prob the
+mixing weights come as router_weights = Softmax(logits) (ort-contrib-ops.md §6).
+
 The op applies the softmax over all experts itself and takes the top-k of those probabilities, exactly
 as transformers does (ort-contrib-ops.md §5). Only interleaved SwiGLU (swiglu_fusion=1) is used: CPU
 supports nothing else, and the other layouts swapped gate and up on CUDA. The shared expert and its
@@ -29,6 +35,7 @@ from ..build import MS_DOMAIN, add_initializer, add_node, constant, replace_valu
 from ..facts import PassFacts
 from ..fusion import Fusion
 from ..regions import Region, initializers_of, nodes_in_scope, region_of
+from .int4_matmul import pack_low_first, unsigned
 
 NAME = "MoE"
 
@@ -38,7 +45,7 @@ class Experts:
     layer: int
     input: ir.Value
     router_logits: ir.Value
-    gate_up: ir.Value  # [E, 2I, D], gate rows then up rows
+    gate_up: ir.Value  # [E, 2I, D], gate rows then up rows: an initializer, or DequantizeLinear's output
     down: ir.Value  # [E, D, I]
     output: ir.Value
 
@@ -63,11 +70,14 @@ def find(graph: ir.Graph, facts: PassFacts) -> list[tuple[int, Region, Region]]:
 def check(graph: ir.Graph, candidate: tuple[int, Region, Region], facts: PassFacts) -> Experts | str:
     layer, experts, router = candidate
     stacked = [w for w in initializers_of(experts.nodes) if w.shape is not None and len(w.shape) == 3]
+    stacked += [v for v in experts.inputs if dequantized(v) is not None and len(v.shape) == 3]
     if len(stacked) != 2:
         return f"layer {layer}: expected the two stacked expert tensors, found {len(stacked)}"
-    gate_up, down = sorted(stacked, key=lambda w: w.name.endswith("down_proj"))
+    gate_up, down = sorted(stacked, key=lambda w: stack_name(w).endswith("down_proj"))
     experts_count, rows, hidden = gate_up.shape
-    if list(down.shape) != [experts_count, hidden, rows // 2] or not gate_up.name.endswith("gate_up_proj"):
+    if (dequantized(gate_up) is None) != (dequantized(down) is None):
+        return f"layer {layer}: one expert stack is int4 and the other is not"
+    if list(down.shape) != [experts_count, hidden, rows // 2] or not stack_name(gate_up).endswith("gate_up_proj"):
         return f"layer {layer}: expert tensors {gate_up.name} {list(gate_up.shape)} / {down.name} {list(down.shape)} do not pair up"
     matmuls = [n for n in router.nodes if n.op_type in ("MatMul", "Gemm") and any(v is not None and v.is_initializer() for v in n.inputs)]
     if len(matmuls) != 1:
@@ -79,21 +89,69 @@ def check(graph: ir.Graph, candidate: tuple[int, Region, Region], facts: PassFac
     return Experts(layer, x, logits_node.outputs[0], gate_up, down, experts.outputs[0])
 
 
+def dequantized(value: ir.Value) -> ir.Node | None:
+    """The blocked DequantizeLinear of initializers that produces `value`, if any."""
+    node = value.producer()
+    if node is None or node.op_type != "DequantizeLinear" or not all(v is None or v.is_initializer() for v in node.inputs):
+        return None
+    return node
+
+
+def stack_name(value: ir.Value) -> str:
+    """The stacked parameter's name; int4 stacks are read from their codes ("{parameter}.int4")."""
+    node = dequantized(value)
+    return value.name if node is None else node.inputs[0].name.removesuffix(".int4")
+
+
 def build(graph: ir.Graph, found: list[Experts], facts: PassFacts) -> PassFacts:
     for experts in found:
-        gate_up = experts.gate_up
-        fc1 = add_initializer(graph, f"layers.{experts.layer}/mlp/moe/fc1", gate_up.dtype, tuple(gate_up.shape),
-                              lambda w=gate_up: interleave_gate_up(w.const_value.numpy()))
-        rows_shape = constant(graph, f"layers.{experts.layer}/mlp/moe/router_rows", np.array([-1, gate_up.shape[0]], np.int64))
-        (router_rows,) = add_node(graph, "Reshape", [experts.router_logits, rows_shape], name=f"layers.{experts.layer}/mlp/router_rows")
-        (out,) = add_node(
-            graph, "MoE", [experts.input, router_rows, fc1, None, experts.down],
-            {"k": facts.model.experts_per_token, "activation_type": "swiglu", "swiglu_fusion": 1,
-             "normalize_routing_weights": int(facts.model.normalize_routing), "activation_alpha": 1.0, "activation_beta": 0.0},
-            name=f"layers.{experts.layer}/mlp/MoE", domain=MS_DOMAIN,
-        )
+        layer, gate_up = experts.layer, experts.gate_up
+        rows_shape = constant(graph, f"layers.{layer}/mlp/moe/router_rows", np.array([-1, gate_up.shape[0]], np.int64))
+        (router_rows,) = add_node(graph, "Reshape", [experts.router_logits, rows_shape], name=f"layers.{layer}/mlp/router_rows")
+        attributes = {"k": facts.model.experts_per_token, "activation_type": "swiglu", "swiglu_fusion": 1,
+                      "normalize_routing_weights": int(facts.model.normalize_routing), "activation_alpha": 1.0,
+                      "activation_beta": 0.0}
+        if dequantized(gate_up) is None:
+            fc1 = add_initializer(graph, f"layers.{layer}/mlp/moe/fc1", gate_up.dtype, tuple(gate_up.shape),
+                                  lambda w=gate_up: interleave_gate_up(w.const_value.numpy()))
+            (out,) = add_node(graph, "MoE", [experts.input, router_rows, fc1, None, experts.down], attributes,
+                              name=f"layers.{layer}/mlp/MoE", domain=MS_DOMAIN)
+        else:
+            out = quantized_experts(graph, experts, router_rows, attributes, facts)
         replace_value(graph, experts.output, out)
     return facts
+
+
+def quantized_experts(graph: ir.Graph, experts: Experts, router_rows: ir.Value, attributes: dict, facts: PassFacts) -> ir.Value:
+    """QMoE over the two int4 stacks: codes, scales and zero points re-laid as the op reads them."""
+    name = f"layers.{experts.layer}/mlp/qmoe"
+    fc = {}
+    for index, (stack, order) in enumerate(((experts.gate_up, interleave_gate_up), (experts.down, lambda a: a)), start=1):
+        codes, scales, zeros = (list(dequantized(stack).inputs) + [None])[:3]
+        count, rows, k = codes.shape
+        fc[index] = (
+            add_initializer(graph, f"{name}/fc{index}", ir.DataType.UINT8, (count, rows, k // 2),
+                            lambda c=codes, o=order: pack_low_first(o(unsigned(c.const_value.numpy())))),
+            add_initializer(graph, f"{name}/fc{index}_scales", scales.dtype, tuple(scales.shape),
+                            lambda s=scales, o=order: o(s.const_value.numpy())),
+            None if zeros is None else add_initializer(
+                graph, f"{name}/fc{index}_zero_points", ir.DataType.UINT8, (count, rows, (zeros.shape[2] + 1) // 2),
+                lambda z=zeros, o=order: pack_low_first(o(z.const_value.numpy()))),
+        )
+        block = dequantized(stack).attributes["block_size"].value
+    # without norm_topk_prob the mixing weights are the softmax itself (CPU QMoE renormalizes otherwise)
+    router_weights = None
+    if not facts.model.normalize_routing:
+        (router_weights,) = add_node(graph, "Softmax", [router_rows], {"axis": -1}, name=f"{name}/router_weights")
+    (out,) = add_node(
+        graph, "QMoE",
+        [experts.input, router_rows, fc[1][0], fc[1][1], None, fc[2][0], fc[2][1], None, None, None, None,
+         fc[1][2], fc[2][2], None, router_weights],
+        {**attributes, "expert_weight_bits": 4, "block_size": block, "accuracy_level": facts.int4_accuracy,
+         "weights_prepacked": 0},  # raw layout, as written here (the default lets the provider assume its own)
+        name=f"layers.{experts.layer}/mlp/QMoE", domain=MS_DOMAIN,
+    )
+    return out
 
 
 FUSION = Fusion(NAME, lambda facts: len(facts.model.sparse_layers), find, check, build)
