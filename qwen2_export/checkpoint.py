@@ -166,11 +166,20 @@ def placement_of(name: str, config: Qwen2Config, quantized: set[str]) -> Placeme
         return None
     if config.quantization is not None and config.quantization.method in int4.LAYOUTS:
         prefix, _, part = name.rpartition(".")
-        if part in int4.LAYOUTS[config.quantization.method] and f"{prefix}.weight" in quantized:
-            return Placement(f"{prefix}.weight", 0, part)
+        if part in int4.LAYOUTS[config.quantization.method]:
+            if f"{prefix}.weight" in quantized:
+                return Placement(f"{prefix}.weight", 0, part)
+            expert = expert_slot(f"{prefix}.weight", config)
+            if expert is not None and expert.parameter in quantized:  # one expert's part of an int4 stack
+                return Placement(expert.parameter, expert.offset, part)
+    return expert_slot(name, config) or Placement(name, 0)
+
+
+def expert_slot(name: str, config: Qwen2Config) -> Placement | None:
+    """Where one expert's Linear weight sits in its layer's stacked tensor; None for other names."""
     match = _EXPERT.fullmatch(name)
     if match is None:
-        return Placement(name, 0)
+        return None
     experts, expert, projection = match.group(1), int(match.group(2)), match.group(3)
     assert config.moe is not None
     block = config.moe.moe_intermediate_size * config.hidden_size  # one [I, D] or [D, I] matrix
@@ -178,6 +187,25 @@ def placement_of(name: str, config: Qwen2Config, quantized: set[str]) -> Placeme
         return Placement(f"{experts}.down_proj", expert * block)
     # gate_up_proj[e] holds gate rows then up rows, as transformers 5.x fuses them
     return Placement(f"{experts}.gate_up_proj", (2 * expert + (projection == "up_proj")) * block)
+
+
+def expert_matrix(stack_shape: tuple[int, ...], parameter: str) -> tuple[int, int]:
+    """(out, in) of one expert's Linear in a stack: gate_up [E, 2I, D] holds two [I, D], down [E, D, I] one."""
+    _, rows, columns = stack_shape
+    return (rows // 2, columns) if parameter.endswith("gate_up_proj") else (rows, columns)
+
+
+def packed_modules(config: Qwen2Config, packed: set[str]) -> dict[tuple[str, int], str]:
+    """(parameter, element offset) of every Linear an int4 checkpoint stores as parts -> its module name."""
+    modules = {(name, 0): name.removesuffix(".weight") for name in packed if name.endswith(".weight")}
+    for layer in config.sparse_layers if packed else ():
+        for expert in range(config.moe.num_experts):
+            for projection in ("gate_proj", "up_proj", "down_proj"):
+                module = f"model.layers.{layer}.mlp.experts.{expert}.{projection}"
+                slot = expert_slot(f"{module}.weight", config)
+                if slot.parameter in packed:
+                    modules[(slot.parameter, slot.offset)] = module
+    return modules
 
 
 def quantized_parameters(config: Qwen2Config) -> set[str]:
@@ -198,7 +226,7 @@ def plan_placements(
     filled = {name: 0 for name in parameter_shapes}
     # int4 checkpoints store each quantized weight as parts; --quantize int4 reads float weights like any other
     packed = quantized_parameters(config) if config.quantization and config.quantization.method in int4.LAYOUTS else set()
-    parts_seen: dict[str, set[str]] = {}  # int4 weights: which of their tensors the checkpoint has
+    parts_seen: dict[tuple[str, int], set[str]] = {}  # int4 Linears: which of their tensors the checkpoint has
     for entry in entries:
         placement = placement_of(entry.name, config, packed)
         plan[entry.name] = placement
@@ -208,13 +236,14 @@ def plan_placements(
         if shape is None:
             unknown.append(entry.name)
             continue
-        if placement.part is not None:  # one of the three tensors of an int4 weight: filled once all are seen
+        if placement.part is not None:  # one of the tensors of an int4 Linear: filled once all are seen
             layout = int4.LAYOUTS[config.quantization.method][placement.part]
-            expected = layout.shape(*shape, config.quantization.group_size)
+            matrix = expert_matrix(shape, placement.parameter) if len(shape) == 3 else shape
+            expected = layout.shape(*matrix, config.quantization.group_size)
             if tuple(entry.shape) != expected or entry.dtype != layout.dtype:
                 wrong_shape.append(f"{entry.name} {list(entry.shape)} (expected {list(expected)})")
             else:
-                parts_seen.setdefault(placement.parameter, set()).add(placement.part)
+                parts_seen.setdefault((placement.parameter, placement.offset), set()).add(placement.part)
             continue
         whole = placement.parameter == entry.name
         if (whole and tuple(entry.shape) != shape) or placement.offset + entry.numel > _numel(shape):
@@ -224,7 +253,8 @@ def plan_placements(
     unfilled = [name for name, count in filled.items() if name not in packed and count != _numel(parameter_shapes[name])]
     if packed:
         parts = set(int4.LAYOUTS[config.quantization.method])
-        unfilled += sorted(name for name in packed if parts_seen.get(name) != parts)
+        unfilled += sorted(f"{module}.weight" for key, module in packed_modules(config, packed).items()
+                           if parts_seen.get(key) != parts)
     problems = []
     if unknown:
         problems.append(f"checkpoint tensors not used by {config.architecture}: {_listing(unknown)}")

@@ -175,7 +175,8 @@ def parse_config(raw: dict[str, Any]) -> Qwen2Config:
         sliding_window=sliding_window,
         moe=moe,
         quantization=_quantization(raw, architecture, (hidden_size, num_heads * head_dim, num_kv_heads * head_dim,
-                                                       intermediate_size)),
+                                                       intermediate_size) + (() if moe is None else (
+                                       moe.moe_intermediate_size, moe.shared_expert_intermediate_size))),
         torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
         raw=raw,
     )
@@ -252,9 +253,9 @@ def _quantization(raw: dict[str, Any], architecture: str, linear_sizes: tuple[in
             any(size % group_size or size % 8 for size in linear_sizes):
         raise ConfigError(f"{where}.group_size={group_size!r} must divide every projection's input size "
                           f"{sorted(set(linear_sizes))} (and those must be multiples of 8)")
-    if architecture != "Qwen2ForCausalLM":
+    if architecture != "Qwen2ForCausalLM" and method != "gptq":
         raise ConfigError(f"{method.upper()} checkpoints of {architecture} are not supported yet; export the "
-                          "unquantized one")
+                          "unquantized one (GPTQ ones are)")
     return QuantConfig(method, 4, group_size)
 
 

@@ -227,6 +227,8 @@ def write_weights(
             if placement is not None and placement.parameter in rounded:  # --quantize int4
                 written.update(write_rtn_weight(f, entry, placement, slots, config.quantization,
                                                 dtype_of[int4.initializer_name(placement.parameter, int4.SCALES)]))
+            elif part is not None and placement.parameter != f"{entry.name.rpartition('.')[0]}.weight":  # an expert's part
+                written.update(write_expert_part(f, entry, placement, slots, config, dtype_of))
             elif part is not None and not part.dtype.is_floating_point:  # packed codes, zero points; g_idx
                 written.update(write_int4_part(f, entry, placement, slots, config))
             elif placement is not None:  # floats, int4 scales included: cast into their slot
@@ -273,6 +275,24 @@ def write_int4_part(f, entry: TensorEntry, placement, slots: dict[str, Slot], co
             f.seek(base + offset * entry.dtype.itemsize)
             f.write(data)
     return [name] if name else []
+
+
+def write_expert_part(f, entry: TensorEntry, placement, slots: dict[str, Slot], config: Qwen2Config,
+                      dtype_of: dict[str, torch.dtype]) -> list[str]:
+    """One expert's GPTQ part (a few MiB, read whole) into its rows of the stacked int4 initializer."""
+    suffix = int4.LAYOUTS[config.quantization.method][placement.part].initializer
+    name = int4.initializer_name(placement.parameter, suffix) if suffix else None
+    tensor = torch.cat([chunk for _, chunk in read_chunks(entry)])
+    laid = int4.gptq_expert_part(placement.part, tensor, entry.shape, config.quantization.group_size,
+                                 dtype_of.get(int4.initializer_name(placement.parameter, int4.SCALES), torch.float16),
+                                 f"{entry.file.name}: {entry.name}")
+    if laid is None:
+        return []
+    data, divisor = laid
+    element_bytes = dtype_of[name].itemsize if suffix == int4.SCALES else 0.5  # uint4 codes and zero points
+    f.seek(slots[name].offset + int(placement.offset // divisor * element_bytes))
+    f.write(data.tobytes())
+    return [name]
 
 
 def write_rtn_weight(f, entry: TensorEntry, placement, slots: dict[str, Slot], quantization, scale_dtype: torch.dtype) -> list[str]:

@@ -76,22 +76,48 @@ def awq_words_to_uint4(words: torch.Tensor) -> bytes:
     return natural.astype("<u4").tobytes()
 
 
-def gptq_words_to_uint4(words: torch.Tensor, columns: int) -> bytes:
-    """Whole rows of GPTQ words [R, N] (8 input rows each) -> codes [8R, N] as ONNX uint4 bytes."""
+def gptq_codes(words: torch.Tensor, columns: int) -> np.ndarray:
+    """Whole rows of GPTQ words [R, N] (8 input rows each) -> codes [8R, N] (uint8 values)."""
     packed = words.numpy().view(np.uint32).reshape(-1, columns)
     codes = np.stack([(packed >> np.uint32(4 * j)) & np.uint32(0xF) for j in range(8)], axis=1)  # [R, 8, N]
-    return nibbles(codes.reshape(-1, columns)).tobytes()
+    return codes.reshape(-1, columns).astype(np.uint8)
+
+
+def gptq_zeros(words: torch.Tensor, where: str) -> np.ndarray:
+    """GPTQ zero points [R, N/8] (stored as z - 1, 8 per word in column order) -> z [R, N] (uint8 values)."""
+    packed = words.numpy().view(np.uint32)
+    stored = np.stack([(packed >> np.uint32(4 * j)) & np.uint32(0xF) for j in range(8)], axis=-1)
+    if (stored == 15).any():  # z = 16 does not fit 4 bits (AutoGPTQ adds the 1 back without wrapping)
+        raise CheckpointError(f"{where} holds a zero point of 16, which 4-bit zero points cannot carry; "
+                              "re-quantize with sym=True or zero points up to 15")
+    return (stored + 1).reshape(*packed.shape[:-1], -1).astype(np.uint8)
+
+
+def gptq_words_to_uint4(words: torch.Tensor, columns: int) -> bytes:
+    """Whole rows of GPTQ words [R, N] -> codes [8R, N] as ONNX uint4 bytes."""
+    return nibbles(gptq_codes(words, columns)).tobytes()
 
 
 def gptq_zeros_to_uint4(words: torch.Tensor, where: str) -> bytes:
-    """GPTQ zero points (stored as z - 1, 8 per word in column order) -> z as ONNX uint4 bytes."""
-    packed = words.numpy().view(np.uint32)
-    nibbles = np.stack([(packed >> np.uint32(4 * j)) & np.uint32(0xF) for j in range(8)], axis=-1)
-    if (nibbles == 15).any():  # z = 16 does not fit 4 bits (AutoGPTQ adds the 1 back without wrapping)
-        raise CheckpointError(f"{where} holds a zero point of 16, which 4-bit zero points cannot carry; "
-                              "re-quantize with sym=True or zero points up to 15")
-    natural = sum((nibbles[..., j] + 1).astype(np.uint32) << np.uint32(4 * j) for j in range(8))
-    return np.asarray(natural, dtype="<u4").tobytes()
+    """GPTQ zero points -> z as ONNX uint4 bytes, in the checkpoint's [R, N] order."""
+    zeros = gptq_zeros(words, where)
+    return nibbles(zeros.reshape(1, -1) if zeros.ndim == 1 else zeros).tobytes()
+
+
+def gptq_expert_part(part: str, tensor: torch.Tensor, shape: tuple[int, ...], group_size: int,
+                     scale_dtype: torch.dtype, where: str) -> tuple[np.ndarray, int] | None:
+    """One part (checkpoint tensor of `shape`) of one expert's GPTQ Linear, re-laid as that expert's rows
+    [N, K] of the stacked experts: (the values to write, the divisor that turns the expert's element offset
+    in the stacked weight into this part's element offset: 1 for codes, G for scales and zero points).
+    None for g_idx, which is only checked."""
+    if part == "qweight":
+        return nibbles(gptq_codes(tensor, shape[1]).T.reshape(1, -1)), 1
+    if part == "qzeros":
+        return nibbles(gptq_zeros(tensor, where).reshape(shape[0], -1).T.reshape(1, -1)), group_size
+    if part == "scales":
+        return tensor.view(shape).t().to(scale_dtype).contiguous().flatten().view(torch.uint8).numpy(), group_size  # flat: a [N, 1] view keeps an odd stride
+    check_g_idx(tensor, 0, group_size, where)
+    return None
 
 
 def check_g_idx(values: torch.Tensor, first: int, group_size: int, where: str) -> None:

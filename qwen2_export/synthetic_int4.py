@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import quantized_parameters
+from .checkpoint import expert_slot, quantized_parameters
 from .config import parse_config
 from .int4 import ORDER
 from .synthetic import tiny_config, write_checkpoint
@@ -79,17 +79,20 @@ QUANTIZATION_CONFIGS = {
 
 def write_int4_checkpoint(out_dir: str | Path, method: str, variant: str = "sliding_window", group_size: int = 32,
                           seed: int = 0) -> dict[str, torch.Tensor]:
-    """A tiny int4 checkpoint (float tensors in fp16, as published); returns the float state dict that
-    equals it exactly (dequantized projections, every tensor in fp32)."""
+    """A tiny int4 checkpoint (float tensors in fp16, as published; GPTQ also for the MoE variants, experts
+    and shared expert quantized, router and shared-expert gate not, as Qwen's GPTQ-Int4 MoE); returns the
+    float state dict that equals it exactly (hub names, dequantized projections, every tensor in fp32)."""
     out = Path(out_dir)
     config_json = {**tiny_config(variant), "torch_dtype": "float16",
                    "quantization_config": {**QUANTIZATION_CONFIGS[method], "group_size": group_size}}
     write_checkpoint(out, config_json, seed=seed, dtype=torch.float16)
-    quantized = quantized_parameters(parse_config(config_json))
+    config = parse_config(config_json)
+    quantized = quantized_parameters(config)
     floats = load_file(out / "model.safetensors")
     stored, reference = {}, {}
     for name, tensor in floats.items():
-        if name in quantized:
+        expert = expert_slot(name, config)  # Qwen2-MoE: each expert's Linear is quantized on its own
+        if name in quantized or (expert is not None and expert.parameter in quantized):
             parts, reference[name] = QUANTIZERS[method](tensor, group_size)
             prefix = name.removesuffix(".weight")
             stored.update({f"{prefix}.{part}": value for part, value in parts.items()})

@@ -265,3 +265,52 @@ def test_quantize_refusals_name_the_fix(case, message, int4, tmp_path):
     with pytest.raises(ConfigError, match=message):
         export_checkpoint(checkpoint, tmp_path / "out", quantize="int4", block_size=block)
     assert not (tmp_path / "out").exists()
+
+
+# ---- GPTQ-Int4 Qwen2-MoE (as Qwen publishes Qwen2-57B-A14B-Instruct-GPTQ-Int4) ----
+@pytest.fixture(scope="module", params=["moe_shared", "moe_mlp_only_norm"])
+def gptq_moe(request, tmp_path_factory) -> tuple[Path, Path]:
+    """(the GPTQ MoE export with an exact CPU graph, a float checkpoint holding its dequantized weights)."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("gptq-moe")
+    weights = write_int4_checkpoint(folder / "checkpoint", "gptq", variant=request.param, group_size=32)
+    reference = Path(shutil.copytree(folder / "checkpoint", folder / "reference"))
+    save_file({name: tensor.contiguous() for name, tensor in weights.items()}, reference / "model.safetensors",
+              metadata={"format": "pt"})
+    config = json.loads((reference / "config.json").read_text())
+    config.pop("quantization_config")
+    (reference / "config.json").write_text(json.dumps(config))
+    artifact = export_checkpoint(folder / "checkpoint", folder / "artifact")
+    optimize_artifact(artifact, "cpu", int4_accuracy=EXACT)
+    return artifact, reference
+
+
+def test_gptq_moe_experts_are_repacked_into_qmoe_exactly(gptq_moe):
+    """Experts and shared expert int4 (each expert's codes re-laid as rows of the stacks), router and
+    shared-expert gate float: both graphs equal transformers on the dequantized weights, logits and 32
+    greedy tokens, in both routing modes."""
+    artifact, reference_checkpoint = gptq_moe
+    graph = onnx.load(str(artifact / "onnx/model_cpu.onnx"), load_external_data=False).graph
+    moe = contract.read_manifest(artifact).model.moe
+    assert [node.op_type for node in graph.node].count("QMoE") == len(moe.sparse_layers)
+    reference = load_reference(reference_checkpoint)
+    ids = np.random.default_rng(7).integers(0, 456, size=(1, 14))
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(ids)).logits.numpy()[0, 9:]
+    for number in (0, 1):
+        ours = np.stack(last_logits_per_step(*open_session(artifact, graph=number), ids, prefill=10))[:, 0]
+        assert np.abs(ours - expected).max() <= 1e-5 * np.abs(expected).max()
+    prompt = [1, 5, 9, 33, 100, 7, 250, 18]
+    model = Model.load(artifact)
+    tokens = model.generate(prompt, max_new_tokens=32, greedy=True, repetition_penalty=1.0, ignore_eos=True).output_ids
+    with torch.no_grad():
+        rows = reference(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1, : model.manifest.tokenizer.vocab_size]
+    assert tokens == rows.argmax(-1).tolist()
+
+
+def test_awq_moe_is_refused_with_the_way_out(tmp_path):
+    from qwen2_export.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="AWQ checkpoints of Qwen2MoeForCausalLM are not supported"):
+        write_int4_checkpoint(tmp_path / "checkpoint", "awq", variant="moe_shared", group_size=32)
