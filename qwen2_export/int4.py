@@ -8,6 +8,9 @@ For a Linear with K inputs, N outputs and groups of G inputs, W[k, n] = (q[k, n]
     qzeros  int32 [K/G, N/8] as qweight          qzeros  int32 [K/G, N/8] nibble j = column 8c + j, stored as z - 1
     scales  fp16  [K/G, N]                       scales  fp16  [K/G, N];  g_idx int32 [K] = k // G (checked)
 
+Qwen2-MoE experts live in stacks [E, out, in] blocked along the last axis, so a GPTQ expert's
+[K, N] codes, scales and zero points are transposed into its rows of the stack (gptq_expert_part).
+
 `--quantize int4` ("rtn") computes codes from a float checkpoint, block by block along the inputs
 (round_to_nearest): with zero points, s = (max - min) / 15 and z = round(-min / s) over the block
 (its range widened to hold 0); symmetric, s = -w* / 8 for the block's value w* of largest magnitude,
@@ -115,7 +118,8 @@ def gptq_expert_part(part: str, tensor: torch.Tensor, shape: tuple[int, ...], gr
     if part == "qzeros":
         return nibbles(gptq_zeros(tensor, where).reshape(shape[0], -1).T.reshape(1, -1)), group_size
     if part == "scales":
-        return tensor.view(shape).t().to(scale_dtype).contiguous().flatten().view(torch.uint8).numpy(), group_size  # flat: a [N, 1] view keeps an odd stride
+        # flattened: a transposed [N, 1] keeps a stride that .view(uint8) refuses
+        return tensor.view(shape).t().to(scale_dtype).contiguous().flatten().view(torch.uint8).numpy(), group_size
     check_g_idx(tensor, 0, group_size, where)
     return None
 

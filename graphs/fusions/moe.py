@@ -10,7 +10,8 @@ After:
     MoE(x [B, S, D], Reshape(logits, [-1, E]), fc1 = interleave(gate_up) [E, 2I, D], "", fc2 = down [E, D, I],
         k, activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=norm_topk_prob)
 
-Int4 experts (--quantize int4: blocked DequantizeLinear of the two stacks) become com.microsoft::QMoE
+Int4 experts (--quantize int4 or a GPTQ MoE checkpoint: blocked DequantizeLinear of the two stacks along
+their inputs, the last axis) become com.microsoft::QMoE
 with the same routing and layout: codes packed two a byte along the inputs (fc1 [E, 2I, D/2] rows
 interleaved, fc2 [E, D, I/2]), scales [E, rows, K/G] and zero points packed along the blocks. CPU QMoE
 renormalizes the top-k weights whatever normalize_routing_weights says, so without norm_topk_prob the
@@ -90,11 +91,12 @@ def check(graph: ir.Graph, candidate: tuple[int, Region, Region], facts: PassFac
 
 
 def dequantized(value: ir.Value) -> ir.Node | None:
-    """The blocked DequantizeLinear of initializers that produces `value`, if any."""
+    """The DequantizeLinear of initializers, blocked along the last axis, that produces `value`, if any."""
     node = value.producer()
     if node is None or node.op_type != "DequantizeLinear" or not all(v is None or v.is_initializer() for v in node.inputs):
         return None
-    return node
+    axis = node.attributes.get("axis")
+    return node if axis is not None and axis.value == len(node.inputs[0].shape) - 1 else None
 
 
 def stack_name(value: ir.Value) -> str:
