@@ -1,9 +1,9 @@
 """How far int4 graphs move the logits, on the tiny seeded checkpoints the tests use (CPU, fp32).
 
 For each case: the last-token logits of a 14-token prompt from a graph of the artifact, against
-transformers fp32 holding (a) the float checkpoint and (b) the weights the checkpoint's int4 codes
-stand for; printed as max |difference| / max |logit|. AWQ and GPTQ checkpoints are exact by
-construction, so (b) is the graph's own error; `--quantize int4` is measured against both.
+transformers fp32 holding (b) the weights its int4 codes stand for (dequantized from the portable graph
+by ONNX's rule; tests/test_int4.py checks that these are the AWQ and GPTQ checkpoints' own) and, for
+`--quantize int4`, (a) the float checkpoint; printed as max |difference| / max |logit|.
 Random weights have no structure for int4 to keep, so (a) is far worse than on a trained model:
 read it as an upper bound of the rounding, not as a quality figure.
 
@@ -13,7 +13,6 @@ read it as an upper bound of the rounding, not as a quality figure.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from pathlib import Path
 
@@ -47,10 +46,12 @@ def graph_logits(artifact: Path, graph: str) -> np.ndarray:
     return logits[0, -1]
 
 
-def reference_logits(config: dict, weights: dict[str, torch.Tensor]) -> np.ndarray:
-    config = {k: v for k, v in config.items() if k != "quantization_config"}
-    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**config, attn_implementation="eager")).float().eval()
-    model.load_state_dict(weights, strict=False)
+def reference_logits(float_checkpoint: Path, weights: dict[str, torch.Tensor] | None = None) -> np.ndarray:
+    """transformers fp32 on the float checkpoint, with `weights` (int4 ones, dequantized) put in its place."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(float_checkpoint, dtype=torch.float32,
+                                                              attn_implementation="eager").eval()
+    if weights:
+        assert not model.load_state_dict(weights, strict=False).unexpected_keys
     with torch.no_grad():
         return model(torch.from_numpy(IDS)).logits[0, -1].numpy()
 
@@ -76,37 +77,41 @@ def relative(ours: np.ndarray, reference: np.ndarray) -> float:
     return float(np.abs(ours - reference).max() / np.abs(reference).max())
 
 
+CASES = (  # (variant, method, block size, symmetric)
+    ("sliding_window", "awq", 32, False), ("sliding_window", "gptq", 32, False), ("moe_shared", "gptq", 32, False),
+    ("sliding_window", "rtn", 32, False), ("sliding_window", "rtn", 32, True), ("sliding_window", "rtn", 64, False),
+    ("moe_shared", "rtn", 32, False),
+)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, required=True)
     args = parser.parse_args()
     shutil.rmtree(args.workdir, ignore_errors=True)
-    float_checkpoint = args.workdir / "float"
-    write_checkpoint(float_checkpoint, tiny_config("sliding_window"), seed=0, dtype=torch.float16)
-    from safetensors.torch import load_file
-
-    float_weights = {k: v.float() for k, v in load_file(float_checkpoint / "model.safetensors").items()}
-    config = json.loads((float_checkpoint / "config.json").read_text())
-    cases = [("awq", None, False), ("gptq", None, False), ("rtn", 32, False), ("rtn", 32, True), ("rtn", 64, False)]
-    print(f"{'case':<26}{'graph':<16}{'vs its int4 weights':>20}{'vs the float model':>20}")
-    for method, block, symmetric in cases:
-        name = f"{method}" + (f" block {block}" + (" symmetric" if symmetric else "") if block else "")
+    print(f"{'case':<42}{'graph':<16}{'vs its int4 weights':>20}{'vs the float model':>20}")
+    for variant, method, block, symmetric in CASES:
+        name = f"{variant} {method} block {block}" + (" symmetric" if symmetric else "")
         folder = args.workdir / name.replace(" ", "-")
+        float_checkpoint = folder / "float"  # the same seed gives an int4 checkpoint its float tensors
+        write_checkpoint(float_checkpoint, tiny_config(variant), seed=0, dtype=torch.float16)
         if method == "rtn":
-            artifact = export_checkpoint(float_checkpoint, folder / "artifact", quantize="int4", block_size=block, symmetric=symmetric)
-            exact = reference_logits(config, {**float_weights, **stored_weights(artifact)})
-            unquantized = reference_logits(config, float_weights)
+            artifact = export_checkpoint(float_checkpoint, folder / "artifact", quantize="int4", block_size=block,
+                                         symmetric=symmetric)
+            unquantized = reference_logits(float_checkpoint)
         else:
-            weights = write_int4_checkpoint(folder / "checkpoint", method, variant="sliding_window", group_size=32)
+            write_int4_checkpoint(folder / "checkpoint", method, variant=variant, group_size=block)
             artifact = export_checkpoint(folder / "checkpoint", folder / "artifact")
-            exact, unquantized = reference_logits(config, weights), None
+            unquantized = None  # the checkpoint is int4: there is no float model to compare with
+        exact = reference_logits(float_checkpoint, stored_weights(artifact))
         for level in (1, 4):
             optimize_artifact(artifact, "cpu", int4_accuracy=level)
-            for graph in (contract.PORTABLE_GRAPH, contract.optimized_graph_name("cpu")) if level == 1 else (contract.optimized_graph_name("cpu"),):
+            graphs = (contract.PORTABLE_GRAPH, contract.optimized_graph_name("cpu")) if level == 1 else (contract.optimized_graph_name("cpu"),)
+            for graph in graphs:
                 ours = graph_logits(artifact, graph)
                 label = graph if graph == contract.PORTABLE_GRAPH else f"cpu, level {level}"
-                against_float = f"{relative(ours, unquantized):>20.2e}" if unquantized is not None else f"{'exact (construction)':>20}"
-                print(f"{name:<26}{label:<16}{relative(ours, exact):>20.2e}{against_float}")
+                against_float = f"{relative(ours, unquantized):>20.2e}" if unquantized is not None else f"{'-':>20}"
+                print(f"{name:<42}{label:<16}{relative(ours, exact):>20.2e}{against_float}")
 
 
 if __name__ == "__main__":
