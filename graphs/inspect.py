@@ -22,6 +22,9 @@ def describe_artifact(artifact: str | Path) -> str:
     artifact = Path(artifact)
     manifest = contract.read_manifest(artifact)
     lines = [f"{artifact}: {manifest.architecture}, {manifest.model.num_hidden_layers} layers, dtype {manifest.dtype}"]
+    if (q := manifest.quantization) is not None:
+        lines.append(f"int{q.bits} weights ({q.method}, blocks of {q.group_size}, "
+                     f"{'symmetric' if q.symmetric else 'zero points'}): {', '.join(q.projections)}")
     for graph in manifest.graphs:
         histogram = op_histogram(files.inside(artifact, graph.file))
         lines.append(f"\ngraph {graph.name} ({graph.file}, target {graph.target}, "

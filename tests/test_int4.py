@@ -169,6 +169,9 @@ def test_export_with_targets_writes_the_int4_graphs(int4, tmp_path, capsys):
     assert "MatMulNBits x14" in capsys.readouterr().err
     graphs = contract.read_manifest(tmp_path / "out").graphs
     assert [g.name for g in graphs] == [contract.PORTABLE_GRAPH, "optimized-cpu", "optimized-cuda"]
+    assert main(["inspect", str(tmp_path / "out")]) == 0
+    method = contract.read_manifest(tmp_path / "out").quantization.method
+    assert f"int4 weights ({method}, blocks of 32, zero points): self_attn.q_proj" in capsys.readouterr().out
 
 
 # ---- --quantize int4: round to nearest while streaming ----
