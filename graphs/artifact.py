@@ -16,6 +16,8 @@ import onnx_ir as ir
 
 from artifact import contract, files
 
+from .errors import GraphError
+
 from .fusions import packed_matmul
 from .pipeline import PASSES, PassReport, optimize
 
@@ -63,23 +65,26 @@ def write_graph(model: ir.Model, graph_path: Path, data_file: str) -> None:
 
 
 def write_new_weights(model: ir.Model, path: Path, location: str) -> Path:
-    """Stream every initializer that is not already in the portable data file into `path`."""
+    """Stream every initializer that is not already in the portable data file into `path`, each computed
+    once and written from its array (no bytes copy: the largest, an fp16 embedding, is a GB)."""
     offset = 0
     with path.open("wb") as f:
         for name, value in model.graph.initializers.items():
             tensor = value.const_value
             if isinstance(tensor, ir.ExternalTensor) and Path(tensor.location).name == contract.data_file():
                 continue
-            data = tensor.tobytes()
-            if len(data) <= contract.INLINE_BYTES:
+            size = tensor.nbytes
+            if size <= contract.INLINE_BYTES:
                 value.const_value = ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=name)
                 continue
-            offset = contract.aligned_offset(offset, len(data))
+            offset = contract.aligned_offset(offset, size)
             f.seek(offset)
-            f.write(data)
-            value.const_value = ir.ExternalTensor(location, offset, len(data), tensor.dtype, shape=tensor.shape,
+            tensor.tofile(f)
+            if f.tell() != offset + size:
+                raise GraphError(f"{name}: wrote {f.tell() - offset} bytes, expected {size}")
+            value.const_value = ir.ExternalTensor(location, offset, size, tensor.dtype, shape=tensor.shape,
                                                   name=name, base_dir=path.parent)
-            offset += len(data)
+            offset += size
     return path
 
 
