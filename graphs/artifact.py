@@ -17,7 +17,6 @@ import onnx_ir as ir
 from artifact import contract, files
 
 from .errors import GraphError
-
 from .fusions import packed_matmul
 from .pipeline import PASSES, PassReport, optimize
 

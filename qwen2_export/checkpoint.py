@@ -14,7 +14,7 @@ import json
 import math
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -53,11 +53,13 @@ class TensorEntry:
 @dataclass(frozen=True)
 class Placement:
     """A checkpoint tensor's destination: elements [offset, offset + numel) of `parameter`, flattened;
-    or, for an int4 checkpoint, one `part` of a quantized parameter (int4.LAYOUTS), whole."""
+    or, for an int4 checkpoint, one `part` of a quantized parameter (int4.LAYOUTS), whole. `stacked`: one
+    expert's Linear in its layer's stack [E, out, in] (the offset then locates that expert's rows)."""
 
     parameter: str
     offset: int
     part: str | None = None
+    stacked: bool = False
 
 
 def safetensors_files(checkpoint_dir: Path) -> list[Path]:
@@ -171,7 +173,7 @@ def placement_of(name: str, config: Qwen2Config, quantized: set[str]) -> Placeme
                 return Placement(f"{prefix}.weight", 0, part)
             expert = expert_slot(f"{prefix}.weight", config)
             if expert is not None and expert.parameter in quantized:  # one expert's part of an int4 stack
-                return Placement(expert.parameter, expert.offset, part)
+                return replace(expert, part=part)
     return expert_slot(name, config) or Placement(name, 0)
 
 
@@ -184,9 +186,9 @@ def expert_slot(name: str, config: Qwen2Config) -> Placement | None:
     assert config.moe is not None
     block = config.moe.moe_intermediate_size * config.hidden_size  # one [I, D] or [D, I] matrix
     if projection == "down_proj":
-        return Placement(f"{experts}.down_proj", expert * block)
+        return Placement(f"{experts}.down_proj", expert * block, stacked=True)
     # gate_up_proj[e] holds gate rows then up rows, as transformers 5.x fuses them
-    return Placement(f"{experts}.gate_up_proj", (2 * expert + (projection == "up_proj")) * block)
+    return Placement(f"{experts}.gate_up_proj", (2 * expert + (projection == "up_proj")) * block, stacked=True)
 
 
 def expert_matrix(stack_shape: tuple[int, ...], parameter: str) -> tuple[int, int]:
@@ -238,7 +240,7 @@ def plan_placements(
             continue
         if placement.part is not None:  # one of the tensors of an int4 Linear: filled once all are seen
             layout = int4.LAYOUTS[config.quantization.method][placement.part]
-            matrix = expert_matrix(shape, placement.parameter) if len(shape) == 3 else shape
+            matrix = expert_matrix(shape, placement.parameter) if placement.stacked else shape
             expected = layout.shape(*matrix, config.quantization.group_size)
             if tuple(entry.shape) != expected or entry.dtype != layout.dtype:
                 wrong_shape.append(f"{entry.name} {list(entry.shape)} (expected {list(expected)})")

@@ -25,7 +25,7 @@ import onnx_ir as ir
 import onnxscript.optimizer
 import torch
 
-from artifact import contract
+from artifact import contract, uint4
 
 from . import io_spec
 from . import staging as staging_area
@@ -227,7 +227,7 @@ def write_weights(
             if placement is not None and placement.parameter in rounded:  # --quantize int4
                 written.update(write_rtn_weight(f, entry, placement, slots, config.quantization,
                                                 dtype_of[int4.initializer_name(placement.parameter, int4.SCALES)]))
-            elif part is not None and placement.parameter != f"{entry.name.rpartition('.')[0]}.weight":  # an expert's part
+            elif part is not None and placement.stacked:  # an expert's part
                 written.update(write_expert_part(f, entry, placement, slots, config, dtype_of))
             elif part is not None and not part.dtype.is_floating_point:  # packed codes, zero points; g_idx
                 written.update(write_int4_part(f, entry, placement, slots, config))
@@ -281,16 +281,14 @@ def write_expert_part(f, entry: TensorEntry, placement, slots: dict[str, Slot], 
                       dtype_of: dict[str, torch.dtype]) -> list[str]:
     """One expert's GPTQ part (a few MiB, read whole) into its rows of the stacked int4 initializer."""
     suffix = int4.LAYOUTS[config.quantization.method][placement.part].initializer
-    name = int4.initializer_name(placement.parameter, suffix) if suffix else None
+    scale_dtype = dtype_of[int4.initializer_name(placement.parameter, int4.SCALES)]
     tensor = torch.cat([chunk for _, chunk in read_chunks(entry)])
-    laid = int4.gptq_expert_part(placement.part, tensor, entry.shape, config.quantization.group_size,
-                                 dtype_of.get(int4.initializer_name(placement.parameter, int4.SCALES), torch.float16),
+    data = int4.gptq_expert_part(placement.part, tensor, entry.shape, config.quantization.group_size, scale_dtype,
                                  f"{entry.file.name}: {entry.name}")
-    if laid is None:
+    if data is None:
         return []
-    data, divisor = laid
-    element_bytes = dtype_of[name].itemsize if suffix == int4.SCALES else 0.5  # uint4 codes and zero points
-    f.seek(slots[name].offset + int(placement.offset // divisor * element_bytes))
+    name = int4.initializer_name(placement.parameter, suffix)
+    f.seek(slots[name].offset + int4.stack_offset(suffix, placement.offset, config.quantization.group_size, scale_dtype.itemsize))
     f.write(data.tobytes())
     return [name]
 
@@ -304,27 +302,26 @@ def write_rtn_weight(f, entry: TensorEntry, placement, slots: dict[str, Slot], q
     group = quantization.group_size
     names = {suffix: int4.initializer_name(placement.parameter, suffix) for suffix in (int4.CODES, int4.SCALES, int4.ZERO_POINTS)}
     codes, scales, zeros = (slots.get(names[suffix]) for suffix in (int4.CODES, int4.SCALES, int4.ZERO_POINTS))
-    stacked = entry.name != placement.parameter
     # a quarter chunk: quantizing holds an fp32 copy of the band and its codes (export's peak RSS);
     # even: two uint4 values a byte
     band_rows = max(2, CHUNK_BYTES // 4 // (k * entry.dtype.itemsize) // 2 * 2)
     for offset, chunk in read_chunks(entry, band_rows * k * entry.dtype.itemsize):
         first = offset // k
         band = int4.round_to_nearest(chunk.view(-1, k), group, quantization.symmetric, scale_dtype)
-        if stacked:  # rows of [E, R, K]: contiguous, starting at element placement.offset + first * k
+        if placement.stacked:  # rows of [E, R, K]: contiguous, starting at element placement.offset + first * k
             start = placement.offset + first * k
-            for slot, data, element in ((codes, int4.nibbles(band.codes.reshape(1, -1)), start // 2),
-                                        (scales, band.scales.contiguous().view(torch.uint8).numpy(), start // group * scale_dtype.itemsize),
-                                        (zeros, None if band.zeros is None else int4.nibbles(band.zeros.reshape(1, -1)), start // group // 2)):
+            for suffix, data in ((int4.CODES, uint4.pack(band.codes.reshape(-1))),
+                                 (int4.SCALES, band.scales.contiguous().view(torch.uint8).numpy()),
+                                 (int4.ZERO_POINTS, None if band.zeros is None else uint4.pack(band.zeros.reshape(-1)))):
                 if data is not None:
-                    f.seek(slot.offset + element)
+                    f.seek(slots[names[suffix]].offset + int4.stack_offset(suffix, start, group, scale_dtype.itemsize))
                     f.write(data.tobytes())
             continue
-        write_columns(f, codes.offset, rows // 2, first // 2, int4.nibbles(band.codes.T))
+        write_columns(f, codes.offset, rows // 2, first // 2, uint4.pack(band.codes.T))
         write_columns(f, scales.offset, rows * scale_dtype.itemsize, first * scale_dtype.itemsize,
                       band.scales.t().contiguous().view(torch.uint8).numpy())  # [K / G, band rows * itemsize]
         if band.zeros is not None:
-            write_columns(f, zeros.offset, rows // 2, first // 2, int4.nibbles(band.zeros.T))
+            write_columns(f, zeros.offset, rows // 2, first // 2, uint4.pack(band.zeros.T))
     return [name for name in names.values() if name in slots]
 
 

@@ -38,6 +38,8 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from artifact import uint4
+
 from .errors import CheckpointError
 
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AWQ: nibble i of a word holds code 8c + ORDER[i]
@@ -98,30 +100,35 @@ def gptq_zeros(words: torch.Tensor, where: str) -> np.ndarray:
 
 def gptq_words_to_uint4(words: torch.Tensor, columns: int) -> bytes:
     """Whole rows of GPTQ words [R, N] -> codes [8R, N] as ONNX uint4 bytes."""
-    return nibbles(gptq_codes(words, columns)).tobytes()
+    return uint4.pack(gptq_codes(words, columns)).tobytes()
 
 
 def gptq_zeros_to_uint4(words: torch.Tensor, where: str) -> bytes:
     """GPTQ zero points -> z as ONNX uint4 bytes, in the checkpoint's [R, N] order."""
-    zeros = gptq_zeros(words, where)
-    return nibbles(zeros.reshape(1, -1) if zeros.ndim == 1 else zeros).tobytes()
+    return uint4.pack(gptq_zeros(words, where)).tobytes()
 
 
 def gptq_expert_part(part: str, tensor: torch.Tensor, shape: tuple[int, ...], group_size: int,
-                     scale_dtype: torch.dtype, where: str) -> tuple[np.ndarray, int] | None:
+                     scale_dtype: torch.dtype, where: str) -> np.ndarray | None:
     """One part (checkpoint tensor of `shape`) of one expert's GPTQ Linear, re-laid as that expert's rows
-    [N, K] of the stacked experts: (the values to write, the divisor that turns the expert's element offset
-    in the stacked weight into this part's element offset: 1 for codes, G for scales and zero points).
-    None for g_idx, which is only checked."""
+    [N, K] of the stacked experts, as the bytes to write at stack_offset. None for g_idx, only checked."""
     if part == "qweight":
-        return nibbles(gptq_codes(tensor, shape[1]).T.reshape(1, -1)), 1
+        return uint4.pack(gptq_codes(tensor, shape[1]).T.reshape(-1))
     if part == "qzeros":
-        return nibbles(gptq_zeros(tensor, where).reshape(shape[0], -1).T.reshape(1, -1)), group_size
+        return uint4.pack(gptq_zeros(tensor, where).reshape(shape[0], -1).T.reshape(-1))
     if part == "scales":
         # flattened: a transposed [N, 1] keeps a stride that .view(uint8) refuses
-        return tensor.view(shape).t().to(scale_dtype).contiguous().flatten().view(torch.uint8).numpy(), group_size
+        return tensor.view(shape).t().to(scale_dtype).contiguous().flatten().view(torch.uint8).numpy()
     check_g_idx(tensor, 0, group_size, where)
     return None
+
+
+def stack_offset(suffix: str, element: int, group_size: int, scale_bytes: int) -> int:
+    """Byte offset, within the stacked experts' initializer `suffix` (CODES, SCALES or ZERO_POINTS), of the
+    values that start at element `element` of the stacked weight [E, R, K] (a whole number of blocks)."""
+    if suffix == CODES:
+        return element // 2
+    return element // group_size * scale_bytes if suffix == SCALES else element // group_size // 2
 
 
 def check_g_idx(values: torch.Tensor, first: int, group_size: int, where: str) -> None:
@@ -179,13 +186,6 @@ def nonzero(scales: torch.Tensor) -> torch.Tensor:
     s = scales.float()
     s[s == 0] = 1.0
     return s
-
-
-def nibbles(values: np.ndarray) -> np.ndarray:
-    """int4 or uint4 values [R, 2m] -> bytes [R, m] as ONNX packs them: two a byte, the lower index in the
-    low nibble."""
-    values = values.astype(np.uint8) & 0xF
-    return values[:, 0::2] | (values[:, 1::2] << 4)
 
 
 def dequantize_weights(graph: ir.Model, parameters: set[str], group_size: int, symmetric: bool = False) -> None:

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from artifact import uint4
+
 from ..build import MS_DOMAIN, add_initializer, add_node, replace_value
 from ..facts import PassFacts
 from ..fusion import Fusion
@@ -42,14 +44,6 @@ class Dequantized:
     block_size: int
 
 
-def pack_low_first(codes: np.ndarray) -> np.ndarray:
-    """uint4 values [..., 2m] -> bytes [..., m], element 2j in the low nibble of byte j (odd counts padded)."""
-    codes = codes.astype(np.uint8)
-    if codes.shape[-1] % 2:
-        codes = np.concatenate([codes, np.zeros((*codes.shape[:-1], 1), np.uint8)], axis=-1)
-    return codes[..., 0::2] | (codes[..., 1::2] << 4)
-
-
 def unsigned(codes: np.ndarray) -> np.ndarray:
     """uint4 codes as they are; int4 codes (symmetric, no zero points) shifted by 8 into uint4, the zero
     point MatMulNBits and QMoE assume when given none."""
@@ -59,7 +53,7 @@ def unsigned(codes: np.ndarray) -> np.ndarray:
 def blocked_codes(codes: np.ndarray, block_size: int) -> np.ndarray:
     """Codes [K, N] -> MatMulNBits' B [N, K / block, block / 2]."""
     k, n = codes.shape
-    return pack_low_first(unsigned(codes).T).reshape(n, k // block_size, block_size // 2)
+    return uint4.pack(unsigned(codes).T).reshape(n, k // block_size, block_size // 2)
 
 
 def find(graph: ir.Graph, facts: PassFacts) -> list[ir.Node]:
@@ -93,7 +87,7 @@ def build(graph: ir.Graph, found: list[Dequantized], facts: PassFacts) -> PassFa
                                  lambda s=d.scales: s.const_value.numpy().T)
         zeros = None if d.zeros is None else add_initializer(
             graph, f"{name}.zero_points_nk", ir.DataType.UINT8, (n, (blocks + 1) // 2),
-            lambda z=d.zeros: pack_low_first(z.const_value.numpy().T))
+            lambda z=d.zeros: uint4.pack(z.const_value.numpy().T))
         (out,) = add_node(graph, "MatMulNBits", [d.matmul.inputs[0], codes, scales, zeros],
                           {"K": k, "N": n, "bits": BITS, "block_size": d.block_size, "accuracy_level": facts.int4_accuracy},
                           name=f"{name}/MatMulNBits", domain=MS_DOMAIN)

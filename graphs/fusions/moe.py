@@ -32,11 +32,13 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from artifact import uint4
+
 from ..build import MS_DOMAIN, add_initializer, add_node, constant, replace_value
 from ..facts import PassFacts
 from ..fusion import Fusion
 from ..regions import Region, initializers_of, nodes_in_scope, region_of
-from .int4_matmul import pack_low_first, unsigned
+from .int4_matmul import unsigned
 
 NAME = "MoE"
 
@@ -129,18 +131,19 @@ def quantized_experts(graph: ir.Graph, experts: Experts, router_rows: ir.Value, 
     name = f"layers.{experts.layer}/mlp/qmoe"
     fc = {}
     for index, (stack, order) in enumerate(((experts.gate_up, interleave_gate_up), (experts.down, lambda a: a)), start=1):
-        codes, scales, zeros = (list(dequantized(stack).inputs) + [None])[:3]
+        node = dequantized(stack)
+        codes, scales, zeros = (list(node.inputs) + [None])[:3]
         count, rows, k = codes.shape
         fc[index] = (
             add_initializer(graph, f"{name}/fc{index}", ir.DataType.UINT8, (count, rows, k // 2),
-                            lambda c=codes, o=order: pack_low_first(o(unsigned(c.const_value.numpy())))),
+                            lambda c=codes, o=order: uint4.pack(o(unsigned(c.const_value.numpy())))),
             add_initializer(graph, f"{name}/fc{index}_scales", scales.dtype, tuple(scales.shape),
                             lambda s=scales, o=order: o(s.const_value.numpy())),
             None if zeros is None else add_initializer(
                 graph, f"{name}/fc{index}_zero_points", ir.DataType.UINT8, (count, rows, (zeros.shape[2] + 1) // 2),
-                lambda z=zeros, o=order: pack_low_first(o(z.const_value.numpy()))),
+                lambda z=zeros, o=order: uint4.pack(o(z.const_value.numpy()))),
         )
-        block = dequantized(stack).attributes["block_size"].value
+        block = node.attributes["block_size"].value
     # without norm_topk_prob the mixing weights are the softmax itself (CPU QMoE renormalizes otherwise)
     router_weights = None
     if not facts.model.normalize_routing:
