@@ -59,10 +59,8 @@ def optimize(model: ir.Model, manifest: contract.Manifest, target: str, dtype: s
     dtype = dtype or TARGET_DTYPES[target][0]
     if dtype not in TARGET_DTYPES[target]:
         raise GraphError(f"{target} graphs run {list(TARGET_DTYPES[target])} (GroupQueryAttention and MoE kernels); not {dtype}")
-    if target == "cuda" and manifest.quantization is not None and manifest.model.moe is not None:
-        # seen on an H200 (tools/gpu_notes.md, session 9): CUDA QMoE read our raw expert layout as another
-        raise GraphError("int4 experts have no CUDA graph yet: onnxruntime's CUDA QMoE gave wrong tokens on the "
-                         "layout its CPU kernel reads; run this artifact on the CPU, or export fp16/bf16 for CUDA")
+    if target == "cuda" and (refusal := moe.cuda_qmoe_refusal(manifest)):
+        raise GraphError(refusal)
     if int4_accuracy is None:
         int4_accuracy = int4_matmul.INT8_ACTIVATIONS if target == "cpu" else int4_matmul.EXACT
     if int4_accuracy not in int4_matmul.ACCURACY_LEVELS:

@@ -11,16 +11,20 @@ reference: what a float model must compute to equal the int4 checkpoint.
 from __future__ import annotations
 
 import json
+import math
+import zlib
+from functools import partial
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from .checkpoint import expert_slot, quantized_parameters
-from .config import parse_config
+from .config import Qwen2Config, parse_config
 from .int4 import ORDER
-from .synthetic import tiny_config, write_checkpoint
+from .synthetic import TensorSource, random_tensors, tiny_config, write_checkpoint
 
 
 def pack_awq(codes: torch.Tensor) -> torch.Tensor:
@@ -70,6 +74,52 @@ def quantize_gptq(weight: torch.Tensor, group_size: int) -> tuple[dict[str, torc
     return parts, dequantized
 
 
+def random_gptq_tensors(config: Qwen2Config, group_size: int, seed: int) -> list[TensorSource]:
+    """Every tensor of a GPTQ-Int4 checkpoint of `config` (quantization_config set), drawn without a float
+    model, so that one of any size streams to disk: random codes, zero point 8, one scale that keeps
+    activations at the scale of the float weights; float tensors (embeddings, norms, router) in fp16."""
+    quantized = quantized_parameters(config)
+    tensors = []
+    for tensor in random_tensors(config, seed, torch.float16):
+        expert = expert_slot(tensor.name, config)
+        if tensor.name not in quantized and (expert is None or expert.parameter not in quantized):
+            tensors.append(tensor)
+            continue
+        (n, k), prefix = tensor.shape, tensor.name.removesuffix(".weight")
+        groups = k // group_size
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(tensor.name.encode()))
+        scale = 1 / (4.6 * math.sqrt(k))  # codes uniform in 0..15 around 8: std 4.6
+        tensors += [
+            TensorSource(f"{prefix}.qweight", (k // 8, n), torch.int32, partial(random_words, k // 8 * n, generator)),
+            TensorSource(f"{prefix}.qzeros", (groups, n // 8), torch.int32,
+                         partial(filled, groups * n // 8, torch.int32, 0x77777777)),  # z - 1 = 7 in every nibble
+            TensorSource(f"{prefix}.scales", (groups, n), torch.float16, partial(filled, groups * n, torch.float16, scale)),
+            TensorSource(f"{prefix}.g_idx", (k,), torch.int32, lambda k=k: iter([(torch.arange(k) // group_size).int()])),
+        ]
+    return tensors
+
+
+def random_words(count: int, generator: torch.Generator, step: int = 1 << 22) -> Iterator[torch.Tensor]:
+    for begin in range(0, count, step):
+        size = min(step, count - begin)
+        yield torch.randint(0, 256, (4 * size,), dtype=torch.uint8, generator=generator).view(torch.int32)
+
+
+def filled(count: int, dtype: torch.dtype, value: float, step: int = 1 << 22) -> Iterator[torch.Tensor]:
+    for begin in range(0, count, step):
+        yield torch.full((min(step, count - begin),), value, dtype=dtype)
+
+
+def write_random_gptq_checkpoint(out_dir: str | Path, config_json: dict[str, Any], group_size: int = 128,
+                                 shards: int = 8, seed: int = 0) -> Path:
+    """A GPTQ-Int4 checkpoint of `config_json`'s shapes (as Qwen publishes: desc_act false, symmetric),
+    written tensor by tensor: a Qwen2-57B-A14B one is ~31 GB, and nothing larger than a chunk is held."""
+    config_json = {**config_json, "torch_dtype": "float16",
+                   "quantization_config": {**QUANTIZATION_CONFIGS["gptq"], "group_size": group_size}}
+    tensors = random_gptq_tensors(parse_config(config_json), group_size, seed)
+    return write_checkpoint(out_dir, config_json, seed=seed, shards=shards, tensors=tensors)
+
+
 QUANTIZERS = {"awq": quantize_awq, "gptq": quantize_gptq}
 QUANTIZATION_CONFIGS = {
     "awq": {"quant_method": "awq", "bits": 4, "zero_point": True, "version": "gemm"},
@@ -78,12 +128,13 @@ QUANTIZATION_CONFIGS = {
 
 
 def write_int4_checkpoint(out_dir: str | Path, method: str, variant: str = "sliding_window", group_size: int = 32,
-                          seed: int = 0) -> dict[str, torch.Tensor]:
+                          seed: int = 0, overrides: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """A tiny int4 checkpoint (float tensors in fp16, as published; GPTQ also for the MoE variants, experts
     and shared expert quantized, router and shared-expert gate not, as Qwen's GPTQ-Int4 MoE); returns the
-    float state dict that equals it exactly (hub names, dequantized projections, every tensor in fp32)."""
+    float state dict that equals it exactly (hub names, dequantized projections, every tensor in fp32).
+    `overrides`: config.json values that replace the variant's (e.g. wider experts)."""
     out = Path(out_dir)
-    config_json = {**tiny_config(variant), "torch_dtype": "float16",
+    config_json = {**tiny_config(variant), **(overrides or {}), "torch_dtype": "float16",
                    "quantization_config": {**QUANTIZATION_CONFIGS[method], "group_size": group_size}}
     write_checkpoint(out, config_json, seed=seed, dtype=torch.float16)
     config = parse_config(config_json)

@@ -26,6 +26,25 @@ def load_reference(checkpoint) -> torch.nn.Module:
     ).eval()
 
 
+def load_reference_model(checkpoint: Path, int4_weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """transformers' float model (fp32, CPU) of an int4 checkpoint's config, holding its float tensors and
+    `int4_weights` (the dequantized ones, tools/int4_error.stored_weights) for the quantized parameters."""
+    from safetensors.torch import load_file
+
+    config = json.loads((checkpoint / "config.json").read_text())
+    config.pop("quantization_config", None)
+    moe = config["model_type"] == "qwen2_moe"
+    classes = (transformers.Qwen2MoeForCausalLM, transformers.Qwen2MoeConfig) if moe else (
+        transformers.Qwen2ForCausalLM, transformers.Qwen2Config)
+    reference = classes[0](classes[1](**config)).float().eval()
+    names = reference.state_dict()
+    floats = {name: tensor.float() for path in sorted(checkpoint.glob("*.safetensors"))
+              for name, tensor in load_file(path).items() if tensor.dtype.is_floating_point and name in names}
+    missing = reference.load_state_dict({**floats, **int4_weights}, strict=False).missing_keys
+    assert not missing, missing
+    return reference
+
+
 @torch.no_grad()
 def reference_greedy(model, prompt: list[int], steps: int) -> list[int]:
     """transformers' generate, plain greedy (the checkpoint's sampling defaults and repetition

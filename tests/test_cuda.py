@@ -9,10 +9,10 @@ an fp32 margin of 0.12, below bf16's resolution at that scale).
 import json
 
 import numpy as np
+import onnx
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file
 
 from graphs.artifact import optimize_artifact
 from qwen2_export.export import export_checkpoint
@@ -21,6 +21,8 @@ from runtime.cuda_graph import CapturedSteps, PipelinedSteps
 from runtime.padding import PADDINGS
 from tools.bench_gpu.peers import top3_agreement
 from tools.bench_gpu.prepare import cuda_only_assignment
+
+from helpers import load_reference_model
 
 pytestmark = pytest.mark.cuda
 
@@ -122,14 +124,29 @@ def test_awq_int4_portable_graph_on_cuda_equals_the_dequantized_model(tmp_path_f
     assert int(ours.argmax()) == int(expected.argmax())
 
 
+def assert_follows_stored_weights(artifact, checkpoint) -> None:
+    """Against transformers fp32 (CPU) holding the weights the int4 graph stores, dequantized: the first 8
+    greedy tokens equal, all 32 in its top 3; captured steps give the same tokens."""
+    from tools.int4_error import stored_weights
+
+    reference = load_reference_model(checkpoint, stored_weights(artifact))
+    model = Model.load(artifact, device="cuda")
+    ours = model.generate(PROMPT, **GREEDY, ignore_eos=True).output_ids
+    vocab = model.manifest.tokenizer.vocab_size
+    with torch.no_grad():
+        rows = reference(torch.tensor([PROMPT + ours])).logits[0, len(PROMPT) - 1 : -1, :vocab]
+    assert ours[:8] == rows[:8].argmax(-1).tolist()
+    assert all(token in top for token, top in zip(ours, rows.topk(3).indices.tolist(), strict=True))
+    captured = Model.load(artifact, device="cuda", cuda_graph=True)
+    assert captured.generate(PROMPT, **GREEDY, ignore_eos=True).output_ids == ours
+
+
 @pytest.mark.parametrize("method", ["awq", "gptq", "rtn"])
 def test_int4_cuda_graph_runs_on_cuda_and_equals_its_dequantized_weights(tmp_path_factory, method):
     """AWQ, GPTQ and --quantize int4 exports in fp16 with their CUDA graph (MatMulNBits, packed q/k/v and
-    gate/up): every node on CUDA; against transformers fp32 (CPU) holding the weights the graph stores,
-    dequantized: the first 8 greedy tokens equal, all 32 in its top 3; captured steps give the same tokens."""
+    gate/up): every node on CUDA, and it follows the weights it stores (assert_follows_stored_weights)."""
     from qwen2_export.synthetic import tiny_config, write_checkpoint
     from qwen2_export.synthetic_int4 import write_int4_checkpoint
-    from tools.int4_error import stored_weights
 
     folder = tmp_path_factory.mktemp(f"{method}-cuda")
     checkpoint = folder / "checkpoint"
@@ -141,18 +158,35 @@ def test_int4_cuda_graph_runs_on_cuda_and_equals_its_dequantized_weights(tmp_pat
         artifact = export_checkpoint(checkpoint, folder / "artifact", dtype="fp16")
     optimize_artifact(artifact, "cuda", "float16")
     assert cuda_only_assignment(artifact / "onnx/model_cuda.onnx") == "ok"
-    config = json.loads((checkpoint / "config.json").read_text())
-    config.pop("quantization_config", None)
-    reference = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**config)).float().eval()
-    floats = {name: tensor.float() for name, tensor in load_file(checkpoint / "model.safetensors").items()
-              if tensor.dtype.is_floating_point and name in reference.state_dict()}
-    reference.load_state_dict({**floats, **stored_weights(artifact)})
-    model = Model.load(artifact, device="cuda")
-    ours = model.generate(PROMPT, **GREEDY, ignore_eos=True).output_ids
-    vocab = model.manifest.tokenizer.vocab_size
-    with torch.no_grad():
-        rows = reference(torch.tensor([PROMPT + ours])).logits[0, len(PROMPT) - 1 : -1, :vocab]
-    assert ours[:8] == rows[:8].argmax(-1).tolist()
-    assert all(token in top for token, top in zip(ours, rows.topk(3).indices.tolist(), strict=True))
-    captured = Model.load(artifact, device="cuda", cuda_graph=True)
-    assert captured.generate(PROMPT, **GREEDY, ignore_eos=True).output_ids == ours
+    assert_follows_stored_weights(artifact, checkpoint)
+
+
+# CUDA QMoE's weight tiles span 64 inputs (graphs/fusions/moe.py): the tiny MoE variants with wider experts
+CUDA_MOE_WIDTHS = {"moe_intermediate_size": 64, "shared_expert_intermediate_size": 128}
+
+
+@pytest.mark.parametrize("method, variant, block, symmetric", [
+    ("rtn", "moe_shared", 32, False), ("rtn", "moe_mlp_only_norm", 64, True), ("gptq", "moe_shared", 32, False),
+], ids=["rtn-block32", "rtn-norm-block64-symmetric", "gptq-block32"])
+def test_int4_moe_cuda_graph_runs_qmoe_on_cuda_and_equals_its_dequantized_weights(tmp_path_factory, method, variant,
+                                                                                  block, symmetric):
+    """Int4 Qwen2-MoE exports (--quantize int4, and a GPTQ checkpoint) in fp16 with their CUDA graph (QMoE
+    experts, MatMulNBits elsewhere), both routing modes: every node on CUDA, and it follows the weights it
+    stores (assert_follows_stored_weights)."""
+    from qwen2_export.synthetic import tiny_config, write_checkpoint
+    from qwen2_export.synthetic_int4 import write_int4_checkpoint
+
+    folder = tmp_path_factory.mktemp(f"{method}-moe-cuda")
+    checkpoint = folder / "checkpoint"
+    if method == "rtn":
+        write_checkpoint(checkpoint, {**tiny_config(variant), **CUDA_MOE_WIDTHS}, seed=0, dtype=torch.float16)
+        artifact = export_checkpoint(checkpoint, folder / "artifact", dtype="fp16", quantize="int4", block_size=block,
+                                     symmetric=symmetric)
+    else:
+        write_int4_checkpoint(checkpoint, method, variant=variant, group_size=block, overrides=CUDA_MOE_WIDTHS)
+        artifact = export_checkpoint(checkpoint, folder / "artifact", dtype="fp16")
+    optimize_artifact(artifact, "cuda", "float16")
+    ops = [node.op_type for node in onnx.load(str(artifact / "onnx/model_cuda.onnx"), load_external_data=False).graph.node]
+    assert "QMoE" in ops and "DequantizeLinear" not in ops
+    assert cuda_only_assignment(artifact / "onnx/model_cuda.onnx") == "ok"
+    assert_follows_stored_weights(artifact, checkpoint)

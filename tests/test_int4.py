@@ -23,8 +23,10 @@ from qwen2_export.synthetic import tiny_config, write_checkpoint
 from qwen2_export.synthetic_int4 import pack_awq, pack_columns, pack_rows, write_int4_checkpoint
 from runtime import Model
 
-from helpers import last_logits_per_step, load_reference, open_session
+from helpers import last_logits_per_step, load_reference, load_reference_model, open_session
 from tools.int4_error import stored_weights
+
+PROMPT = [1, 5, 9, 33, 100, 7, 250, 18]
 
 
 @pytest.fixture(scope="module", params=["awq", "gptq"])
@@ -76,7 +78,7 @@ def test_the_portable_graph_holds_the_codes_as_standard_onnx(int4):
 
 def test_greedy_tokens_equal_the_dequantized_model(int4):
     checkpoint, artifact, weights = int4
-    prompt = [1, 5, 9, 33, 100, 7, 250, 18]
+    prompt = PROMPT
     model = Model.load(artifact)
     ours = model.generate(prompt, max_new_tokens=16, greedy=True, repetition_penalty=1.0, ignore_eos=True)
     reference = reference_model(checkpoint, weights)
@@ -137,7 +139,7 @@ def test_the_cpu_graph_equals_the_dequantized_model(optimized):
     error = np.abs(ours - expected).max() / np.abs(expected).max()
     assert error <= (1e-5 if level == EXACT else 3e-2), error
 
-    prompt = [1, 5, 9, 33, 100, 7, 250, 18]
+    prompt = PROMPT
     model = Model.load(artifact)
     assert model.session.graph.name == contract.optimized_graph_name("cpu")
     tokens = model.generate(prompt, max_new_tokens=32, greedy=True, repetition_penalty=1.0, ignore_eos=True).output_ids
@@ -218,8 +220,8 @@ def test_rtn_graphs_compute_exactly_the_codes_they_hold(rtn):
     if moe:
         ops = [node.op_type for node in onnx.load(str(artifact / "onnx/model_cpu.onnx"), load_external_data=False).graph.node]
         assert ops.count("QMoE") == len(moe.sparse_layers) and "MoE" not in ops
-        # CUDA QMoE gave wrong tokens on the layout the CPU kernel reads (one H200): refused, with the way out
-        with pytest.raises(GraphError, match="int4 experts have no CUDA graph yet"):
+        # CUDA QMoE's weight tiles span 64 inputs; these experts are 32 wide: refused, with the way out
+        with pytest.raises(GraphError, match="multiples of 64"):
             optimize_artifact(artifact, "cuda")
     ids = np.random.default_rng(6).integers(0, 456, size=(1, 14))
     with torch.no_grad():
@@ -230,23 +232,27 @@ def test_rtn_graphs_compute_exactly_the_codes_they_hold(rtn):
         assert np.abs(ours - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
+def greedy_and_reference_rows(artifact: Path, reference, new_tokens: int) -> tuple[list[int], torch.Tensor]:
+    """Our greedy tokens after a fixed prompt, and the reference's logits rows that predicted each."""
+    model = Model.load(artifact)
+    tokens = model.generate(PROMPT, max_new_tokens=new_tokens, greedy=True, repetition_penalty=1.0, ignore_eos=True).output_ids
+    with torch.no_grad():
+        rows = reference(torch.tensor([PROMPT + tokens])).logits[0, len(PROMPT) - 1 : -1, : model.manifest.tokenizer.vocab_size]
+    return tokens, rows
+
+
 def test_rtn_greedy_tokens_stay_in_the_float_models_top3(rtn):
     """Against the unquantized checkpoint, 32 greedy tokens teacher-forced: each among the float model's
     three best (MoE: 29 of 32, the rest in its best 8: int4 hidden states flip near-tied routing on random
     weights); the logits error (int4 on random weights) is bounded, not zero."""
     checkpoint, artifact = rtn
-    model = Model.load(artifact)
-    prompt = [1, 5, 9, 33, 100, 7, 250, 18]
-    tokens = model.generate(prompt, max_new_tokens=32, greedy=True, repetition_penalty=1.0, ignore_eos=True).output_ids
-    reference = load_reference(checkpoint)
-    with torch.no_grad():
-        rows = reference(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1, : model.manifest.tokenizer.vocab_size]
+    tokens, rows = greedy_and_reference_rows(artifact, load_reference(checkpoint), 32)
     ranks = [int((row > row[token]).sum()) for row, token in zip(rows, tokens, strict=True)]
-    if model.manifest.model.moe is None:
+    if contract.read_manifest(artifact).model.moe is None:
         assert max(ranks) < 3, ranks
     else:
         assert sum(rank < 3 for rank in ranks) >= 29 and max(ranks) < 8, ranks
-    ours = np.stack(last_logits_per_step(*open_session(artifact, graph=1), np.array([prompt + tokens]), prefill=8))[:, 0]
+    ours = np.stack(last_logits_per_step(*open_session(artifact, graph=1), np.array([PROMPT + tokens]), prefill=8))[:, 0]
     error = np.abs(ours[:-1, : rows.shape[1]] - rows.numpy()).max() / rows.abs().max().item()
     assert 0 < error < 0.3, error
 
@@ -304,11 +310,7 @@ def test_gptq_moe_experts_are_repacked_into_qmoe_exactly(gptq_moe):
     for number in (0, 1):
         ours = np.stack(last_logits_per_step(*open_session(artifact, graph=number), ids, prefill=10))[:, 0]
         assert np.abs(ours - expected).max() <= 1e-5 * np.abs(expected).max()
-    prompt = [1, 5, 9, 33, 100, 7, 250, 18]
-    model = Model.load(artifact)
-    tokens = model.generate(prompt, max_new_tokens=32, greedy=True, repetition_penalty=1.0, ignore_eos=True).output_ids
-    with torch.no_grad():
-        rows = reference(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1, : model.manifest.tokenizer.vocab_size]
+    tokens, rows = greedy_and_reference_rows(artifact, reference, 32)
     assert tokens == rows.argmax(-1).tolist()
 
 
@@ -317,3 +319,57 @@ def test_awq_moe_is_refused_with_the_way_out(tmp_path):
 
     with pytest.raises(ConfigError, match="AWQ checkpoints of Qwen2MoeForCausalLM are not supported"):
         write_int4_checkpoint(tmp_path / "checkpoint", "awq", variant="moe_shared", group_size=32)
+
+
+def test_cuda_qmoe_limits_are_refused_with_the_reason(gptq_moe):
+    """onnxruntime's CUDA QMoE (one H200, tools/gpu_notes.md session 10): 64-wide weight tiles, blocks of
+    32 or more, zero points only with an even number of blocks a row; anything else is refused by name."""
+    from dataclasses import replace
+
+    from graphs.fusions.moe import cuda_qmoe_refusal
+
+    manifest = contract.read_manifest(gptq_moe[0])
+    model, quant = manifest.model, manifest.quantization
+
+    def refusal(hidden=256, width=128, block=64, symmetric=False):
+        wider = replace(model, hidden_size=hidden, moe=replace(model.moe, moe_intermediate_size=width))
+        return cuda_qmoe_refusal(replace(manifest, model=wider, quantization=replace(quant, group_size=block, symmetric=symmetric)))
+
+    assert refusal() is None and refusal(block=128, symmetric=True) is None
+    assert "multiples of 64" in refusal(hidden=64, width=32)  # this fixture's own shapes
+    assert "multiples of 64" in refusal(width=96)
+    assert "blocks of 32 or more" in refusal(block=16, symmetric=True)
+    assert "even number of 128-blocks" in refusal(hidden=384, block=128)
+    assert refusal(hidden=384, block=128, symmetric=True) is None
+    assert cuda_qmoe_refusal(replace(manifest, quantization=None)) is None
+
+
+def test_a_random_gptq_checkpoint_streams_and_exports_exactly(tmp_path):
+    """The writer the whole-57B run uses (random codes, no float model) makes a checkpoint our export takes;
+    the CPU graph equals transformers holding the weights its codes stand for, 16 greedy tokens."""
+    from qwen2_export.synthetic_int4 import write_random_gptq_checkpoint
+
+    config = {**tiny_config("moe_shared"), "moe_intermediate_size": 64, "shared_expert_intermediate_size": 128}
+    checkpoint = write_random_gptq_checkpoint(tmp_path / "checkpoint", config, group_size=32, shards=2)
+    assert (checkpoint / "model.safetensors.index.json").is_file()
+    artifact = export_checkpoint(checkpoint, tmp_path / "artifact")
+    optimize_artifact(artifact, "cpu", int4_accuracy=EXACT)
+    reference = load_reference_model(checkpoint, stored_weights(artifact))
+    tokens, rows = greedy_and_reference_rows(artifact, reference, 16)
+    assert tokens == rows.argmax(-1).tolist()
+
+
+def test_the_space_check_counts_int4_weights_as_stored(rtn):
+    """Export refuses a disk too small for the artifact before any work; for int4 it must count half a
+    byte a weight (a 57B-A14B GPTQ export was refused asking for 117 GB, 3.7x its 31.5 GB)."""
+    from qwen2_export.config import load_config
+    from qwen2_export.config import round_to_nearest as quantized_config
+    from qwen2_export.export import weight_bytes
+    from qwen2_export.model import build_model
+
+    checkpoint, artifact = rtn
+    quant = contract.read_manifest(artifact).quantization
+    config = quantized_config(load_config(checkpoint), quant.group_size, quant.symmetric)
+    estimate = weight_bytes(dict(build_model(config, torch.float32, "meta").named_parameters()), config)
+    stored = (artifact / "onnx" / contract.data_file()).stat().st_size
+    assert 0.95 * stored <= estimate <= 1.3 * stored, (estimate, stored)

@@ -27,12 +27,13 @@ Legend: B batch, S tokens, D hidden, E experts, I expert intermediate.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
-from artifact import uint4
+from artifact import contract, uint4
 
 from ..build import MS_DOMAIN, add_initializer, add_node, constant, replace_value
 from ..facts import PassFacts
@@ -126,6 +127,44 @@ def build(graph: ir.Graph, found: list[Experts], facts: PassFacts) -> PassFacts:
     return facts
 
 
+def uint4_rows(value: ir.Value) -> np.ndarray:
+    """A 4-bit initializer [..., n] as uint4 bytes [..., ceil(n / 2)], each row packed on its own. An even n
+    packs rows exactly as ONNX packs the whole tensor: its bytes are taken as they are (int4 codes shifted
+    by 8, the zero point QMoE assumes without one, is a flip of each nibble's top bit), not unpacked."""
+    if value.shape[-1] % 2:
+        return uint4.pack(unsigned(value.const_value.numpy()))
+    stored = io.BytesIO()  # tofile copies the bytes; tobytes would unpack and repack a 4-bit external tensor
+    value.const_value.tofile(stored)
+    raw = np.frombuffer(stored.getbuffer(), np.uint8).reshape(*value.shape[:-1], value.shape[-1] // 2)
+    return raw ^ np.uint8(0x88) if value.dtype == ir.DataType.INT4 else raw
+
+
+# onnxruntime's CUDA QMoE (int4, fp16/bf16; tools/gpu_notes.md, session 10): its CUTLASS weight tiles span
+# 64 inputs, its blocks are 32 inputs or more, and it read zero points wrong where a row holds an odd number
+# of blocks (the CPU kernel pads such a row's last byte; CUDA probably reads them unpadded)
+CUDA_K_TILE = 64
+CUDA_MIN_BLOCK = 32
+
+
+def cuda_qmoe_refusal(manifest: contract.Manifest) -> str | None:
+    """Why an int4 MoE artifact can have no CUDA graph, or None when it can (or has no int4 experts)."""
+    moe, quant = manifest.model.moe, manifest.quantization
+    if moe is None or quant is None:
+        return None
+    hidden, inter, block = manifest.model.hidden_size, moe.moe_intermediate_size, quant.group_size
+    if hidden % CUDA_K_TILE or inter % CUDA_K_TILE:
+        return (f"int4 experts run on CUDA only when the hidden size ({hidden}) and the expert width ({inter}) are "
+                f"multiples of {CUDA_K_TILE} (onnxruntime's CUDA QMoE); run this artifact on the CPU")
+    if block < CUDA_MIN_BLOCK:
+        return (f"int4 experts run on CUDA only in blocks of {CUDA_MIN_BLOCK} or more (onnxruntime's CUDA QMoE), this "
+                f"artifact has {block}; re-export with --block-size {CUDA_MIN_BLOCK} or more, or run it on the CPU")
+    if not quant.symmetric and (hidden // block % 2 or inter // block % 2):
+        return (f"int4 experts with zero points run on CUDA only when the hidden size ({hidden}) and the expert width "
+                f"({inter}) hold an even number of {block}-blocks (onnxruntime's CUDA QMoE); re-export with another "
+                f"--block-size or --symmetric, or run it on the CPU")
+    return None
+
+
 def quantized_experts(graph: ir.Graph, experts: Experts, router_rows: ir.Value, attributes: dict, facts: PassFacts) -> ir.Value:
     """QMoE over the two int4 stacks: codes, scales and zero points re-laid as the op reads them."""
     name = f"layers.{experts.layer}/mlp/qmoe"
@@ -136,12 +175,12 @@ def quantized_experts(graph: ir.Graph, experts: Experts, router_rows: ir.Value, 
         count, rows, k = codes.shape
         fc[index] = (
             add_initializer(graph, f"{name}/fc{index}", ir.DataType.UINT8, (count, rows, k // 2),
-                            lambda c=codes, o=order: uint4.pack(o(unsigned(c.const_value.numpy())))),
+                            lambda c=codes, o=order: o(uint4_rows(c))),
             add_initializer(graph, f"{name}/fc{index}_scales", scales.dtype, tuple(scales.shape),
                             lambda s=scales, o=order: o(s.const_value.numpy())),
             None if zeros is None else add_initializer(
                 graph, f"{name}/fc{index}_zero_points", ir.DataType.UINT8, (count, rows, (zeros.shape[2] + 1) // 2),
-                lambda z=zeros, o=order: uint4.pack(o(z.const_value.numpy()))),
+                lambda z=zeros, o=order: o(uint4_rows(z))),
         )
         block = node.attributes["block_size"].value
     # without norm_topk_prob the mixing weights are the softmax itself (CPU QMoE renormalizes otherwise)
