@@ -91,7 +91,7 @@ def export_checkpoint(
 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging_area.report_freed(staging_area.remove_stale_staging(target.parent), progress)
-    staging_area.check_space(target.parent, sum(p.numel() * p.element_size() for p in model.parameters()))
+    staging_area.check_space(target.parent, weight_bytes(parameters, config))
     staging = staging_area.make_staging(target)
     try:
         (staging / contract.GRAPH_FOLDER).mkdir()
@@ -125,6 +125,20 @@ def export_checkpoint(
     progress(f"wrote {target} in {time.monotonic() - started:.1f}s")
     return target
 
+
+
+def weight_bytes(parameters: dict[str, torch.nn.Parameter], config: Qwen2Config) -> int:
+    """Bytes of the artifact's weights: an int4 parameter takes half a byte a weight, a scale and at most
+    a byte of zero point a block; the others their dtype's size."""
+    quantized = quantized_parameters(config)
+    total = 0
+    for name, parameter in parameters.items():
+        count = parameter.numel()
+        if name in quantized:
+            total += count // 2 + count // config.quantization.group_size * (parameter.element_size() + 1)
+        else:
+            total += count * parameter.element_size()
+    return total
 
 def trace_to_onnx(model: torch.nn.Module, config: Qwen2Config, dtype: torch.dtype) -> ir.Model:
     """torch.export-based ONNX export of the meta model, with the io_spec names and symbolic dims."""

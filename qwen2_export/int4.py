@@ -81,13 +81,6 @@ def awq_words_to_uint4(words: torch.Tensor) -> bytes:
     return natural.astype("<u4").tobytes()
 
 
-def gptq_codes(words: torch.Tensor, columns: int) -> np.ndarray:
-    """Whole rows of GPTQ words [R, N] (8 input rows each) -> codes [8R, N] (uint8 values)."""
-    packed = words.numpy().view(np.uint32).reshape(-1, columns)
-    codes = np.stack([(packed >> np.uint32(4 * j)) & np.uint32(0xF) for j in range(8)], axis=1)  # [R, 8, N]
-    return codes.reshape(-1, columns).astype(np.uint8)
-
-
 def gptq_zeros(words: torch.Tensor, where: str) -> np.ndarray:
     """GPTQ zero points [R, N/8] (stored as z - 1, 8 per word in column order) -> z [R, N] (uint8 values)."""
     packed = words.numpy().view(np.uint32)
@@ -99,8 +92,15 @@ def gptq_zeros(words: torch.Tensor, where: str) -> np.ndarray:
 
 
 def gptq_words_to_uint4(words: torch.Tensor, columns: int) -> bytes:
-    """Whole rows of GPTQ words [R, N] -> codes [8R, N] as ONNX uint4 bytes."""
-    return uint4.pack(gptq_codes(words, columns)).tobytes()
+    """Whole rows of GPTQ words [R, N] -> codes [8R, N] as ONNX uint4 bytes (pairs of columns a byte).
+    Word by word, without unpacking: nibble j of the words of columns 2m and 2m+1 make byte m of row
+    8r + j; the even nibbles of both words first (bytes of rows 8r, +2, +4, +6), then the odd ones."""
+    packed = words.numpy().view(np.uint32).reshape(-1, columns)
+    left, right, low = packed[:, 0::2], packed[:, 1::2], np.uint32(0x0F0F0F0F)
+    even = (left & low) | ((right & low) << np.uint32(4))  # byte b: row 8r + 2b
+    odd = ((left >> np.uint32(4)) & low) | (right & ~low)  # byte b: row 8r + 2b + 1
+    rows = np.stack([even.view(np.uint8).reshape(*even.shape, 4), odd.view(np.uint8).reshape(*odd.shape, 4)], axis=-1)
+    return np.ascontiguousarray(rows.transpose(0, 2, 3, 1)).tobytes()  # [R, 4, 2, N/2] = [8R, N/2]
 
 
 def gptq_zeros_to_uint4(words: torch.Tensor, where: str) -> bytes:
@@ -113,7 +113,10 @@ def gptq_expert_part(part: str, tensor: torch.Tensor, shape: tuple[int, ...], gr
     """One part (checkpoint tensor of `shape`) of one expert's GPTQ Linear, re-laid as that expert's rows
     [N, K] of the stacked experts, as the bytes to write at stack_offset. None for g_idx, only checked."""
     if part == "qweight":
-        return uint4.pack(gptq_codes(tensor, shape[1]).T.reshape(-1))
+        # word r of column n holds inputs 8r..8r+7, lower in lower nibble (little-endian): its byte b is the
+        # uint4 byte of inputs 8r+2b and 8r+2b+1 of row n, so the rows [N, K] are the bytes transposed
+        words = tensor.numpy().view(np.uint8).reshape(shape[0], shape[1], 4)
+        return np.ascontiguousarray(words.transpose(1, 0, 2)).reshape(-1)
     if part == "qzeros":
         return uint4.pack(gptq_zeros(tensor, where).reshape(shape[0], -1).T.reshape(-1))
     if part == "scales":

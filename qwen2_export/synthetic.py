@@ -13,15 +13,17 @@ import json
 import math
 import struct
 import zlib
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
 from .config import Qwen2Config, parse_config
 from .tiny_tokenizer import SPECIAL_TOKENS, build_tiny_tokenizer
 
-DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32"}
 QWEN2_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
     "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
@@ -173,27 +175,45 @@ def random_chunks(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dty
         yield values.to(dtype)
 
 
-def write_safetensors(
-    path: Path, tensors: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype, seed: int
-) -> None:
-    """Write one safetensors file, streaming each tensor's random chunks straight to disk."""
+@dataclass(frozen=True)
+class TensorSource:
+    """One checkpoint tensor to write: its values come a few million at a time."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    values: Callable[[], Iterator[torch.Tensor]]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def random_tensors(config: Qwen2Config, seed: int, dtype: torch.dtype) -> list[TensorSource]:
+    """Every float tensor of a hub checkpoint of `config`, seeded random."""
+    return [TensorSource(name, shape, dtype, partial(random_chunks, name, shape, seed, dtype))
+            for name, shape in hub_tensor_shapes(config)]
+
+
+def write_safetensors(path: Path, tensors: list[TensorSource]) -> None:
+    """Write one safetensors file, streaming each tensor's chunks straight to disk."""
     offsets, header = 0, {}
-    for name, shape in tensors:
-        size = math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offsets, offsets + size]}
-        offsets += size
+    for tensor in tensors:
+        header[tensor.name] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                               "data_offsets": [offsets, offsets + tensor.nbytes]}
+        offsets += tensor.nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the format pads the header to 8 bytes
     with path.open("wb") as f:
         f.write(struct.pack("<Q", len(encoded)) + encoded)
-        for name, shape in tensors:
-            for chunk in random_chunks(name, shape, seed, dtype):
+        for tensor in tensors:
+            for chunk in tensor.values():
                 f.write(chunk.view(torch.uint8).numpy().tobytes())
 
 
-def split_shards(tensors: list[tuple[str, tuple[int, ...]]], shards: int) -> list[list[tuple[str, tuple[int, ...]]]]:
+def split_shards(tensors: list[TensorSource], shards: int) -> list[list[TensorSource]]:
     """Split the tensor list into `shards` runs of about equal byte size, keeping hub order."""
-    sizes = [math.prod(shape) for _, shape in tensors]
+    sizes = [tensor.nbytes for tensor in tensors]
     target, groups, current, filled = sum(sizes) / shards, [], [], 0
     for tensor, size in zip(tensors, sizes, strict=True):
         current.append(tensor)
@@ -211,8 +231,10 @@ def write_checkpoint(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     shards: int = 1,
+    tensors: list[TensorSource] | None = None,
 ) -> Path:
-    """A random checkpoint folder in the hub layout: config, generation config, tokenizer, weights."""
+    """A random checkpoint folder in the hub layout: config, generation config, tokenizer, weights
+    (`tensors`, by default every float tensor of the config, seeded random, in `dtype`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = parse_config(config_json)
@@ -233,17 +255,17 @@ def write_checkpoint(
     }
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
 
-    groups = split_shards(hub_tensor_shapes(config), shards)
+    tensors = random_tensors(config, seed, dtype) if tensors is None else tensors
+    groups = split_shards(tensors, shards)
     if len(groups) == 1:
-        write_safetensors(out / "model.safetensors", groups[0], dtype, seed)
+        write_safetensors(out / "model.safetensors", groups[0])
         return out
     weight_map = {}
     for k, group in enumerate(groups):
         filename = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
-        write_safetensors(out / filename, group, dtype, seed)
-        weight_map.update({name: filename for name, _ in group})
-    total = sum(math.prod(shape) * dtype.itemsize for name, shape in hub_tensor_shapes(config))
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        write_safetensors(out / filename, group)
+        weight_map.update({tensor.name: filename for tensor in group})
+    index = {"metadata": {"total_size": sum(tensor.nbytes for tensor in tensors)}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return out
 

@@ -22,6 +22,7 @@ from .peers import peer_timings
 from .prepare import SHAPES, VARIANTS, bandwidth, decode_read_bytes, environment, graph_variant, prepare, yarn_artifact
 from .profiles import kernel_profiles, prefill_node_profile
 from .report import Report, print_table, with_ratios
+from .whole_moe import whole_moe_int4
 
 
 def speed(workdir: Path, shape: str, prompt_tokens: int, new_tokens: int, copy_tb_s: float, genai: bool,
@@ -100,11 +101,20 @@ def main() -> None:
     parser.add_argument("--ours-only", action="store_true", help="skip transformers and onnxruntime-genai")
     parser.add_argument("--int4", action="store_true", help="instead of the full comparison: ours fp16 and --quantize "
                         "int4 (blocks 32 and 128) against onnxruntime-genai int4, at each shape")
+    parser.add_argument("--whole-57b", type=int, default=0, metavar="LAYERS", help="instead of the shapes: a GPTQ-Int4 "
+                        "Qwen2-57B-A14B of LAYERS layers (28: the whole model) written, exported and run here")
     args = parser.parse_args()
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     args.workdir.mkdir(parents=True, exist_ok=True)
     shapes = tuple(filter(None, args.shapes.split(",")))
+    if args.whole_57b:
+        report = Report(args.out)
+        copy_tb_s = 0.0 if args.prepare else report.run("bandwidth", bandwidth).get("copy_tb_s", 3.0)
+        report.run("whole_57b_int4", whole_moe_int4, args.workdir, args.whole_57b, args.prompt_tokens,
+                   args.new_tokens, copy_tb_s, args.prepare)
+        report.save()
+        return
     if args.prepare:  # checkpoints and artifacts only (CPU work), e.g. while onnxruntime-gpu is still arriving
         for shape in shapes:
             started = time.perf_counter()

@@ -13,6 +13,7 @@ import torch
 
 from artifact import contract
 from graphs.artifact import optimize_artifact
+from qwen2_export.checkpoint import expert_slot
 from qwen2_export.config import parse_config
 from qwen2_export.export import export_checkpoint
 from qwen2_export.synthetic import QWEN2_0_5B, QWEN2_7B, QWEN2_57B_A14B, hub_tensor_shapes, write_checkpoint
@@ -113,14 +114,17 @@ def yarn_artifact(workdir: Path) -> Path:
 def decode_read_bytes(config_json: dict, int4_block: int | None = None) -> int:
     """Bytes of fp16 weights one batch-1 decode step must read: every tensor but the embedding table
     (one row is gathered; a tied lm_head reads it whole), and k of E routed experts. With `int4_block`,
-    the quantized projections (contract.QUANTIZED_PROJECTIONS) read half a byte per weight, an fp16
-    scale and a 4-bit zero point per block."""
+    the quantized projections (contract.quantized_weights) read half a byte per weight, an fp16 scale
+    and a 4-bit zero point per block."""
     config = parse_config(config_json)
+    linears, stacks = contract.quantized_weights(config.num_hidden_layers, config.sparse_layers)
+    quantized = set(linears) | set(stacks)
     total = 0
     for name, shape in hub_tensor_shapes(config):
         count = int(np.prod(shape))
         size = 2 * count
-        if int4_block and name.removesuffix(".weight").split(".", 3)[-1] in contract.QUANTIZED_PROJECTIONS:
+        expert = expert_slot(name, config)  # a routed expert's Linear is a slice of its layer's stack
+        if int4_block and (name in quantized or (expert is not None and expert.parameter in quantized)):
             size = count // 2 + count // int4_block * 2 + count // int4_block // 2
         if name == "model.embed_tokens.weight" and not config.tie_word_embeddings:
             continue
