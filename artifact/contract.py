@@ -11,6 +11,7 @@ nothing but the standard library, so a runtime-only install has it.
       onnx/model.onnx  model.onnx_data   the portable graph (standard ONNX, opset 23) and all weights
       onnx/model_{target}.onnx(_data)    optimized graphs (onnxruntime's fused ops) and their new weights
       config.json  generation_config.json  tokenizer.json  tokenizer_config.json  [chat_template.jinja]
+      genai_config.json                  onnxruntime-genai's config for the portable graph (genai.py)
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ TOKENIZER_FILE = "tokenizer.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
+GENAI_CONFIG_FILE = "genai_config.json"  # onnxruntime-genai's view of the portable graph (artifact/genai.py)
 # copied from the checkpoint: the first three are required, the rest when present
 CHECKPOINT_FILES = ("config.json", TOKENIZER_FILE, TOKENIZER_CONFIG_FILE)
 OPTIONAL_CHECKPOINT_FILES = (GENERATION_CONFIG_FILE, CHAT_TEMPLATE_FILE)
@@ -323,7 +325,7 @@ class Manifest:
     rope: RopeFacts
     graphs: tuple[GraphEntry, ...]
     tokenizer: TokenFacts
-    files: dict[str, FileRecord] = field(default_factory=dict)  # the checkpoint files copied in
+    files: dict[str, FileRecord] = field(default_factory=dict)  # the checkpoint files copied in, genai_config.json
     quantization: QuantFacts | None = None
     producer: str = PRODUCER
 

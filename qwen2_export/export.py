@@ -26,6 +26,7 @@ import onnxscript.optimizer
 import torch
 
 from artifact import contract, uint4
+from artifact.genai import write_genai_config
 
 from . import io_spec
 from . import staging as staging_area
@@ -114,7 +115,8 @@ def export_checkpoint(
         for name in contract.CHECKPOINT_FILES + contract.OPTIONAL_CHECKPOINT_FILES:
             if (source / name).is_file():
                 shutil.copyfile(source / name, staging / name)  # not copy2: the artifact takes the umask's mode
-        contract.write_manifest(staging, portable_manifest(staging, config, torch_dtype, tokens))
+        manifest = write_genai_config(staging, portable_manifest(staging, config, torch_dtype, tokens))
+        contract.write_manifest(staging, manifest)
         staging_area.move_into_place(staging, target)
     except OSError as error:  # name the output, not the hidden staging folder; errno keeps the cause
         shutil.rmtree(staging, ignore_errors=True)
@@ -124,7 +126,6 @@ def export_checkpoint(
         raise
     progress(f"wrote {target} in {time.monotonic() - started:.1f}s")
     return target
-
 
 
 def weight_bytes(parameters: dict[str, torch.nn.Parameter], config: Qwen2Config) -> int:
