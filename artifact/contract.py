@@ -11,7 +11,7 @@ nothing but the standard library, so a runtime-only install has it.
       onnx/model.onnx  model.onnx_data   the portable graph (standard ONNX, opset 23) and all weights
       onnx/model_{target}.onnx(_data)    optimized graphs (onnxruntime's fused ops) and their new weights
       config.json  generation_config.json  tokenizer.json  tokenizer_config.json  [chat_template.jinja]
-      genai_config.json                  onnxruntime-genai's config for the portable graph (genai.py)
+      genai_config.json                  onnxruntime-genai's config for the portable graph (hosts.py)
 """
 
 from __future__ import annotations
@@ -37,9 +37,10 @@ TOKENIZER_FILE = "tokenizer.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
-GENAI_CONFIG_FILE = "genai_config.json"  # onnxruntime-genai's view of the portable graph (artifact/genai.py)
+GENAI_CONFIG_FILE = "genai_config.json"  # onnxruntime-genai's view of the portable graph (artifact/hosts.py)
 # copied from the checkpoint: the first three are required, the rest when present
-CHECKPOINT_FILES = ("config.json", TOKENIZER_FILE, TOKENIZER_CONFIG_FILE)
+CONFIG_FILE = "config.json"  # the checkpoint's, with transformers.js's block added (artifact/hosts.py)
+CHECKPOINT_FILES = (CONFIG_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE)
 OPTIONAL_CHECKPOINT_FILES = (GENERATION_CONFIG_FILE, CHAT_TEMPLATE_FILE)
 GRAPH_FOLDER = "onnx"
 PORTABLE_GRAPH = "portable"

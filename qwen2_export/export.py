@@ -26,7 +26,7 @@ import onnxscript.optimizer
 import torch
 
 from artifact import contract, uint4
-from artifact.genai import write_genai_config
+from artifact.hosts import write_host_configs
 
 from . import io_spec
 from . import staging as staging_area
@@ -115,7 +115,7 @@ def export_checkpoint(
         for name in contract.CHECKPOINT_FILES + contract.OPTIONAL_CHECKPOINT_FILES:
             if (source / name).is_file():
                 shutil.copyfile(source / name, staging / name)  # not copy2: the artifact takes the umask's mode
-        manifest = write_genai_config(staging, portable_manifest(staging, config, torch_dtype, tokens))
+        manifest = write_host_configs(staging, portable_manifest(staging, config, torch_dtype, tokens))
         contract.write_manifest(staging, manifest)
         staging_area.move_into_place(staging, target)
     except OSError as error:  # name the output, not the hidden staging folder; errno keeps the cause

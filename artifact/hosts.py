@@ -1,10 +1,14 @@
-"""onnxruntime-genai's view of an artifact: genai_config.json, derived from the manifest and the
-checkpoint's generation_config.json, so that `og.Model(ARTIFACT)` drives the portable graph unchanged.
+"""What other hosts read from an artifact, derived from the manifest (docs: hosts.md, as tried here), so that
+the folder is their model as it is: onnxruntime-genai's genai_config.json, and transformers.js's block in
+config.json. Both drive the portable graph: it takes the growing cache they feed, and the optimized graphs
+read `total_sequence_length`, an input neither feeds.
 
-genai's parser refuses keys it does not know and model types it does not list (`qwen2` serves
+onnxruntime-genai: `og.Model(ARTIFACT)`. Its parser refuses keys it does not know and model types it does not list (`qwen2` serves
 Qwen2-MoE too); it feeds a cache that grows by concatenation, which is the portable graph's contract
-(`past_present_share_buffer` false). The optimized graphs read `total_sequence_length`, an input genai
-does not feed, so genai is pointed at the portable graph (docs: hosts.md, as tried with genai 0.18).
+(`past_present_share_buffer` false); the ids and search defaults come from generation_config.json.
+
+transformers.js: `AutoModelForCausalLM.from_pretrained(ARTIFACT)`. config.json gains "transformers.js_config":
+which file, and that its weights are in one external-data file (the browser cannot find it otherwise).
 Standard library only, like contract.py.
 """
 
@@ -67,11 +71,24 @@ def genai_config(manifest: contract.Manifest, generation: dict[str, Any]) -> dic
     }
 
 
-def write_genai_config(artifact: Path, manifest: contract.Manifest) -> contract.Manifest:
-    """Write genai_config.json into `artifact` (its generation_config.json, if any, read from there); the
-    manifest returned records the file."""
+TRANSFORMERS_JS_KEY = "transformers.js_config"
+
+
+def transformers_js_config() -> dict[str, Any]:
+    """dtype "fp32" names the file (onnx/model.onnx, no suffix) whatever the weights' type: transformers.js
+    takes the cache's element type from the graph's inputs."""
+    return {"dtype": "fp32", "use_external_data_format": {contract.graph_file().split("/")[-1]: 1}}
+
+
+def write_host_configs(artifact: Path, manifest: contract.Manifest) -> contract.Manifest:
+    """Write genai_config.json and config.json's transformers.js block into `artifact` (a finished export:
+    its generation_config.json, if any, is read from there); the manifest returned records both files."""
     generation_path = artifact / contract.GENERATION_CONFIG_FILE
     generation = json.loads(generation_path.read_text()) if generation_path.is_file() else {}
-    path = artifact / contract.GENAI_CONFIG_FILE
-    path.write_text(json.dumps(genai_config(manifest, generation), indent=2) + "\n")
-    return replace(manifest, files={**manifest.files, contract.GENAI_CONFIG_FILE: contract.FileRecord.of(path)})
+    genai_path = artifact / contract.GENAI_CONFIG_FILE
+    genai_path.write_text(json.dumps(genai_config(manifest, generation), indent=2) + "\n")
+    config_path = artifact / contract.CONFIG_FILE
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, TRANSFORMERS_JS_KEY: transformers_js_config()}, indent=2) + "\n")
+    records = {path.name: contract.FileRecord.of(path) for path in (genai_path, config_path)}
+    return replace(manifest, files={**manifest.files, **records})
