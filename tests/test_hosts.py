@@ -1,11 +1,12 @@
-"""Other hosts driving an artifact unchanged (docs: hosts.md), against our runtime's greedy tokens:
-onnxruntime-genai (PyPI, CPU) through the genai_config.json export writes; the repo's examples in Node,
-plain onnxruntime-node over the manifest (examples/node) and transformers.js (examples/transformers-js).
+"""Other hosts driving an artifact unchanged (docs: hosts.md), through the repo's examples, against our
+runtime's greedy tokens: onnxruntime-genai (PyPI, CPU; examples/genai) through the genai_config.json export
+writes, plain onnxruntime-node over the manifest (examples/node) and transformers.js (examples/transformers-js).
 The npm packages come from examples/package-lock.json (the README's set-up command installs them)."""
 
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,13 +26,18 @@ def ours(artifact, graph: str | None = None) -> list[int]:
     return model.generate(PROMPT, max_new_tokens=NEW_TOKENS, greedy=True, repetition_penalty=1.0, ignore_eos=True).output_ids
 
 
-def node_example(example: str, artifact, *options: str) -> list[int]:
-    """Run examples/{example}/generate.mjs on the prompt's ids; its output_ids."""
+def run_example(example: str, artifact, *options: str) -> list[int]:
+    """Run examples/{example} (generate.py with this interpreter, or generate.mjs with Node.js) on the
+    prompt's ids; its output_ids."""
     folder = EXAMPLES / example
-    if shutil.which("node") is None or not (EXAMPLES / "node_modules").is_dir():
-        pytest.skip("Node.js or the examples' packages are missing: npm ci --ignore-scripts --prefix examples")
-    command = ["node", str(folder / "generate.mjs"), str(artifact), "--ids", ",".join(map(str, PROMPT)),
-               "--new-tokens", str(NEW_TOKENS), *options]
+    if (folder / "generate.py").is_file():
+        pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is a test dependency: pip install -e '.[test]'")
+        program = [sys.executable, str(folder / "generate.py")]
+    else:
+        if shutil.which("node") is None or not (EXAMPLES / "node_modules").is_dir():
+            pytest.skip("Node.js or the examples' packages are missing: npm ci --ignore-scripts --prefix examples")
+        program = ["node", str(folder / "generate.mjs")]
+    command = [*program, str(artifact), "--ids", ",".join(map(str, PROMPT)), "--new-tokens", str(NEW_TOKENS), *options]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])["output_ids"]
@@ -47,32 +53,17 @@ def assert_equal_up_to_a_padding_id(ours_ids: list[int], theirs: list[int], arti
     assert agreed >= 5, (ours_ids, theirs)
 
 
-def genai_greedy(artifact, prompt: list[int], new_tokens: int) -> list[int]:
-    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is a test dependency: pip install -e '.[test]'")
-    model = og.Model(str(artifact))
-    params = og.GeneratorParams(model)
-    length = len(prompt) + new_tokens
-    params.set_search_options(do_sample=False, max_length=length, min_length=length, repetition_penalty=1.0)
-    generator = og.Generator(model, params)
-    generator.append_tokens(prompt)
-    tokens = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        tokens.append(int(generator.get_next_tokens()[0]))
-    return tokens
-
-
 @pytest.mark.parametrize("variant", sorted(TINY_VARIANTS))
 def test_genai_drives_the_portable_graph_to_our_greedy_tokens(tiny_artifact, variant):
     """Every tiny variant (dense, MoE, sliding window, YaRN)."""
     artifact = tiny_artifact(variant)
-    assert_equal_up_to_a_padding_id(ours(artifact), genai_greedy(artifact, PROMPT, NEW_TOKENS), artifact)
+    assert_equal_up_to_a_padding_id(ours(artifact), run_example("genai", artifact), artifact)
 
 
 @pytest.mark.parametrize("variant", sorted(TINY_VARIANTS))
 def test_transformers_js_loads_the_folder_and_gives_our_greedy_tokens(tiny_artifact, variant):
     artifact = tiny_artifact(variant)
-    assert_equal_up_to_a_padding_id(ours(artifact), node_example("transformers-js", artifact), artifact)
+    assert_equal_up_to_a_padding_id(ours(artifact), run_example("transformers-js", artifact), artifact)
 
 
 @pytest.mark.parametrize("variant", ["dense_untied_sharded", "moe_shared", "sliding_window", "yarn"])
@@ -80,8 +71,8 @@ def test_onnxruntime_node_drives_both_graphs_from_the_manifest(tiny_optimized, v
     """The portable graph (growing cache) and the CPU graph (one buffer bound as past and present); the
     example never picks ids past the tokenizer, as our runtime, so the tokens are equal throughout."""
     artifact = tiny_optimized(variant, "cpu")
-    assert node_example("node", artifact) == ours(artifact, graph=contract.PORTABLE_GRAPH)
-    assert node_example("node", artifact, "--graph", contract.optimized_graph_name("cpu")) == ours(artifact)
+    assert run_example("node", artifact) == ours(artifact, graph=contract.PORTABLE_GRAPH)
+    assert run_example("node", artifact, "--graph", contract.optimized_graph_name("cpu")) == ours(artifact)
 
 
 def test_host_configs_say_what_the_manifest_and_generation_config_say(tiny_artifact, tiny_checkpoint):

@@ -1,0 +1,58 @@
+"""A qwen2-onnx artifact as an onnxruntime-genai model: the folder as it is (every export writes its
+genai_config.json), the chat template from the artifact's tokenizer_config.json.
+
+    pip install onnxruntime-genai
+    python examples/genai/generate.py ART --prompt "Hello"          # chat template, text streamed out
+    python examples/genai/generate.py ART --ids 456,40,300          # greedy ids in, ids out (JSON)
+
+genai drives the portable graph, on the device its onnxruntime provides. It may pick ids past the
+tokenizer (rows of padding in published Qwen2 embeddings), which the project's runtime never does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Iterator
+
+import onnxruntime_genai as og
+
+
+def generate(model: og.Model, prompt_ids: list[int], new_tokens: int, greedy: bool) -> Iterator[int]:
+    """Token ids after `prompt_ids`, one at a time; greedy, or the artifact's sampling defaults."""
+    params = og.GeneratorParams(model)
+    length = len(prompt_ids) + new_tokens
+    if greedy:  # exactly new_tokens ids, stop tokens included, as the tests compare
+        params.set_search_options(do_sample=False, max_length=length, min_length=length, repetition_penalty=1.0)
+    else:
+        params.set_search_options(max_length=length)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt_ids)
+    while not generator.is_done():
+        generator.generate_next_token()
+        yield int(generator.get_next_tokens()[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("artifact")
+    parser.add_argument("--prompt", help="a user message, put through the chat template")
+    parser.add_argument("--ids", help="comma-separated token ids, generated from greedily")
+    parser.add_argument("--new-tokens", type=int, default=20)
+    args = parser.parse_args()
+    model = og.Model(args.artifact)
+    if args.ids is not None:
+        ids = [int(i) for i in args.ids.split(",")]
+        print(json.dumps({"output_ids": list(generate(model, ids, args.new_tokens, greedy=True))}))
+        return
+    tokenizer = og.Tokenizer(model)
+    messages = json.dumps([{"role": "user", "content": args.prompt}])
+    text = tokenizer.apply_chat_template(messages=messages, add_generation_prompt=True)
+    stream = tokenizer.create_stream()
+    for token in generate(model, list(tokenizer.encode(text)), args.new_tokens, greedy=False):
+        print(stream.decode(token), end="", flush=True)
+    print()
+
+
+if __name__ == "__main__":
+    main()
