@@ -1,6 +1,7 @@
 """Other hosts driving an artifact unchanged (docs: hosts.md), through the repo's examples, against our
 runtime's greedy tokens: onnxruntime-genai (PyPI, CPU; examples/genai) through the genai_config.json export
-writes, plain onnxruntime-node over the manifest (examples/node) and transformers.js (examples/transformers-js).
+writes, plain onnxruntime-node over the manifest (examples/node) and transformers.js in Node and in headless
+Chromium (examples/transformers-js).
 The npm packages come from examples/package-lock.json (the README's set-up command installs them)."""
 
 import json
@@ -26,17 +27,20 @@ def ours(artifact, graph: str | None = None) -> list[int]:
     return model.generate(PROMPT, max_new_tokens=NEW_TOKENS, greedy=True, repetition_penalty=1.0, ignore_eos=True).output_ids
 
 
-def run_example(example: str, artifact, *options: str) -> list[int]:
-    """Run examples/{example} (generate.py with this interpreter, or generate.mjs with Node.js) on the
-    prompt's ids; its output_ids."""
+CHROMIUM = "/usr/bin/chromium-headless-shell"
+
+
+def run_example(example: str, artifact, *options: str, script: str = "generate") -> list[int]:
+    """Run examples/{example}/{script} (.py with this interpreter, .mjs with Node.js) on the prompt's ids;
+    its output_ids."""
     folder = EXAMPLES / example
-    if (folder / "generate.py").is_file():
+    if (folder / f"{script}.py").is_file():
         pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is a test dependency: pip install -e '.[test]'")
-        program = [sys.executable, str(folder / "generate.py")]
+        program = [sys.executable, str(folder / f"{script}.py")]
     else:
         if shutil.which("node") is None or not (EXAMPLES / "node_modules").is_dir():
             pytest.skip("Node.js or the examples' packages are missing: npm ci --ignore-scripts --prefix examples")
-        program = ["node", str(folder / "generate.mjs")]
+        program = ["node", str(folder / f"{script}.mjs")]
     command = [*program, str(artifact), "--ids", ",".join(map(str, PROMPT)), "--new-tokens", str(NEW_TOKENS), *options]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -64,6 +68,16 @@ def test_genai_drives_the_portable_graph_to_our_greedy_tokens(tiny_artifact, var
 def test_transformers_js_loads_the_folder_and_gives_our_greedy_tokens(tiny_artifact, variant):
     artifact = tiny_artifact(variant)
     assert_equal_up_to_a_padding_id(ours(artifact), run_example("transformers-js", artifact), artifact)
+
+
+@pytest.mark.parametrize("variant, dtype", [("dense_tied", "fp32"), ("moe_shared", "fp32"), ("moe_shared", "fp16")])
+def test_transformers_js_in_a_browser_loads_the_folder_over_http(tiny_artifact, variant, dtype):
+    """Headless Chromium (WASM) fetching the artifact from a local server: the config.json block names the
+    graph and its external-data file (without it the browser build asks for onnx/model_quantized.onnx)."""
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"{CHROMIUM} is missing: apt-get install chromium-headless-shell")
+    artifact = tiny_artifact(variant, dtype)
+    assert_equal_up_to_a_padding_id(ours(artifact), run_example("transformers-js", artifact, script="browser"), artifact)
 
 
 @pytest.mark.parametrize("variant", ["dense_untied_sharded", "moe_shared", "sliding_window", "yarn"])
