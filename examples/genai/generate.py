@@ -5,21 +5,26 @@ genai_config.json), the chat template from the artifact's tokenizer_config.json.
     python examples/genai/generate.py ART --prompt "Hello"          # chat template, text streamed out
     python examples/genai/generate.py ART --ids 456,40,300          # greedy ids in, ids out (JSON)
 
-genai drives the portable graph, on the device its onnxruntime provides. It may pick ids past the
-tokenizer (rows of padding in published Qwen2 embeddings), which the project's runtime never does.
+genai drives the portable graph, on the device its onnxruntime provides. Like the project's runtime, this
+script never picks ids past the tokenizer (rows of padding in published Qwen2 embeddings: manifest.json's
+tokenizer.vocab_size against model.vocab_size): it sets their logits to -inf before each choice, which
+genai itself has no option for.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import onnxruntime_genai as og
 
 
-def generate(model: og.Model, prompt_ids: list[int], new_tokens: int, greedy: bool) -> Iterator[int]:
-    """Token ids after `prompt_ids`, one at a time; greedy, or the artifact's sampling defaults."""
+def generate(model: og.Model, prompt_ids: list[int], new_tokens: int, greedy: bool, vocab: int) -> Iterator[int]:
+    """Token ids after `prompt_ids`, one at a time, none of them `vocab` or above; greedy, or the artifact's
+    sampling defaults."""
     params = og.GeneratorParams(model)
     length = len(prompt_ids) + new_tokens
     if greedy:  # exactly new_tokens ids, stop tokens included, as the tests compare
@@ -29,6 +34,9 @@ def generate(model: og.Model, prompt_ids: list[int], new_tokens: int, greedy: bo
     generator = og.Generator(model, params)
     generator.append_tokens(prompt_ids)
     while not generator.is_done():
+        logits = generator.get_logits()
+        logits[..., vocab:] = -np.inf
+        generator.set_logits(logits)
         generator.generate_next_token()
         yield int(generator.get_next_tokens()[0])
 
@@ -41,15 +49,16 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=20)
     args = parser.parse_args()
     model = og.Model(args.artifact)
+    vocab = json.loads((Path(args.artifact) / "manifest.json").read_text())["tokenizer"]["vocab_size"]
     if args.ids is not None:
         ids = [int(i) for i in args.ids.split(",")]
-        print(json.dumps({"output_ids": list(generate(model, ids, args.new_tokens, greedy=True))}))
+        print(json.dumps({"output_ids": list(generate(model, ids, args.new_tokens, True, vocab))}))
         return
     tokenizer = og.Tokenizer(model)
     messages = json.dumps([{"role": "user", "content": args.prompt}])
     text = tokenizer.apply_chat_template(messages=messages, add_generation_prompt=True)
     stream = tokenizer.create_stream()
-    for token in generate(model, list(tokenizer.encode(text)), args.new_tokens, greedy=False):
+    for token in generate(model, list(tokenizer.encode(text)), args.new_tokens, False, vocab):
         print(stream.decode(token), end="", flush=True)
     print()
 

@@ -4,7 +4,7 @@
 // carries "transformers.js_config", which names the graph file and its external-data file.
 //
 //   node browser.mjs ARTIFACT --ids 456,40,300 [--new-tokens 20] [--chromium /usr/bin/chromium-headless-shell]
-import { createReadStream, statSync } from "node:fs";
+import { createReadStream, readFileSync, statSync } from "node:fs";
 import { createServer } from "node:http";
 import { basename, dirname, extname, join, normalize, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -27,6 +27,10 @@ const roots = {
   "/transformers/": join(modules, "@huggingface", "transformers", "dist"),
   "/ort/": join(modules, "onnxruntime-web", "dist"),
 };
+const manifest = JSON.parse(readFileSync(join(artifact, "manifest.json"), "utf8"));
+// ids past the tokenizer are never picked, as in generate.mjs and the project's runtime
+const suppress = Array.from({ length: manifest.model.vocab_size - manifest.tokenizer.vocab_size },
+                            (_, i) => manifest.tokenizer.vocab_size + i);
 const TYPES = { ".js": "text/javascript", ".mjs": "text/javascript", ".wasm": "application/wasm", ".json": "application/json" };
 const page = `<!doctype html><script type="module">
 import { AutoModelForCausalLM, Tensor, env } from "/transformers/transformers.js";
@@ -42,7 +46,7 @@ try {
   const attention_mask = new Tensor("int64", BigInt64Array.from(ids, () => 1n), [1, ids.length]);
   const n = ${Number(values["new-tokens"])};
   const output = await model.generate({ input_ids, attention_mask, max_new_tokens: n, min_new_tokens: n, do_sample: false,
-                                        repetition_penalty: 1.0 });
+                                        repetition_penalty: 1.0, suppress_tokens: ${JSON.stringify(suppress)} });
   window.result = { output_ids: Array.from(output.data.slice(ids.length), Number) };
 } catch (error) {
   window.result = { error: String(error && error.stack || error) };

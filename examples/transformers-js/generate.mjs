@@ -3,7 +3,11 @@
 //
 //   node generate.mjs ARTIFACT --prompt "Hello"       text in, text out, the chat template applied
 //   node generate.mjs ARTIFACT --ids 456,40,300       token ids in, ids out (greedy, what the tests compare)
-import { basename, dirname, resolve } from "node:path";
+//
+// Like the project's runtime, it never picks ids past the tokenizer (rows of padding in published Qwen2
+// embeddings): they are passed as suppress_tokens, from manifest.json's two vocabulary sizes.
+import { readFileSync } from "node:fs";
+import { basename, dirname, join, resolve } from "node:path";
 import { parseArgs } from "node:util";
 import { AutoModelForCausalLM, AutoTokenizer, env } from "@huggingface/transformers";
 
@@ -17,6 +21,9 @@ env.localModelPath = dirname(artifact);
 const name = basename(artifact);
 const model = await AutoModelForCausalLM.from_pretrained(name, { dtype: "fp32" });
 const newTokens = Number(values["new-tokens"]);
+const manifest = JSON.parse(readFileSync(join(artifact, "manifest.json"), "utf8"));
+const suppress_tokens = Array.from({ length: manifest.model.vocab_size - manifest.tokenizer.vocab_size },
+                                   (_, i) => manifest.tokenizer.vocab_size + i);
 
 if (values.ids !== undefined) {
   const ids = values.ids.split(",").map(BigInt);
@@ -25,14 +32,14 @@ if (values.ids !== undefined) {
   const attention_mask = new Tensor("int64", BigInt64Array.from(ids, () => 1n), [1, ids.length]);
   const output = await model.generate({
     input_ids, attention_mask, max_new_tokens: newTokens, min_new_tokens: newTokens, do_sample: false,
-    repetition_penalty: 1.0,
+    repetition_penalty: 1.0, suppress_tokens,
   });
   console.log(JSON.stringify({ output_ids: Array.from(output.data.slice(ids.length), Number) }));
 } else {
   const tokenizer = await AutoTokenizer.from_pretrained(name);
   const text = tokenizer.apply_chat_template([{ role: "user", content: values.prompt }], { tokenize: false, add_generation_prompt: true });
   const inputs = tokenizer(text);
-  const output = await model.generate({ ...inputs, max_new_tokens: newTokens });
+  const output = await model.generate({ ...inputs, max_new_tokens: newTokens, suppress_tokens });
   const prompt = inputs.input_ids.dims[1];
   console.log(tokenizer.decode(output.slice(null, [prompt, null]).tolist()[0], { skip_special_tokens: true }));
 }
