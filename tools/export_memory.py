@@ -24,14 +24,11 @@ from pathlib import Path
 
 import torch
 
+from qwen2_export.staging import folder_bytes
 from qwen2_export.synthetic import QWEN2_7B, QWEN2_57B_A14B, write_checkpoint
 
 SHAPES = {"qwen2-7b": QWEN2_7B, "qwen2-57b-a14b": QWEN2_57B_A14B}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 def compare_with_torch(checkpoint: Path, artifact: Path) -> float:

@@ -19,6 +19,7 @@ import numpy as np
 
 from graphs.artifact import optimize_artifact
 from qwen2_export.export import export_checkpoint
+from qwen2_export.staging import folder_bytes
 
 from .measure import DEVICE, GREEDY, PeakMemory
 from .ours import ours_timings
@@ -65,7 +66,7 @@ def int4_speed(workdir: Path, shape: str, prompt_tokens: int, new_tokens: int, c
         result["prefill_4096_ms"] = ours_timings(model, [long_prompt], 2, runs=2, **GREEDY)["prefill_ms"]
         floor_ms = decode_read_bytes(config_json, block) / (copy_tb_s * 1e12) * 1e3  # as speed(): bytes over copy rate
         result.update(peak_gib=memory.gib, floor_ms_per_token=floor_ms, floor_ratio=result["decode_ms_per_token"] / floor_ms,
-                      artifact_gb=sum(p.stat().st_size for p in artifact.rglob("*") if p.is_file()) / 1e9,
+                      artifact_gb=folder_bytes(artifact) / 1e9,
                       tokens_first_16=result.pop("tokens")[:16])
         report[f"ours_{name}"] = result
         print(name, result, flush=True)

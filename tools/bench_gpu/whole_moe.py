@@ -19,6 +19,7 @@ import numpy as np
 
 from graphs.artifact import optimize_artifact
 from qwen2_export.export import export_checkpoint
+from qwen2_export.staging import folder_bytes
 from qwen2_export.synthetic import QWEN2_57B_A14B
 from qwen2_export.synthetic_int4 import write_random_gptq_checkpoint
 
@@ -31,7 +32,7 @@ GROUP_SIZE = 128
 
 
 def folder_gb(folder: Path) -> float:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e9
+    return folder_bytes(folder) / 1e9
 
 
 def build(workdir: Path, config_json: dict) -> tuple[Path, dict]:
