@@ -11,7 +11,7 @@ nothing but the standard library, so a runtime-only install has it.
       onnx/model.onnx  model.onnx_data   the portable graph (standard ONNX, opset 23) and all weights
       onnx/model_{target}.onnx(_data)    optimized graphs (onnxruntime's fused ops) and their new weights
       config.json  generation_config.json  tokenizer.json  tokenizer_config.json  [chat_template.jinja]
-      genai_config.json                  onnxruntime-genai's config for the portable graph (hosts.py)
+      genai_config.json  genai/{graph}.json  onnxruntime-genai's config, and an overlay per graph (hosts.py)
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ TOKENIZER_FILE = "tokenizer.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
-GENAI_CONFIG_FILE = "genai_config.json"  # onnxruntime-genai's view of the portable graph (artifact/hosts.py)
+GENAI_CONFIG_FILE = "genai_config.json"  # onnxruntime-genai's config (artifact/hosts.py)
 # copied from the checkpoint: the first three are required, the rest when present
 CONFIG_FILE = "config.json"  # the checkpoint's, with transformers.js's block added (artifact/hosts.py)
 CHECKPOINT_FILES = (CONFIG_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE)
@@ -61,10 +61,18 @@ def optimized_graph_name(target: str) -> str:
     return f"optimized-{target}"
 
 
+def genai_overlay_file(graph_name: str) -> str:
+    """onnxruntime-genai's overlay of genai_config.json that makes it drive the graph `graph_name`."""
+    return f"genai/{graph_name}.json"
+
+
 # ---- graph inputs and outputs -----------------------------------------------------------------------
 INPUT_IDS, ATTENTION_MASK, POSITION_IDS = "input_ids", "attention_mask", "position_ids"
-# optimized graphs: int32 scalar in host memory, the attention mask's width (GroupQueryAttention reads it there)
+# an input of optimized graphs written by earlier versions (int32 scalar, the attention mask's width);
+# optimized graphs now compute it from the mask in nodes named HOST_SHAPE_NODES..., which onnxruntime runs on
+# the CPU EP (they read shapes only) whatever the device: a runtime may allow exactly those on the CPU
 TOTAL_SEQUENCE_LENGTH = "total_sequence_length"
+HOST_SHAPE_NODES = "host_shape/"
 LOGITS = "logits"
 CANDIDATE_OUTPUTS = ("top_logits", "top_ids")  # [batch, K]: each row's K best logits (fp32) and their ids
 PAST, PRESENT = "past_key_values", "present"

@@ -1,11 +1,15 @@
 """What other hosts read from an artifact, derived from the manifest (docs: hosts.md, as tried here), so that
-the folder is their model as it is: onnxruntime-genai's genai_config.json, and transformers.js's block in
-config.json. Both drive the portable graph: it takes the growing cache they feed, and the optimized graphs
-read `total_sequence_length`, an input neither feeds.
+the folder is their model as it is: onnxruntime-genai's genai_config.json (and one overlay per graph), and
+transformers.js's block in config.json.
 
-onnxruntime-genai: `og.Model(ARTIFACT)`. Its parser refuses keys it does not know and model types it does not list (`qwen2` serves
-Qwen2-MoE too); it feeds a cache that grows by concatenation, which is the portable graph's contract
-(`past_present_share_buffer` false); the ids and search defaults come from generation_config.json.
+onnxruntime-genai: `og.Model(ARTIFACT)` runs on the CPU: the CPU-optimized graph when the artifact has one,
+else the portable graph. Any other graph: `config = og.Config(ARTIFACT)`, `config.overlay(<genai/NAME.json>)`,
+`og.Model(config)`; genai/optimized-cuda.json adds the CUDA provider with its CUDA graph (an overlay can add
+a provider, not remove one, so the config itself names none). Its parser refuses keys it does not know and
+model types it does not list (`qwen2` serves Qwen2-MoE too). It feeds a cache that grows by concatenation
+to the portable graph (`past_present_share_buffer` false) and one shared buffer to the optimized graphs,
+which compute their total length from the mask as genai's own builder does; the ids and search defaults
+come from generation_config.json.
 
 transformers.js: `AutoModelForCausalLM.from_pretrained(ARTIFACT)`. config.json gains "transformers.js_config":
 which file, and that its weights are in one external-data file (the browser cannot find it otherwise).
@@ -15,6 +19,7 @@ Standard library only, like contract.py.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,9 +29,27 @@ from . import contract
 MODEL_TYPE = "qwen2"
 
 
+# the execution providers genai gets per graph target; the CUDA graph is captured as our runtime does
+GENAI_PROVIDERS: dict[str, list[dict[str, Any]]] = {
+    "any": [], "cpu": [], "cuda": [{"cuda": {"enable_cuda_graph": "1"}}]}
+
+
+def genai_default_graph(manifest: contract.Manifest) -> contract.GraphEntry:
+    """The graph genai_config.json drives: the CPU-optimized one when there is one, else the portable one."""
+    return manifest.graph(contract.optimized_graph_name("cpu")) or manifest.graph(contract.PORTABLE_GRAPH)
+
+
+def genai_graph_settings(graph: contract.GraphEntry) -> dict[str, Any]:
+    """What differs between graphs in genai's config: file, providers and cache layout (an overlay)."""
+    return {"model": {"decoder": {"filename": graph.file,
+                                  "session_options": {"provider_options": GENAI_PROVIDERS[graph.target]}}},
+            "search": {"past_present_share_buffer": graph.kv_layout == contract.SHARED_BUFFER}}
+
+
 def genai_config(manifest: contract.Manifest, generation: dict[str, Any]) -> dict[str, Any]:
-    """genai_config.json for the portable graph: sizes and names from the manifest, the special ids and
+    """genai_config.json for genai_default_graph: sizes and names from the manifest, the special ids and
     search defaults from generation_config.json (the tokenizer's ids where it has none)."""
+    graph = genai_default_graph(manifest)
     model, tokens = manifest.model, manifest.tokenizer
     eos = generation.get("eos_token_id", tokens.eos_token_id)
     eos = list(eos) if isinstance(eos, list) else [eos]
@@ -42,8 +65,8 @@ def genai_config(manifest: contract.Manifest, generation: dict[str, Any]) -> dic
             "vocab_size": model.vocab_size,
             "type": MODEL_TYPE,
             "decoder": {
-                "filename": contract.graph_file(),
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": graph.file,
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": GENAI_PROVIDERS[graph.target]},
                 "head_size": model.head_dim,
                 "hidden_size": model.hidden_size,
                 "num_attention_heads": model.num_attention_heads,
@@ -62,7 +85,7 @@ def genai_config(manifest: contract.Manifest, generation: dict[str, Any]) -> dic
             "min_length": 0,
             "num_beams": 1,
             "num_return_sequences": 1,
-            "past_present_share_buffer": False,
+            "past_present_share_buffer": graph.kv_layout == contract.SHARED_BUFFER,
             "repetition_penalty": float(generation.get("repetition_penalty", 1.0)),
             "temperature": float(generation.get("temperature", 1.0)),
             "top_k": int(generation.get("top_k", 1) or 1),
@@ -81,14 +104,22 @@ def transformers_js_config() -> dict[str, Any]:
 
 
 def write_host_configs(artifact: Path, manifest: contract.Manifest) -> contract.Manifest:
-    """Write genai_config.json and config.json's transformers.js block into `artifact` (a finished export:
-    its generation_config.json, if any, is read from there); the manifest returned records both files."""
+    """Write genai_config.json, an overlay per graph (contract.genai_overlay_file) and config.json's
+    transformers.js block into `artifact`, whose generation_config.json, if any, is read from there; returns
+    `manifest` recording them. Each file is written whole under a temporary name, then all are renamed."""
     generation_path = artifact / contract.GENERATION_CONFIG_FILE
     generation = json.loads(generation_path.read_text()) if generation_path.is_file() else {}
-    genai_path = artifact / contract.GENAI_CONFIG_FILE
-    genai_path.write_text(json.dumps(genai_config(manifest, generation), indent=2) + "\n")
-    config_path = artifact / contract.CONFIG_FILE
-    config = json.loads(config_path.read_text())
-    config_path.write_text(json.dumps({**config, TRANSFORMERS_JS_KEY: transformers_js_config()}, indent=2) + "\n")
-    records = {path.name: contract.FileRecord.of(path) for path in (genai_path, config_path)}
+    config = json.loads((artifact / contract.CONFIG_FILE).read_text())
+    documents = {contract.GENAI_CONFIG_FILE: genai_config(manifest, generation),
+                 contract.CONFIG_FILE: {**config, TRANSFORMERS_JS_KEY: transformers_js_config()},
+                 **{contract.genai_overlay_file(graph.name): genai_graph_settings(graph) for graph in manifest.graphs}}
+    partials = {}
+    for name, document in documents.items():
+        path = artifact / name
+        path.parent.mkdir(exist_ok=True)
+        partials[path] = path.with_name(path.name + ".partial")
+        partials[path].write_text(json.dumps(document, indent=2) + "\n")
+    for path, partial in partials.items():
+        os.replace(partial, path)
+    records = {name: contract.FileRecord.of(artifact / name) for name in documents}
     return replace(manifest, files={**manifest.files, **records})

@@ -2,8 +2,9 @@
 
 Initializers the passes left untouched keep pointing into the portable graph's data file; new or
 changed ones (packed, interleaved, cast, rope tables) go to the optimized graph's own data file,
-computed one tensor at a time. Files are written under temporary names and renamed at the end,
-manifest last, so an interrupted run leaves the artifact as it was.
+computed one tensor at a time. Files are written under temporary names and renamed once complete,
+then the other hosts' configs (artifact/hosts.py), the manifest last: it never names a graph that is
+not whole.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import onnx
 import onnx_ir as ir
 
 from artifact import contract, files
+from artifact.hosts import write_host_configs
 
 from .errors import GraphError
 from .fusions import packed_matmul
@@ -43,7 +45,7 @@ def optimize_artifact(artifact: str | Path, target: str, dtype: str | None = Non
     folder = contract.GRAPH_FOLDER
     graph_files = [graph_file, f"{folder}/{contract.data_file(target)}", f"{folder}/{contract.data_file()}"]
     entry = graph_entry(artifact, model, target, graph_files, reports)
-    contract.write_manifest(artifact, manifest.with_graph(entry))
+    contract.write_manifest(artifact, write_host_configs(artifact, manifest.with_graph(entry)))
     return entry
 
 

@@ -1,12 +1,14 @@
 """Values every fused attention shares, computed once from the graph's attention_mask.
 
     attention_mask [B, T] --ReduceSum(axis 1)--> lengths [B] --(-1)--> Cast int32 --> seqlens_k [B]
-    total_sequence_length: a new graph input, int32 scalar = T, fed by the caller from host memory
+    attention_mask [B, T] --Shape--> Gather(1) --> Cast int32 --> total_length (scalar T)
 
 The mask is right-padded in the optimized graph (GroupQueryAttention's contract), so a row's length
-is its number of ones. T is an input rather than Shape(attention_mask)[1] because onnxruntime runs
-such shape arithmetic on the CPU EP, and a graph with CPU nodes can neither run with the CPU fallback
-disabled nor be captured cleanly as a CUDA graph; GroupQueryAttention reads T from host memory anyway.
+is its number of ones. T is computed in the graph, as onnxruntime-genai's own builder does, so genai
+and transformers.js can drive the graph with the inputs they feed. GroupQueryAttention reads T from
+host memory: onnxruntime computes those three nodes on the CPU EP even in a CUDA session (Shape reads
+no data), which CUDA-graph capture allows; their names start with contract.HOST_SHAPE_NODES, and the
+runtime refuses any other node that onnxruntime would place on the CPU (runtime/session.py).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from .build import add_node, constant
 @dataclass(frozen=True)
 class AttentionLengths:
     seqlens_k: ir.Value  # int32 [B]: total length of each row minus one
-    total_length: ir.Value  # int32 scalar: T, the graph input total_sequence_length
+    total_length: ir.Value  # int32 scalar: T, the mask's width, in host memory
     seqlens_k_int64: ir.Value  # int64 [B], for index arithmetic
 
 
@@ -35,6 +37,7 @@ def attention_lengths(graph: ir.Graph) -> AttentionLengths:
     (lengths,) = add_node(graph, "ReduceSum", [mask, axis], {"keepdims": 0}, name="attention/lengths")
     (last,) = add_node(graph, "Sub", [lengths, one], name="attention/last_index")
     (seqlens,) = add_node(graph, "Cast", [last], {"to": ir.DataType.INT32}, name="attention/seqlens_k")
-    total = ir.Value(name=contract.TOTAL_SEQUENCE_LENGTH, shape=ir.Shape([]), type=ir.TensorType(ir.DataType.INT32))
-    graph.inputs.append(total)
+    (shape,) = add_node(graph, "Shape", [mask], name=f"{contract.HOST_SHAPE_NODES}mask_shape")
+    (width,) = add_node(graph, "Gather", [shape, one], {"axis": 0}, name=f"{contract.HOST_SHAPE_NODES}mask_width")
+    (total,) = add_node(graph, "Cast", [width], {"to": ir.DataType.INT32}, name=f"{contract.HOST_SHAPE_NODES}total_length")
     return AttentionLengths(seqlens, total, last)

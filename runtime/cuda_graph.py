@@ -164,9 +164,8 @@ class CapturedStep:
             bind_view(self.binding.bind_input, contract.INPUT_IDS, ids_from, 0, np.int64, [batch, tokens])
         mask_offset = 0 if ids_from is not None else 8 * batch * tokens
         bind_view(self.binding.bind_input, contract.ATTENTION_MASK, self.inputs, mask_offset, np.int64, [batch, self.width])
-        # GroupQueryAttention reads the total length from host memory: the mask's width, fixed per graph
-        self._total_length = ort.OrtValue.ortvalue_from_numpy(np.array(self.width, np.int32))  # kept alive here
-        if contract.TOTAL_SEQUENCE_LENGTH in graph.input_names:
+        if contract.TOTAL_SEQUENCE_LENGTH in graph.input_names:  # optimized graphs written by earlier versions
+            self._total_length = ort.OrtValue.ortvalue_from_numpy(np.array(self.width, np.int32))  # kept alive here
             self.binding.bind_ortvalue_input(contract.TOTAL_SEQUENCE_LENGTH, self._total_length)
         for name, value in zip(cache.past_names(), cache.values, strict=True):
             self.binding.bind_ortvalue_input(name, value)

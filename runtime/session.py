@@ -55,12 +55,14 @@ class GraphSession:
         try:
             self.session = ort.InferenceSession(str(graph_path), options, providers=providers)
         except Exception as error:  # onnxruntime raises its own types; name the way out
-            if "fallback" in str(error).lower():
-                raise RuntimeInputError(f"onnxruntime would run part of {graph.name!r} on the CPU ({error}); "
-                                        "pass --cpu-fallback (Model.load(..., cpu_fallback=True)) to allow it") from error
             raise RuntimeInputError(f"onnxruntime cannot load {graph_path} ({one_line(error)}); check the artifact "
                                     "with `qwen2-onnx verify ARTIFACT` or re-export it") from error
         check_graph_io(self.session, graph, manifest)
+        if strict_placement(graph, device, cpu_fallback):
+            strays = nodes_off_the_device(self.session)
+            if strays:
+                raise RuntimeInputError(f"onnxruntime would run part of {graph.name!r} on the CPU ({', '.join(strays[:5])}); "
+                                        "pass --cpu-fallback (Model.load(..., cpu_fallback=True)) to allow it")
         self.graph, self.device = graph, device
         self.steps: StepRunner = (steps or PlainSteps)(self.session, graph, device)
         self.caches = KVPool(manifest, graph, device)
@@ -95,11 +97,29 @@ def check_graph_io(session: ort.InferenceSession, graph: contract.GraphEntry, ma
                                 f"{sorted(actual)}; re-export the artifact")
 
 
+def strict_placement(graph: contract.GraphEntry, device: str, cpu_fallback: bool) -> bool:
+    """A graph optimized for CUDA must run every compute node on CUDA (its shape arithmetic aside), so a
+    node onnxruntime would place on the CPU is an error at load, not a silent host round trip in every
+    step; `cpu_fallback` allows it."""
+    return device == "cuda" and graph.target == "cuda" and not cpu_fallback
+
+
+def nodes_off_the_device(session: ort.InferenceSession) -> list[str]:
+    """The nodes onnxruntime placed on the CPU EP, except the graph's shape arithmetic (contract.HOST_SHAPE_NODES),
+    which it computes there for any device. Needs a session made with "session.record_ep_graph_assignment_info"."""
+    if not hasattr(session, "get_provider_graph_assignment_info"):
+        raise RuntimeInputError(f"onnxruntime {ort.__version__} cannot say where it placed each node (1.24 added it); "
+                                "upgrade onnxruntime-gpu, or pass --cpu-fallback to load without the check")
+    return [node.name for subgraph in session.get_provider_graph_assignment_info()
+            if subgraph.ep_name == PROVIDERS["cpu"] for node in subgraph.get_nodes()
+            if not node.name.startswith(contract.HOST_SHAPE_NODES)]
+
+
 def session_settings(graph: contract.GraphEntry, device: str, optimize: bool, cuda_graph: bool, cpu_fallback: bool,
                      stream: int | None = None) -> tuple[ort.SessionOptions, list]:
-    """Session options and providers. A graph optimized for CUDA must run every node on CUDA: the CPU
-    fallback is switched off, so a node onnxruntime would place on the CPU is an error at load, not a
-    silent host round trip in every step. `stream`: the CUDA stream onnxruntime computes on, when ours."""
+    """Session options and providers. Where placement is strict (strict_placement), onnxruntime records
+    where it put each node, for nodes_off_the_device. `stream`: the CUDA stream onnxruntime computes on,
+    when ours."""
     options = ort.SessionOptions()
     if graph.kv_layout == contract.CONCAT:
         # its shapes change every step and onnxruntime keeps a memory pattern per input shape: off, the
@@ -117,11 +137,9 @@ def session_settings(graph: contract.GraphEntry, device: str, optimize: bool, cu
     options.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
     cuda_options = {"arena_extend_strategy": "kSameAsRequested", **({"enable_cuda_graph": "1"} if cuda_graph else {}),
                     **({"user_compute_stream": str(stream)} if stream else {})}
-    cuda = (PROVIDERS["cuda"], cuda_options)
-    if graph.target == "cuda" and not cpu_fallback:
-        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-        return options, [cuda]
-    return options, [cuda, PROVIDERS["cpu"]]
+    if strict_placement(graph, device, cpu_fallback):
+        options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+    return options, [(PROVIDERS["cuda"], cuda_options), PROVIDERS["cpu"]]
 
 
 def one_line(error: Exception, limit: int = 300) -> str:

@@ -81,7 +81,7 @@ class PlainSteps:
         names = self.graph.input_names
         if contract.POSITION_IDS in names:
             binding.bind_cpu_input(contract.POSITION_IDS, np.ascontiguousarray(inputs.position_ids, dtype=np.int64))
-        if contract.TOTAL_SEQUENCE_LENGTH in names:
+        if contract.TOTAL_SEQUENCE_LENGTH in names:  # optimized graphs written by earlier versions
             binding.bind_cpu_input(contract.TOTAL_SEQUENCE_LENGTH, np.array(inputs.attention_mask.shape[1], np.int32))
         for name, value in zip(cache.past_names(), cache.values, strict=True):
             binding.bind_ortvalue_input(name, value)

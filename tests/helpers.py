@@ -1,11 +1,14 @@
 """What several test modules share: transformers as the reference (test-only), plain onnxruntime
-driving a graph as a host in another language would, prompts, and a synchronous stand-in for the CUDA
-stream. Test modules import this, never each other."""
+driving a graph as a host in another language would, prompts, a synchronous stand-in for the CUDA
+stream, and the repo's host examples run as a user would. Test modules import this, never each other."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -128,10 +131,8 @@ def empty_cache(manifest: dict, batch: int) -> dict[str, np.ndarray]:
 
 def run_step(session, cache: dict, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray):
     """One graph call; returns (logits, the next step's cache built from present.*). Graphs without a
-    position_ids input (GroupQueryAttention derives positions) simply do not get it; optimized graphs
-    also take total_sequence_length, the mask's width."""
-    feed = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, **cache,
-            "total_sequence_length": np.array(attention_mask.shape[1], np.int32)}
+    position_ids input (GroupQueryAttention derives positions) simply do not get it."""
+    feed = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, **cache}
     wanted = {i.name for i in session.get_inputs()}
     feed = {name: value for name, value in feed.items() if name in wanted}
     names = [o.name for o in session.get_outputs()]
@@ -203,3 +204,37 @@ def with_stop_tokens(model, ids: tuple[int, ...]):
     """The same model whose manifest names other stop tokens."""
     tokens = dataclasses.replace(model.manifest.tokenizer, stop_token_ids=ids)
     return dataclasses.replace(model, manifest=dataclasses.replace(model.manifest, tokenizer=tokens))
+
+
+# ---- other hosts, through the repo's examples ----
+EXAMPLES = Path(__file__).parent.parent / "examples"
+CHROMIUM = "/usr/bin/chromium-headless-shell"
+HOST_NEW_TOKENS = 20
+
+
+def ours(artifact, graph: str | None = None, new_tokens: int = HOST_NEW_TOKENS, **load) -> list[int]:
+    """Our runtime's greedy tokens after PROMPTS[0], stop tokens ignored, as the examples are run."""
+    from runtime import Model
+
+    model = Model.load(artifact, **load) if graph is None else Model.load(artifact, graph=graph, **load)
+    return model.generate(PROMPTS[0], max_new_tokens=new_tokens, greedy=True, repetition_penalty=1.0,
+                          ignore_eos=True).output_ids
+
+
+def run_example(example: str, artifact, *options: str, script: str = "generate", new_tokens: int = HOST_NEW_TOKENS) -> list[int]:
+    """Run examples/{example}/{script} (.py with this interpreter, .mjs with Node.js) on PROMPTS[0]'s ids;
+    its output_ids."""
+    import pytest
+
+    folder = EXAMPLES / example
+    if (folder / f"{script}.py").is_file():
+        pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is a test dependency: pip install -e '.[test]'")
+        program = [sys.executable, str(folder / f"{script}.py")]
+    else:
+        if shutil.which("node") is None or not (EXAMPLES / "node_modules").is_dir():
+            pytest.skip("Node.js or the examples' packages are missing: npm ci --ignore-scripts --prefix examples")
+        program = ["node", str(folder / f"{script}.mjs")]
+    command = [*program, str(artifact), "--ids", ",".join(map(str, PROMPTS[0])), "--new-tokens", str(new_tokens), *options]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])["output_ids"]

@@ -14,15 +14,16 @@ import pytest
 import torch
 import transformers
 
+from artifact.contract import HOST_SHAPE_NODES
 from graphs.artifact import optimize_artifact
 from qwen2_export.export import export_checkpoint
 from runtime import Model
 from runtime.cuda_graph import CapturedSteps, PipelinedSteps
 from runtime.padding import PADDINGS
 from tools.bench_gpu.peers import top3_agreement
-from tools.bench_gpu.prepare import cuda_only_assignment
+from tools.bench_gpu.prepare import placement
 
-from helpers import load_reference_model
+from helpers import load_reference_model, ours, run_example
 
 pytestmark = pytest.mark.cuda
 
@@ -49,9 +50,19 @@ def transformers_on_gpu(checkpoint, dtype: torch.dtype):
     return transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).cuda().eval()
 
 
+def assert_on_cuda(graph) -> None:
+    """Every node on CUDA but those that compute the total length from the mask's shape (Shape itself may
+    run on either); the runtime makes the same check at load."""
+    placed = placement(graph)
+    cpu = set(placed.get("CPUExecutionProvider", []))
+    assert cpu <= {f"{HOST_SHAPE_NODES}{name}" for name in ("mask_shape", "mask_width", "total_length")}
+    assert f"{HOST_SHAPE_NODES}total_length" in cpu  # the check sees the placement at all
+    assert any("GroupQueryAttention" in name for name in placed["CUDAExecutionProvider"])
+
+
 @pytest.mark.parametrize("variant, dtype", CASES)
 def test_every_node_of_the_cuda_graph_runs_on_cuda(cuda_artifact, variant, dtype):
-    assert cuda_only_assignment(cuda_artifact(variant, dtype) / "onnx/model_cuda.onnx") == "ok"
+    assert_on_cuda(cuda_artifact(variant, dtype) / "onnx/model_cuda.onnx")
 
 
 @pytest.mark.parametrize("variant, dtype", CASES)
@@ -98,6 +109,15 @@ def test_last_token_logits_of_each_graph_match_transformers_fp32(cuda_artifact, 
         assert np.isfinite(row).all()
         assert np.abs(row - expected).max() < LOGIT_TOLERANCE[dtype], graph
         assert row.argmax() == expected.argmax(), graph
+
+
+@pytest.mark.parametrize("variant", ["dense_untied_sharded", "moe_shared"])
+def test_genai_drives_our_cuda_graph_with_its_cuda_graph_to_our_tokens(cuda_artifact, variant):
+    """onnxruntime-genai-cuda through examples/genai and the artifact's genai/optimized-cuda.json overlay
+    (enable_cuda_graph): the tokens of our runtime's captured steps on the same graph."""
+    artifact = cuda_artifact(variant, "fp16")
+    theirs = run_example("genai", artifact, "--graph", "optimized-cuda", new_tokens=32)
+    assert theirs == ours(artifact, new_tokens=32, device="cuda", cuda_graph=True)
 
 
 def test_awq_int4_portable_graph_on_cuda_equals_the_dequantized_model(tmp_path_factory):
@@ -157,7 +177,7 @@ def test_int4_cuda_graph_runs_on_cuda_and_equals_its_dequantized_weights(tmp_pat
         write_int4_checkpoint(checkpoint, method, variant="sliding_window", group_size=32)
         artifact = export_checkpoint(checkpoint, folder / "artifact", dtype="fp16")
     optimize_artifact(artifact, "cuda", "float16")
-    assert cuda_only_assignment(artifact / "onnx/model_cuda.onnx") == "ok"
+    assert_on_cuda(artifact / "onnx/model_cuda.onnx")
     assert_follows_stored_weights(artifact, checkpoint)
 
 
@@ -188,5 +208,5 @@ def test_int4_moe_cuda_graph_runs_qmoe_on_cuda_and_equals_its_dequantized_weight
     optimize_artifact(artifact, "cuda", "float16")
     ops = [node.op_type for node in onnx.load(str(artifact / "onnx/model_cuda.onnx"), load_external_data=False).graph.node]
     assert "QMoE" in ops and "DequantizeLinear" not in ops
-    assert cuda_only_assignment(artifact / "onnx/model_cuda.onnx") == "ok"
+    assert_on_cuda(artifact / "onnx/model_cuda.onnx")
     assert_follows_stored_weights(artifact, checkpoint)

@@ -125,7 +125,8 @@ def test_full_pipeline_structure(tiny_optimized, variant):
     assert ops["SkipSimplifiedLayerNormalization"] == 2 * layers - 1 and ops["SimplifiedLayerNormalization"] == 2
     assert not {"Softmax", "ReduceMean", "Cos", "Sin", "Where"} & set(ops)
     assert ops["TopK"] == 1 and graph.token_candidates == 64  # the next-token candidates; the router's is inside MoE
-    assert "position_ids" not in graph.input_names and "total_sequence_length" in graph.input_names
+    # the total length comes from the mask's shape, so hosts that feed only the usual inputs can drive it
+    assert not {"position_ids", "total_sequence_length"} & set(graph.input_names)
     entry = json.loads((artifact / "manifest.json").read_text())["graphs"][1]
     assert entry["name"] == "optimized-cpu" and entry["outputs"][0]["dims"] == ["batch_size", 1, 512]
     assert all(p["fired"] == p["expected"] for p in entry["passes"])

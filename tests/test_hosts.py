@@ -1,59 +1,37 @@
 """Other hosts driving an artifact unchanged (docs: hosts.md), through the repo's examples, against our
 runtime's greedy tokens: onnxruntime-genai (PyPI, CPU; examples/genai) through the genai_config.json export
-writes, plain onnxruntime-node over the manifest (examples/node) and transformers.js in Node and in headless
+and optimize write (the CUDA graph: tests/test_cuda.py), plain onnxruntime-node over the manifest (examples/node) and transformers.js in Node and in headless
 Chromium (examples/transformers-js). Every example applies our runtime's rule, never an id past the
 tokenizer, so the tokens are equal throughout.
 The npm packages come from examples/package-lock.json (the README's set-up command installs them)."""
 
+import dataclasses
 import importlib.util
 import json
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from artifact import contract
-from artifact.hosts import TRANSFORMERS_JS_KEY, genai_config
+from artifact.hosts import TRANSFORMERS_JS_KEY, genai_config, genai_graph_settings
 from qwen2_export.synthetic import TINY_VARIANTS
-from runtime import Model
 
-PROMPT = [456, 40, 300, 17, 250, 99, 3]
-NEW_TOKENS = 20
-EXAMPLES = Path(__file__).parent.parent / "examples"
-
-
-def ours(artifact, graph: str | None = None) -> list[int]:
-    model = Model.load(artifact) if graph is None else Model.load(artifact, graph=graph)
-    return model.generate(PROMPT, max_new_tokens=NEW_TOKENS, greedy=True, repetition_penalty=1.0, ignore_eos=True).output_ids
-
-
-CHROMIUM = "/usr/bin/chromium-headless-shell"
-
-
-def run_example(example: str, artifact, *options: str, script: str = "generate") -> list[int]:
-    """Run examples/{example}/{script} (.py with this interpreter, .mjs with Node.js) on the prompt's ids;
-    its output_ids."""
-    folder = EXAMPLES / example
-    if (folder / f"{script}.py").is_file():
-        pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is a test dependency: pip install -e '.[test]'")
-        program = [sys.executable, str(folder / f"{script}.py")]
-    else:
-        if shutil.which("node") is None or not (EXAMPLES / "node_modules").is_dir():
-            pytest.skip("Node.js or the examples' packages are missing: npm ci --ignore-scripts --prefix examples")
-        program = ["node", str(folder / f"{script}.mjs")]
-    command = [*program, str(artifact), "--ids", ",".join(map(str, PROMPT)), "--new-tokens", str(NEW_TOKENS), *options]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])["output_ids"]
-
+from helpers import CHROMIUM, EXAMPLES, HOST_NEW_TOKENS, PROMPTS, ours, run_example
 
 @pytest.mark.parametrize("variant", sorted(TINY_VARIANTS))
 def test_genai_drives_the_portable_graph_to_our_greedy_tokens(tiny_artifact, variant):
     """Every tiny variant (dense, MoE, sliding window, YaRN)."""
     artifact = tiny_artifact(variant)
     assert run_example("genai", artifact) == ours(artifact)
+
+
+@pytest.mark.parametrize("variant", sorted(TINY_VARIANTS))
+def test_genai_drives_the_cpu_graph_by_default_and_the_portable_one_through_its_overlay(tiny_optimized, variant):
+    """The CPU graph takes genai's inputs as they come (the total length is computed from the mask) and its
+    shared KV buffer."""
+    artifact = tiny_optimized(variant, "cpu")
+    assert run_example("genai", artifact) == ours(artifact)
+    assert run_example("genai", artifact, "--graph", contract.PORTABLE_GRAPH) == ours(artifact, graph=contract.PORTABLE_GRAPH)
 
 
 def test_without_the_examples_rule_a_host_picks_ids_past_the_tokenizer(tiny_artifact):
@@ -67,7 +45,7 @@ def test_without_the_examples_rule_a_host_picks_ids_past_the_tokenizer(tiny_arti
     artifact = tiny_artifact("moe_shared")
     manifest = contract.read_manifest(artifact)
     # the example's generate with the rule's bound at the last embedding row: nothing is masked
-    theirs = list(example.generate(og.Model(str(artifact)), PROMPT, NEW_TOKENS, True, manifest.model.vocab_size))
+    theirs = list(example.generate(og.Model(str(artifact)), PROMPTS[0], HOST_NEW_TOKENS, True, manifest.model.vocab_size))
     assert max(theirs) >= manifest.tokenizer.vocab_size and theirs != ours(artifact)
 
 
@@ -75,6 +53,14 @@ def test_without_the_examples_rule_a_host_picks_ids_past_the_tokenizer(tiny_arti
 def test_transformers_js_loads_the_folder_and_gives_our_greedy_tokens(tiny_artifact, variant):
     artifact = tiny_artifact(variant)
     assert run_example("transformers-js", artifact) == ours(artifact)
+
+
+@pytest.mark.parametrize("variant", ["moe_shared", "sliding_window"])
+def test_transformers_js_in_node_also_drives_the_cpu_graph(tiny_optimized, variant):
+    """It feeds a growing cache; GroupQueryAttention copies the past into a longer present when the two are
+    different buffers, so the shared-buffer graph serves that cache too."""
+    artifact = tiny_optimized(variant, "cpu")
+    assert run_example("transformers-js", artifact, "--graph", contract.optimized_graph_name("cpu")) == ours(artifact)
 
 
 @pytest.mark.parametrize("variant, dtype", [("dense_tied", "fp32"), ("moe_shared", "fp32"), ("moe_shared", "fp16")])
@@ -112,3 +98,20 @@ def test_host_configs_say_what_the_manifest_and_generation_config_say(tiny_artif
     checkpoint_config = json.loads((tiny_checkpoint("moe_shared") / contract.CONFIG_FILE).read_text())
     assert config == {**checkpoint_config, TRANSFORMERS_JS_KEY: {"dtype": "fp32", "use_external_data_format": {"model.onnx": 1}}}
     assert contract.CONFIG_FILE in manifest.files
+    overlay = json.loads((artifact / contract.genai_overlay_file(contract.PORTABLE_GRAPH)).read_text())
+    assert overlay["model"]["decoder"]["filename"] == contract.graph_file()
+
+
+def test_optimize_points_genai_at_the_cpu_graph_and_writes_an_overlay_per_graph(tiny_optimized):
+    artifact = tiny_optimized("moe_shared", "cpu")
+    manifest = contract.read_manifest(artifact)
+    written = json.loads((artifact / contract.GENAI_CONFIG_FILE).read_text())
+    assert written["model"]["decoder"]["filename"] == contract.graph_file("cpu")
+    assert written["search"]["past_present_share_buffer"] is True
+    for graph in manifest.graphs:
+        name = contract.genai_overlay_file(graph.name)
+        overlay = json.loads((artifact / name).read_text())
+        assert overlay["model"]["decoder"]["filename"] == graph.file and name in manifest.files
+        assert overlay["search"]["past_present_share_buffer"] is (graph.kv_layout == contract.SHARED_BUFFER)
+    cuda = genai_graph_settings(dataclasses.replace(manifest.graphs[-1], target="cuda"))
+    assert cuda["model"]["decoder"]["session_options"]["provider_options"] == [{"cuda": {"enable_cuda_graph": "1"}}]

@@ -164,30 +164,52 @@ def test_cli_rejects_a_bad_prefill_chunk(tiny_artifact, capsys):
     assert "prefill_chunk=0" in capsys.readouterr().err
 
 
-def test_cuda_sessions_for_cuda_graphs_refuse_the_cpu_fallback(tiny_artifact):
-    """Settings only (no GPU here): a CUDA-optimized graph gets the CUDA EP alone with the fallback off,
-    unless cpu_fallback; a portable graph on CUDA may fall back; CPU sessions are untouched."""
+def test_cuda_optimized_graphs_load_with_their_placement_checked_unless_cpu_fallback(tiny_artifact):
+    """Settings only (no GPU here): a CUDA-optimized graph on CUDA records where onnxruntime puts each node
+    (checked at load), unless cpu_fallback; a portable graph on CUDA and CPU sessions are not checked."""
     from artifact.contract import read_manifest
-    from runtime.session import session_settings
+    from runtime.session import session_settings, strict_placement
 
     manifest = read_manifest(tiny_artifact("dense_tied"))
     cuda_graph_info = dataclasses.replace(manifest.graphs[0], target="cuda")
 
-    def fallback(options):
+    def recorded(options):
         try:
-            return options.get_session_config_entry("session.disable_cpu_ep_fallback") or "0"
+            return options.get_session_config_entry("session.record_ep_graph_assignment_info") or "0"
         except Exception:  # onnxruntime raises for an entry that was never set
             return "0"
 
+    assert strict_placement(cuda_graph_info, "cuda", cpu_fallback=False)
     options, providers = session_settings(cuda_graph_info, "cuda", True, True, cpu_fallback=False)
-    assert fallback(options) == "1" and [p[0] if isinstance(p, tuple) else p for p in providers] == ["CUDAExecutionProvider"]
+    assert recorded(options) == "1" and [p[0] if isinstance(p, tuple) else p for p in providers] == \
+        ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert providers[0][1]["enable_cuda_graph"] == "1"
-    options, providers = session_settings(cuda_graph_info, "cuda", True, False, cpu_fallback=True)
-    assert fallback(options) == "0" and providers[-1] == "CPUExecutionProvider"
-    options, providers = session_settings(manifest.graphs[0], "cuda", True, False, cpu_fallback=False)
-    assert fallback(options) == "0" and providers[-1] == "CPUExecutionProvider"
+    assert not strict_placement(cuda_graph_info, "cuda", cpu_fallback=True)
+    assert recorded(session_settings(cuda_graph_info, "cuda", True, False, cpu_fallback=True)[0]) == "0"
+    assert not strict_placement(manifest.graphs[0], "cuda", cpu_fallback=False)
+    assert not strict_placement(cuda_graph_info, "cpu", cpu_fallback=False)
     assert session_settings(cuda_graph_info, "cpu", True, False, cpu_fallback=False)[1] == ["CPUExecutionProvider"]
     assert session_settings(cuda_graph_info, "cuda", True, True, False, stream=1234)[1][0][1]["user_compute_stream"] == "1234"
+
+
+@pytest.mark.parametrize("variant", ["dense_tied", "moe_shared"])
+def test_the_placement_check_lets_only_the_graphs_shape_arithmetic_run_on_the_cpu(tiny_optimized, variant):
+    """On the CPU every node is on the CPU EP: the check names all of them but the nodes that compute the
+    total length from the mask's shape, which onnxruntime keeps (by name) through its own rewrites."""
+    import onnxruntime as ort
+
+    from artifact import contract
+    from runtime.session import nodes_off_the_device
+
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+    session = ort.InferenceSession(str(tiny_optimized(variant) / contract.graph_file("cpu")), options,
+                                   providers=["CPUExecutionProvider"])
+    placed = [node.name for subgraph in session.get_provider_graph_assignment_info() for node in subgraph.get_nodes()]
+    host = [name for name in placed if name.startswith(contract.HOST_SHAPE_NODES)]
+    strays = nodes_off_the_device(session)
+    assert len(host) == 3 and sorted(strays + host) == sorted(placed)
+    assert any("GroupQueryAttention" in name for name in strays)
 
 
 @pytest.mark.parametrize("variant, graph", [("moe_shared", "optimized-cpu"), ("dense_tied", "portable")])

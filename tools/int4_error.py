@@ -37,8 +37,7 @@ def graph_logits(artifact: Path, graph: str) -> np.ndarray:
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")  # as runtime/session.py does
     session = ort.InferenceSession(str(artifact / entry.file), options, providers=["CPUExecutionProvider"])
     model = manifest.model
-    feeds = {"input_ids": IDS, "attention_mask": np.ones_like(IDS), "position_ids": np.arange(IDS.shape[1])[None],
-             "total_sequence_length": np.array(IDS.shape[1], np.int32)}
+    feeds = {"input_ids": IDS, "attention_mask": np.ones_like(IDS), "position_ids": np.arange(IDS.shape[1])[None]}
     for name in contract.kv_names(model.num_hidden_layers, contract.PAST):
         feeds[name] = np.zeros((1, model.num_key_value_heads, 0, model.head_dim), np.float32)
     wanted = {i.name for i in session.get_inputs()}

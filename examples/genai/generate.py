@@ -1,11 +1,14 @@
-"""A qwen2-onnx artifact as an onnxruntime-genai model: the folder as it is (every export writes its
+"""A qwen2-onnx artifact as an onnxruntime-genai model: the folder as it is (export and optimize write its
 genai_config.json), the chat template from the artifact's tokenizer_config.json.
 
     pip install onnxruntime-genai
     python examples/genai/generate.py ART --prompt "Hello"          # chat template, text streamed out
     python examples/genai/generate.py ART --ids 456,40,300          # greedy ids in, ids out (JSON)
+    python examples/genai/generate.py ART --graph optimized-cuda    # another graph (onnxruntime-genai-cuda)
 
-genai drives the portable graph, on the device its onnxruntime provides. Like the project's runtime, this
+genai_config.json drives the CPU-optimized graph when the artifact has one, else the portable graph, on
+the CPU; `--graph NAME` overlays genai/NAME.json, which names that graph (and the CUDA provider with its
+CUDA graph for optimized-cuda). Like the project's runtime, this
 script never picks ids past the tokenizer (rows of padding in published Qwen2 embeddings: manifest.json's
 tokenizer.vocab_size against model.vocab_size): it sets their logits to -inf before each choice, which
 genai itself has no option for.
@@ -47,8 +50,12 @@ def main() -> None:
     parser.add_argument("--prompt", help="a user message, put through the chat template")
     parser.add_argument("--ids", help="comma-separated token ids, generated from greedily")
     parser.add_argument("--new-tokens", type=int, default=20)
+    parser.add_argument("--graph", help="a graph of manifest.json (portable, optimized-cpu, optimized-cuda)")
     args = parser.parse_args()
-    model = og.Model(args.artifact)
+    config = og.Config(args.artifact)
+    if args.graph is not None:
+        config.overlay((Path(args.artifact) / "genai" / f"{args.graph}.json").read_text())
+    model = og.Model(config)
     vocab = json.loads((Path(args.artifact) / "manifest.json").read_text())["tokenizer"]["vocab_size"]
     if args.ids is not None:
         ids = [int(i) for i in args.ids.split(",")]

@@ -3,6 +3,8 @@
 //
 //   node generate.mjs ARTIFACT --prompt "Hello"       text in, text out, the chat template applied
 //   node generate.mjs ARTIFACT --ids 456,40,300       token ids in, ids out (greedy, what the tests compare)
+//   node generate.mjs ARTIFACT --graph optimized-cpu  the CPU graph (Node only: its weights span two files,
+//                                                     and the browser mounts one)
 //
 // Like the project's runtime, it never picks ids past the tokenizer (rows of padding in published Qwen2
 // embeddings): they are passed as suppress_tokens, from manifest.json's two vocabulary sizes.
@@ -13,15 +15,21 @@ import { AutoModelForCausalLM, AutoTokenizer, env } from "@huggingface/transform
 
 const { values, positionals } = parseArgs({
   allowPositionals: true,
-  options: { prompt: { type: "string" }, ids: { type: "string" }, "new-tokens": { type: "string", default: "20" } },
+  options: {
+    prompt: { type: "string" }, ids: { type: "string" }, "new-tokens": { type: "string", default: "20" },
+    graph: { type: "string", default: "portable" },
+  },
 });
 const artifact = resolve(positionals[0]);
 env.allowRemoteModels = false; // local files only
 env.localModelPath = dirname(artifact);
 const name = basename(artifact);
-const model = await AutoModelForCausalLM.from_pretrained(name, { dtype: "fp32" });
-const newTokens = Number(values["new-tokens"]);
 const manifest = JSON.parse(readFileSync(join(artifact, "manifest.json"), "utf8"));
+const graph = manifest.graphs.find((g) => g.name === values.graph);
+if (graph === undefined) throw new Error(`no graph ${values.graph} in manifest.json`);
+// dtype "fp32" adds no suffix to the file name, whatever the weights' type
+const model = await AutoModelForCausalLM.from_pretrained(name, { dtype: "fp32", model_file_name: basename(graph.file, ".onnx") });
+const newTokens = Number(values["new-tokens"]);
 const suppress_tokens = Array.from({ length: manifest.model.vocab_size - manifest.tokenizer.vocab_size },
                                    (_, i) => manifest.tokenizer.vocab_size + i);
 

@@ -6,6 +6,7 @@
     profiles.py  CUPTI kernel profiles and onnxruntime's node profile, run after every timing
     int4.py      --int4: int4 builds against fp16 and onnxruntime-genai's int4
     whole_moe.py --whole-57b: the whole Qwen2-57B-A14B in int4 on one GPU
+    hosts.py     --hosts: the total length in the graph against as an input; onnxruntime-genai on our graph
     report.py    the run's parts, bench_gpu.json, ratios and the README's tables
     __main__.py  the command
 

@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 
 from . import __doc__ as DESCRIPTION
+from .hosts import hosts_speed
 from .int4 import int4_speed
 from .measure import DEVICE, GREEDY, PeakMemory
 from .ours import bucket_sweep, long_context, ours_timings, padded_prompt_same_tokens, replay_timings, variant_timings
@@ -101,6 +102,8 @@ def main() -> None:
     parser.add_argument("--ours-only", action="store_true", help="skip transformers and onnxruntime-genai")
     parser.add_argument("--int4", action="store_true", help="instead of the full comparison: ours fp16 and --quantize "
                         "int4 (blocks 32 and 128) against onnxruntime-genai int4, at each shape")
+    parser.add_argument("--hosts", action="store_true", help="instead of the full comparison: the CUDA graph with "
+                        "the total length computed inside against taken as an input, and onnxruntime-genai on it")
     parser.add_argument("--whole-57b", type=int, default=0, metavar="LAYERS", help="instead of the shapes: a GPTQ-Int4 "
                         "Qwen2-57B-A14B of LAYERS layers (28: the whole model) written, exported and run here")
     args = parser.parse_args()
@@ -135,6 +138,8 @@ def main() -> None:
     for shape in shapes:
         if sweep:
             report.run(f"bucket_sweep/{shape}", bucket_sweep, args.workdir, shape, sweep)
+        elif args.hosts:
+            report.run(f"hosts/{shape}", hosts_speed, args.workdir, shape, args.prompt_tokens, args.new_tokens, genai)
         elif args.int4:
             report.run(f"int4/{shape}", int4_speed, args.workdir, shape, args.prompt_tokens, args.new_tokens, copy_tb_s,
                        genai, profiles)

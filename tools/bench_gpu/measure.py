@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-DEVICE = "cuda"  # every graph runs with the CPU fallback off: a node onnxruntime puts on the CPU fails the load
+DEVICE = "cuda"  # a CUDA-optimized graph loads only if every compute node runs on CUDA (runtime/session.py)
 GREEDY = {"greedy": True, "repetition_penalty": 1.0}  # argmax of the raw logits, as transformers' greedy peers
 
 

@@ -76,34 +76,39 @@ def genai_timings(checkpoint: Path, workdir: Path, prompt: list[int], new_tokens
         subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint), "-o", str(folder),
                         "-p", precision, "-e", "cuda", "-c", str(workdir / "genai-cache")], check=True,
                        stdout=subprocess.DEVNULL)
-    base = json.loads((folder / "genai_config.json").read_text())
     results = {}
     for variant in ("default", "cuda_graph"):
-        config = json.loads(json.dumps(base))
+        config = og.Config(str(folder))
         if variant == "cuda_graph":
-            for provider in config["model"]["decoder"]["session_options"]["provider_options"]:
-                provider.get("cuda", {})["enable_cuda_graph"] = "1"
-        (folder / "genai_config.json").write_text(json.dumps(config, indent=1))
-        model = og.Model(str(folder))
-        runs = []
-        for attempt in range(3):
-            params = og.GeneratorParams(model)
-            params.set_search_options(do_sample=False, max_length=len(prompt) + new_tokens, min_length=len(prompt) + new_tokens)
-            generator = og.Generator(model, params)
-            stamps = [time.perf_counter()]
-            generator.append_tokens(np.array(prompt, np.int32))
-            while not generator.is_done():
-                generator.generate_next_token()
-                generator.get_next_tokens()  # the token to the host, as a caller would
-                stamps.append(time.perf_counter())
-            if attempt:
-                runs.append({"prefill_ms": (stamps[1] - stamps[0]) * 1e3,
-                             "decode_ms_per_token": (stamps[-1] - stamps[1]) / (len(stamps) - 2) * 1e3})
-            del generator
-        results[variant] = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
-        del model
-    (folder / "genai_config.json").write_text(json.dumps(base, indent=1))
+            config.set_provider_option("cuda", "enable_cuda_graph", "1")
+        results[variant] = genai_generate_timings(og.Model(config), prompt, new_tokens)
+        results[variant].pop("tokens")
     return results
+
+
+def genai_generate_timings(model, prompt: list[int], new_tokens: int, runs: int = 2) -> dict:
+    """Prefill (+ first token) ms and decode ms/token of og.Generator greedy on `model`, median of `runs`
+    after a warm-up; the tokens of the last run."""
+    import onnxruntime_genai as og
+
+    results = []
+    for attempt in range(runs + 1):
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=len(prompt) + new_tokens, min_length=len(prompt) + new_tokens)
+        generator = og.Generator(model, params)
+        stamps, tokens = [time.perf_counter()], []
+        generator.append_tokens(np.array(prompt, np.int32))
+        while not generator.is_done():
+            generator.generate_next_token()
+            tokens.append(int(generator.get_next_tokens()[0]))  # the token to the host, as a caller would
+            stamps.append(time.perf_counter())
+        if attempt:
+            results.append({"prefill_ms": (stamps[1] - stamps[0]) * 1e3,
+                            "decode_ms_per_token": (stamps[-1] - stamps[1]) / (len(stamps) - 2) * 1e3})
+        del generator
+    result = {key: statistics.median(r[key] for r in results) for key in results[0]}
+    result["tokens"] = tokens
+    return result
 
 
 def top3_agreement(reference, prompt: list[int], ours: list[int], theirs: list[int], vocab: int) -> bool:

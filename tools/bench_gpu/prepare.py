@@ -134,17 +134,17 @@ def decode_read_bytes(config_json: dict, int4_block: int | None = None) -> int:
     return total
 
 
-def cuda_only_assignment(graph: Path) -> str:
-    """'ok' when a session with CPU fallback disabled accepts the graph, else onnxruntime's reason."""
+def placement(graph: Path) -> dict[str, list[str]]:
+    """Where onnxruntime places each node of `graph` in a CUDA session (the CPU EP beside it): node names
+    by execution provider, as the runtime's load-time check sees them (runtime/session.py)."""
     import onnxruntime as ort
 
+    from runtime.session import PROVIDERS
+
     options = ort.SessionOptions()
-    options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-    try:
-        ort.InferenceSession(str(graph), options, providers=["CUDAExecutionProvider"])
-        return "ok"
-    except Exception as error:  # report the reason and where nodes went; the script goes on
-        verbose = ort.SessionOptions()
-        verbose.log_severity_level = 0  # onnxruntime then logs each provider's node placements
-        ort.InferenceSession(str(graph), verbose, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
-        return str(error)[:400]
+    options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+    session = ort.InferenceSession(str(graph), options, providers=[PROVIDERS["cuda"], PROVIDERS["cpu"]])
+    placed: dict[str, list[str]] = {}
+    for subgraph in session.get_provider_graph_assignment_info():
+        placed.setdefault(subgraph.ep_name, []).extend(node.name for node in subgraph.get_nodes())
+    return placed
