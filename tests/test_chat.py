@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import transformers
 
+from artifact.contract import read_manifest
+from qwen2_export.export import export_checkpoint
 from runtime import Model, RuntimeInputError
 from runtime.chat import ChatTemplate
 
@@ -102,3 +104,17 @@ def test_missing_template_names_the_flag(tiny_artifact, tmp_path):
     with_file = Model.load(folder, chat_template=TEMPLATES / "qwen2_instruct_chat_template.jinja")
     generation_prompt = with_file.tokenizer.encode("<|im_start|>assistant\n")
     assert with_file.encode([{"role": "user", "content": "Hi"}])[-len(generation_prompt):] == generation_prompt
+
+
+def test_a_template_kept_in_chat_template_jinja_is_carried_and_declared(tiny_checkpoint, tmp_path):
+    """Newer checkpoints keep the template in chat_template.jinja, not tokenizer_config.json: the artifact
+    carries the file, the manifest says it has a template, and the runtime chats with it."""
+    checkpoint = shutil.copytree(tiny_checkpoint("dense_tied"), tmp_path / "checkpoint")
+    config = json.loads((checkpoint / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (checkpoint / "tokenizer_config.json").write_text(json.dumps(config))
+    shutil.copyfile(TEMPLATES / "qwen25_instruct_chat_template.jinja", checkpoint / "chat_template.jinja")
+    artifact = export_checkpoint(checkpoint, tmp_path / "artifact")
+    assert read_manifest(artifact).tokenizer.has_chat_template and (artifact / "chat_template.jinja").is_file()
+    messages = CONVERSATIONS[sorted(CONVERSATIONS)[0]]
+    assert Model.load(artifact).encode(messages) == reference_ids(artifact, messages)
