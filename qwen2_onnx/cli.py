@@ -1,7 +1,8 @@
-"""`qwen2-onnx`: export, optimize, inspect, demo, generate and chat.
+"""`qwen2-onnx`: export, optimize, inspect, demo, generate, chat and serve.
 
-Each command imports its stage when it runs, so `generate` and `chat` need only the runtime's
-dependencies and never import torch. Every user-facing failure is one `error:` line and exit status 2.
+Each command imports its stage when it runs, so `generate`, `chat` and `serve` need only the runtime's
+dependencies (serve also its extra) and never import torch. Every user-facing failure is one `error:`
+line and exit status 2.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -199,18 +201,50 @@ def chat_turn(session: Any, text: str, options: dict[str, Any], prog: str) -> No
     print(flush=True)
 
 
+def run_serve(args: argparse.Namespace) -> None:
+    from runtime import RuntimeInputError
+
+    try:
+        from runtime.server import ServeConfig, serve
+    except ImportError as error:
+        raise RuntimeInputError(f"serve needs Starlette and uvicorn ({error.name} is missing): "
+                                "pip install 'qwen2-onnx[serve]'") from error
+    args.cuda_graph = args.device == "cuda"  # decode steps of each batch size replayed
+    model = load_model(args)
+    context = model.manifest.model.context_length
+    max_context = args.max_context or min(context, SERVE_CONTEXT)
+    if not 1 < max_context <= context or args.max_batch < 1:
+        raise RuntimeInputError(f"--max-context {max_context} must lie in [2, {context}] and --max-batch at least 1")
+    name = args.served_model_name or Path(args.artifact).resolve().name
+    serve(model, args.host, args.port, args.max_batch, max_context, ServeConfig(name, args.api_key))
+
+
+SERVE_CONTEXT = 8192  # serve's default positions per request: max_batch rows of this many stay on the device
+
+
 # ---- the parser -------------------------------------------------------------------------------------
-def add_run_options(parser: argparse.ArgumentParser) -> None:
+def add_load_options(parser: argparse.ArgumentParser) -> None:
+    """How the artifact is opened: generate, chat and serve."""
     parser.add_argument("artifact", help="artifact folder written by `qwen2-onnx export`")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--cpu-fallback", action="store_true",
+                        help="let onnxruntime run nodes of a CUDA-optimized graph on the CPU (off: every node on CUDA)")
+    parser.add_argument("--chat-template", metavar="FILE", help="Jinja chat template to use instead of the checkpoint's")
+    parser.add_argument("--verify", action="store_true",
+                        help="check the sha256 of every file the run reads before loading (reads all weights once)")
+    parser.add_argument("--template-seconds", type=float, metavar="S",
+                        help="stop a chat template that renders for longer (default 2)")
+    parser.add_argument("--template-max-chars", type=int, metavar="N",
+                        help="stop a chat template whose output or values grow larger (default 4,000,000)")
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    add_load_options(parser)
     parser.add_argument("--cuda-graph", action="store_true",
                         help="capture steps as CUDA graphs and replay them: decode steps, fresh prompts padded to "
                              "one of four bucket lengths per octave (up to 4,096 tokens), and batch-1 greedy "
                              "decoding queued one step ahead")
-    parser.add_argument("--cpu-fallback", action="store_true",
-                        help="let onnxruntime run nodes of a CUDA-optimized graph on the CPU (off: every node on CUDA)")
     parser.add_argument("--system", help="system prompt (chat)")
-    parser.add_argument("--chat-template", metavar="FILE", help="Jinja chat template to use instead of the checkpoint's")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: generation_config.json or 128")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--greedy", action="store_true", help="argmax decoding (the repetition penalty still applies)")
@@ -222,12 +256,18 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--prefill-chunk", type=int, metavar="N", help="prefill long prompts N tokens at a time (batch 1)")
     parser.add_argument("--ignore-eos", action="store_true", help="generate max_new_tokens even past stop tokens (measurements)")
-    parser.add_argument("--verify", action="store_true",
-                        help="check the sha256 of every file the run reads before loading (reads all weights once)")
-    parser.add_argument("--template-seconds", type=float, metavar="S",
-                        help="stop a chat template that renders for longer (default 2)")
-    parser.add_argument("--template-max-chars", type=int, metavar="N",
-                        help="stop a chat template whose output or values grow larger (default 4,000,000)")
+
+
+def add_serve_options(parser: argparse.ArgumentParser) -> None:
+    add_load_options(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--served-model-name", metavar="NAME", help="the model name clients send (default: the folder's name)")
+    parser.add_argument("--api-key", metavar="KEY", default=os.environ.get("QWEN2_ONNX_API_KEY"),
+                        help="require `Authorization: Bearer KEY` (default: $QWEN2_ONNX_API_KEY, else none)")
+    parser.add_argument("--max-batch", type=int, default=16, metavar="N", help="requests decoded together (default 16)")
+    parser.add_argument("--max-context", type=int, metavar="N",
+                        help="positions each request may hold, prompt and reply (default: the model's context, at most 8,192)")
 
 
 def build_parser(prog: str = "qwen2-onnx", commands: Sequence[str] | None = None) -> argparse.ArgumentParser:
@@ -285,6 +325,8 @@ def build_parser(prog: str = "qwen2-onnx", commands: Sequence[str] | None = None
         source.add_argument("--input-ids", help="comma-separated prompt token ids, e.g. 1,2,3")
         generate.add_argument("--chat", action="store_true", help="wrap --prompt as a user turn with the chat template")
         generate.add_argument("--json", action="store_true", help="print ids, text and timings as JSON instead of streaming")
+    if serve := add("serve", run_serve, "serve OpenAI's API (chat and completions), requests batched continuously"):
+        add_serve_options(serve)
     if chat := add("chat", run_chat, "interactive multi-turn chat (/reset, /exit)"):
         add_run_options(chat)
         chat.add_argument("--warm-up", type=int, metavar="N",

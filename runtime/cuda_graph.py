@@ -26,7 +26,7 @@ import onnxruntime as ort
 
 from artifact import contract
 
-from .kv_cache import KVCache
+from .kv_cache import KVCache, bind_kv
 from .steps import PlainSteps, StepInputs, StepScores
 
 _graph_ids = itertools.count(1)  # one captured graph per step shape and KV buffer set
@@ -167,8 +167,6 @@ class CapturedStep:
         if contract.TOTAL_SEQUENCE_LENGTH in graph.input_names:  # optimized graphs written by earlier versions
             self._total_length = ort.OrtValue.ortvalue_from_numpy(np.array(self.width, np.int32))  # kept alive here
             self.binding.bind_ortvalue_input(contract.TOTAL_SEQUENCE_LENGTH, self._total_length)
-        for name, value in zip(cache.past_names(), cache.values, strict=True):
-            self.binding.bind_ortvalue_input(name, value)
         self.logits = device_buffer([batch, 1, vocab], np.float32, device)
         self.binding.bind_ortvalue_output(contract.LOGITS, self.logits)
         self.candidates = candidates
@@ -178,8 +176,7 @@ class CapturedStep:
             logits_name, ids_name = contract.CANDIDATE_OUTPUTS
             bind_view(self.binding.bind_output, ids_name, self.candidates, 0, np.int64, [batch, self.k])
             bind_view(self.binding.bind_output, logits_name, self.candidates, 8 * cells, np.float32, [batch, self.k])
-        for name, value in zip(cache.present_names(), cache.values, strict=True):
-            self.binding.bind_ortvalue_output(name, value)
+        bind_kv(self.binding, cache, device)
         self.run_options = ort.RunOptions()
         self.run_options.add_run_config_entry("gpu_graph_id", str(next(_graph_ids)))
         # the same replay, returning once it is queued (DecodePipeline waits on an event instead)

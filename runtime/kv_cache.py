@@ -7,6 +7,8 @@ shared_buffer (GroupQueryAttention graphs): one buffer per layer and kind of `ca
     fixed from step to step.
 A cache holds its buffers and the token ids whose keys and values they hold per row, so a chat can
 reuse it when the next prompt extends them. Nothing else: captured steps belong to the step runner.
+A shared buffer's rows are contiguous, so `view` gives a cache of some of its rows, bound by address:
+the batcher (runtime/batcher.py) prefills a joining request in its row and decodes the first rows.
 """
 
 from __future__ import annotations
@@ -24,6 +26,12 @@ class KVCache:
     layout: str
     capacity: int | None = None  # shared_buffer only
     tokens: list[list[int]] = field(default_factory=list)  # ids whose keys and values are held, per row
+    rows: tuple[int, int] | None = None  # a view: (first row, row count) of `values`; None: every row
+
+    def view(self, first: int, count: int) -> "KVCache":
+        """Rows [first, first + count) of this shared buffer, as a cache of their own (same memory)."""
+        assert self.layout == contract.SHARED_BUFFER and self.rows is None
+        return KVCache(self.values, self.layout, self.capacity, [[] for _ in range(count)], (first, count))
 
     def past_names(self) -> list[str]:
         return contract.kv_names(len(self.values) // 2, contract.PAST)
@@ -38,6 +46,22 @@ class KVCache:
             return 0
         held = self.tokens[0]
         return len(held) if len(held) < len(prompt) and prompt[: len(held)] == held else 0
+
+
+def bind_kv(binding: ort.IOBinding, cache: KVCache, device: str) -> None:
+    """Bind the cache's tensors as past_key_values.*, and for a shared buffer also as present.* (the op
+    writes into them): whole OrtValues, or a view's rows by address."""
+    shared = cache.layout == contract.SHARED_BUFFER
+    for past, present, value in zip(cache.past_names(), cache.present_names(), cache.values, strict=True):
+        if cache.rows is None:
+            binding.bind_ortvalue_input(past, value)
+            if shared:
+                binding.bind_ortvalue_output(present, value)
+            continue
+        (first, count), shape = cache.rows, value.shape()
+        address = value.data_ptr() + first * value.tensor_size_in_bytes() // shape[0]
+        for bind, name in ((binding.bind_input, past), (binding.bind_output, present)):
+            bind(name, device, 0, value.element_type(), [count, *shape[1:]], address)
 
 
 def new_cache(manifest: contract.Manifest, graph: contract.GraphEntry, batch: int, device: str, capacity: int) -> KVCache:

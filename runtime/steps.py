@@ -4,13 +4,14 @@
     CapturedSteps   (runtime/cuda_graph.py) fixed buffers, each step shape captured once as a CUDA graph
     PipelinedSteps  (runtime/cuda_graph.py) as captured, and batch-1 greedy steps queued one ahead
 
-The decode loop (runtime/generate.py) calls the same three methods whatever the runner:
+The decode loop (runtime/generate.py) calls the same methods whatever the runner:
 
     prompt_bucket(length)            the length a fresh batch-1 prompt is padded to, or None
     step(inputs, cache, next_mask)   run one step, advance `cache`, return the last token's scores;
                                      next_mask, when given, is the mask of the decode step that will
                                      follow (a runner may queue that step before the host has chosen)
     settle(cache)                    wait for anything still queued on `cache`
+    uncaptured_step(inputs, cache)   a step run as it is, never captured (runtime/batcher.py's prefills)
 
 Token inputs are small host arrays; past_key_values.* are the cache's device OrtValues; present.* are
 bound on the device and handed back to the cache, so on CUDA the cache never crosses to the host.
@@ -20,6 +21,7 @@ come back to the host; the full logits row stays on the device unless token choi
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -28,7 +30,7 @@ import onnxruntime as ort
 
 from artifact import contract
 
-from .kv_cache import KVCache
+from .kv_cache import KVCache, bind_kv
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,8 @@ class StepRunner(Protocol):
 
     def step(self, inputs: StepInputs, cache: KVCache, next_mask: np.ndarray | None = None) -> StepScores: ...
 
+    def uncaptured_step(self, inputs: StepInputs, cache: KVCache) -> StepScores: ...
+
     def settle(self, cache: KVCache) -> None: ...
 
 
@@ -83,17 +87,16 @@ class PlainSteps:
             binding.bind_cpu_input(contract.POSITION_IDS, np.ascontiguousarray(inputs.position_ids, dtype=np.int64))
         if contract.TOTAL_SEQUENCE_LENGTH in names:  # optimized graphs written by earlier versions
             binding.bind_cpu_input(contract.TOTAL_SEQUENCE_LENGTH, np.array(inputs.attention_mask.shape[1], np.int32))
-        for name, value in zip(cache.past_names(), cache.values, strict=True):
-            binding.bind_ortvalue_input(name, value)
         binding.bind_output(contract.LOGITS, self.device if self.candidates else "cpu")
         for name in self.candidates:
             binding.bind_output(name, "cpu")
         shared = cache.layout == contract.SHARED_BUFFER
-        for name, value in zip(cache.present_names(), cache.values, strict=True):
-            if shared:  # the op writes the new keys and values into the past buffer itself
-                binding.bind_ortvalue_output(name, value)
-            else:
-                binding.bind_output(name, self.device, 0)
+        if shared:  # the op writes the new keys and values into the past buffer itself
+            bind_kv(binding, cache, self.device)
+        else:
+            for past, present, value in zip(cache.past_names(), cache.present_names(), cache.values, strict=True):
+                binding.bind_ortvalue_input(past, value)
+                binding.bind_output(present, self.device, 0)
         self.session.run_with_iobinding(binding, self.run_options())
         outputs = binding.get_outputs()
         if not shared:
@@ -109,8 +112,13 @@ class PlainSteps:
     def scores(self, logits: ort.OrtValue, candidates: list[np.ndarray]) -> StepScores:
         top_logits, top_ids = candidates or (None, None)
 
-        def full() -> np.ndarray:  # a deferred copy of the last-token logits row to the host
+        @functools.cache
+        def full() -> np.ndarray:  # a deferred copy of the last-token logits rows to the host, made once
             self.full_logits_reads += 1
             return logits.numpy()[:, -1, :].astype(np.float32)
 
         return StepScores(top_logits, top_ids, full)
+
+    def uncaptured_step(self, inputs: StepInputs, cache: KVCache) -> StepScores:
+        """A step no runner captures (the batcher's prefills: a capture per row and length would not pay)."""
+        return PlainSteps.step(self, inputs, cache)

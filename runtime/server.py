@@ -1,0 +1,247 @@
+"""`qwen2-onnx serve`: OpenAI's API over one artifact, its requests batched continuously (runtime/batcher.py).
+
+    GET  /health                liveness
+    GET  /v1/models             the served model
+    POST /v1/chat/completions   chat (the checkpoint's template), streaming, tools (Qwen2.5's <tool_call>)
+    POST /v1/completions        text or token ids in
+
+Starlette and uvicorn (the `serve` extra): the ASGI core FastAPI and vLLM's server are built on, and
+enough here, since bodies are checked by runtime/openai_api.py to give OpenAI's error objects. The
+batcher runs on its own thread; each request hears its tokens through an asyncio queue. Bad requests
+get 400 (401 without the key, 404 for another model, 413 past the body cap), never a traceback; an
+unexpected failure is logged and answered 500 with a plain message. On SIGTERM uvicorn stops taking
+connections and gives open requests SHUTDOWN_GRACE_S to finish; then the batcher cancels the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from . import openai_api as api
+from .api import Model
+from .batcher import Batcher, BatchRequest
+from .errors import RuntimeInputError
+from .reply import Delta, ReplyText
+
+log = logging.getLogger("qwen2_onnx.serve")
+MAX_BODY_BYTES = 4 << 20
+SHUTDOWN_GRACE_S = 30
+FINISH_REASONS = {"stop_token": "stop", "length": "length", "cancelled": "stop"}
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    served_model_name: str
+    api_key: str | None = None
+    max_body_bytes: int = MAX_BODY_BYTES
+
+
+@dataclass
+class Prepared:
+    """A request ready for the batcher: its prompt ids and how its reply text is read."""
+
+    ids: list[int]
+    max_tokens: int
+    batch_request_options: dict[str, Any]
+    reply: ReplyText
+
+
+class Running:
+    """One request in the batcher, heard from the event loop: `events` yields (token, finish reason) pairs."""
+
+    def __init__(self, batcher: Batcher, prepared: Prepared):
+        loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[tuple[int | None, str | None]] = asyncio.Queue()
+        self.request = BatchRequest(prepared.ids, max_new_tokens=prepared.max_tokens,
+                                    sink=lambda token, reason: loop.call_soon_threadsafe(self.queue.put_nowait, (token, reason)),
+                                    **prepared.batch_request_options)
+        batcher.submit(self.request)
+        self.reply, self.completion_tokens, self.finish_reason = prepared.reply, 0, "stop"
+
+    async def deltas(self) -> AsyncIterator[Delta]:
+        """The reply's deltas as they become final; afterwards `finish_reason` and `completion_tokens`."""
+        try:
+            while True:
+                token, reason = await self.queue.get()
+                if token is None:
+                    self.finish_reason = FINISH_REASONS[reason]
+                    yield self.reply.finish()
+                    break
+                self.completion_tokens += 1
+                delta = self.reply.push(token)
+                if self.reply.stopped:  # a stop string: the batcher may stop this row
+                    self.request.cancel()
+                    self.finish_reason = "stop"
+                    yield delta
+                    yield self.reply.finish()
+                    break
+                yield delta
+        finally:
+            self.request.cancel()  # a client gone mid-stream frees its row at the next step
+        if self.reply.calls:
+            self.finish_reason = "tool_calls"
+
+
+def error_response(error: api.ApiError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+def build_app(model: Model, batcher: Batcher, config: ServeConfig) -> Starlette:
+    async def read_body(request: Request) -> dict[str, Any]:
+        if config.api_key is not None:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {config.api_key}".encode()):
+                raise api.ApiError("missing or wrong API key (Authorization: Bearer KEY)", None, 401, "AuthenticationError")
+        size, chunks = 0, []
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > config.max_body_bytes:
+                raise api.ApiError(f"the request body is larger than {config.max_body_bytes:,} bytes", None, 413)
+            chunks.append(chunk)
+        return api.parse_json_object(b"".join(chunks))
+
+    def handled(handler):
+        async def endpoint(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except api.ApiError as error:
+                return error_response(error)
+            except RuntimeInputError as error:  # a prompt past the context, a template that failed, ...
+                return error_response(api.ApiError(str(error)))
+            except Exception:  # never a traceback in a response
+                log.exception("request failed")
+                return error_response(api.ApiError("the server failed on this request; see its log", None, 500,
+                                                   "InternalServerError"))
+        return endpoint
+
+    async def health(request: Request) -> Response:
+        return Response(status_code=200)
+
+    async def models(request: Request) -> Response:
+        if config.api_key is not None:
+            await read_body(request)  # only the key check: a GET has no body
+        return JSONResponse({"object": "list", "data": [{
+            "id": config.served_model_name, "object": "model", "created": 0, "owned_by": "qwen2-onnx",
+            "max_model_len": batcher.capacity}]})
+
+    async def chat(request: Request) -> Response:
+        parsed = api.parse_chat(await read_body(request), config.served_model_name)
+        prepared = await run_in_threadpool(prepare_chat, model, batcher, parsed)
+        return await respond(parsed, prepared, "chat.completion")
+
+    async def completions(request: Request) -> Response:
+        parsed = api.parse_completion(await read_body(request), config.served_model_name)
+        prepared = await run_in_threadpool(prepare_completion, model, batcher, parsed)
+        return await respond(parsed, prepared, "text_completion")
+
+    async def respond(parsed, prepared: Prepared, kind: str) -> Response:
+        generation = Running(batcher, prepared)
+        name, request_id = config.served_model_name, api.new_id("chatcmpl" if kind == "chat.completion" else "cmpl")
+        prompt_tokens = len(prepared.ids)
+        if not parsed.stream:
+            async for _ in generation.deltas():
+                pass
+            counts = api.usage(prompt_tokens, generation.completion_tokens)
+            reply = generation.reply
+            if kind == "text_completion":
+                return JSONResponse(api.completion_response(request_id, name, reply.content, generation.finish_reason, counts))
+            calls = [api.tool_call_object(i, n, a) for i, (n, a) in enumerate(reply.calls)]
+            content = reply.content if reply.content or not calls else None
+            return JSONResponse(api.chat_response(request_id, name, content, calls, generation.finish_reason, counts))
+        return StreamingResponse(events(parsed, generation, kind, request_id, prompt_tokens),
+                                 media_type="text/event-stream")
+
+    async def events(parsed, generation: Running, kind: str, request_id: str, prompt_tokens: int) -> AsyncIterator[str]:
+        name, chat_kind = config.served_model_name, kind == "chat.completion"
+        if chat_kind:
+            yield sse(api.chat_chunk(request_id, name, {"role": "assistant", "content": ""}))
+        calls = 0
+        async for delta in generation.deltas():
+            if chat_kind:
+                if delta.content:
+                    yield sse(api.chat_chunk(request_id, name, {"content": delta.content}))
+                for call_name, arguments in delta.tool_calls:
+                    yield sse(api.chat_chunk(request_id, name, {"tool_calls": [api.tool_call_object(calls, call_name, arguments)]}))
+                    calls += 1
+            elif delta.content:
+                yield sse(api.completion_response(request_id, name, delta.content, None, None, stream=True))
+        if chat_kind:
+            yield sse(api.chat_chunk(request_id, name, {}, generation.finish_reason))
+        else:
+            yield sse(api.completion_response(request_id, name, "", generation.finish_reason, None, stream=True))
+        if parsed.include_usage:
+            chunk_kind = "chat.completion.chunk" if chat_kind else "text_completion"
+            yield sse(api.usage_chunk(request_id, name, chunk_kind, api.usage(prompt_tokens, generation.completion_tokens)))
+        yield "data: [DONE]\n\n"
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        batcher.stop()  # after uvicorn's grace period: what still runs is cancelled
+
+    return Starlette(routes=[
+        Route("/health", handled(health), methods=["GET"]),
+        Route("/v1/models", handled(models), methods=["GET"]),
+        Route("/v1/chat/completions", handled(chat), methods=["POST"]),
+        Route("/v1/completions", handled(completions), methods=["POST"]),
+    ], lifespan=lifespan)
+
+
+def sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def prepare_chat(model: Model, batcher: Batcher, request: api.ChatRequest) -> Prepared:
+    """Render the messages with the chat template (tools unless tool_choice is none; a named choice opens
+    that call in the prompt), tokenize, and fix the sampling and the token budget."""
+    if model.chat_template is None:
+        raise api.ApiError("this model has no chat template; use /v1/completions", "messages")
+    tools = request.tools if request.tool_choice.mode != "none" else None
+    text = model.chat_template.render(request.messages, tools=tools, add_generation_prompt=True)
+    prefix = ""
+    if request.tool_choice.mode == "named":
+        prefix = f'<tool_call>\n{{"name": {json.dumps(request.tool_choice.name)}, "arguments": '
+    ids = model.tokenizer.encode(model.fitting(text + prefix), add_special_tokens=False)
+    reply = ReplyText(model.tokenizer, request.stop, tools=tools is not None, prefix=prefix)
+    return prepared(model, batcher, ids, request, reply, "messages")
+
+
+def prepare_completion(model: Model, batcher: Batcher, request: api.CompletionRequest) -> Prepared:
+    ids = model.encode(request.prompt)
+    return prepared(model, batcher, ids, request, ReplyText(model.tokenizer, request.stop), "prompt")
+
+
+def prepared(model: Model, batcher: Batcher, ids: list[int], request: api.ChatRequest | api.CompletionRequest,
+             reply: ReplyText, prompt_param: str) -> Prepared:
+    """The token budget (what is left of a row when max_tokens is not given), sampling and stop tokens."""
+    max_tokens, room = request.max_tokens, batcher.capacity - len(ids)
+    if room < 1 or (max_tokens or 0) > room:
+        raise api.ApiError(f"This model's maximum context length is {batcher.capacity} tokens. However, you requested "
+                           f"{len(ids) + (max_tokens or 1)} tokens ({len(ids)} in the {prompt_param}, {max_tokens or 1} "
+                           "for the completion). Please reduce the length of the messages or completion.",
+                           prompt_param if room < 1 else "max_tokens")
+    stop_ids = () if request.ignore_eos else model.manifest.tokenizer.stop_token_ids
+    return Prepared(ids, max_tokens or room, {"sampling": model.sampling(**request.sampling.options()),
+                                              "stop_token_ids": stop_ids}, reply)
+
+
+def serve(model: Model, host: str, port: int, max_batch: int, max_context: int, config: ServeConfig) -> None:
+    """Run the server until SIGTERM or Ctrl-C."""
+    import uvicorn
+
+    batcher = Batcher(model.session, model.manifest, max_batch, max_context)
+    batcher.start()
+    app = build_app(model, batcher, config)
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)

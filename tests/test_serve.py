@@ -1,0 +1,305 @@
+"""`qwen2-onnx serve` through the official openai client, against servers this module starts on 127.0.0.1
+(uvicorn on a thread) over the tiny MoE artifact's CPU graph: greedy text equal to our runtime's, usage,
+streaming, tool calls, every error case, 16 concurrent streams, a stream cancelled mid-way."""
+
+import contextlib
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("starlette", reason="the serve extra: pip install -e '.[serve,test]'")
+uvicorn = pytest.importorskip("uvicorn", reason="the serve extra: pip install -e '.[serve,test]'")
+openai = pytest.importorskip("openai", reason="a test dependency: pip install -e '.[test]'")
+
+from runtime import Model  # noqa: E402
+from runtime.batcher import Batcher  # noqa: E402
+from runtime.server import ServeConfig, build_app  # noqa: E402
+from runtime.steps import StepScores  # noqa: E402
+
+NAME = "tiny"
+GREEDY = {"temperature": 0, "extra_body": {"repetition_penalty": 1.0}}
+MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Tell me a story"}]
+
+
+@contextlib.contextmanager
+def running(model: Model, max_batch: int = 16, max_context: int = 256, **config):
+    """A server for `model` on a free port of 127.0.0.1; yields (base URL, batcher); stopped at the end."""
+    batcher = Batcher(model.session, model.manifest, max_batch, max_context)
+    batcher.start()
+    server = uvicorn.Server(uvicorn.Config(build_app(model, batcher, ServeConfig(NAME, **config)), log_level="warning"))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", batcher
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        assert not thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def model(tiny_optimized):
+    return Model.load(tiny_optimized("moe_shared"))
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    with running(model) as (url, batcher):
+        yield url, batcher
+
+
+def client(url: str, key: str = "none") -> "openai.OpenAI":
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def ours(model: Model, prompt, max_tokens: int = 12):
+    return model.generate(prompt, max_new_tokens=max_tokens, greedy=True, repetition_penalty=1.0)
+
+
+def test_chat_gives_our_runtime_text_and_usage_streamed_or_not(server, model):
+    url, _ = server
+    expected = ours(model, MESSAGES)
+    reply = client(url).chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=12, **GREEDY)
+    assert reply.choices[0].message.content == expected.text
+    assert reply.choices[0].finish_reason == ("length" if expected.finish_reason == "length" else "stop")
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(model.encode(MESSAGES)), len(expected.output_ids))
+    chunks = list(client(url).chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=12, stream=True,
+                                                      stream_options={"include_usage": True}, **GREEDY))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text
+    assert chunks[-1].usage.total_tokens == reply.usage.total_tokens and not chunks[-1].choices
+
+
+def test_completions_from_text_or_ids_give_our_runtime_text(server, model):
+    url, _ = server
+    for prompt in ("Hello, world", [456, 40, 300, 17]):
+        expected = ours(model, prompt, 10)
+        reply = client(url).completions.create(model=NAME, prompt=prompt, max_tokens=10, **GREEDY)
+        assert reply.choices[0].text == expected.text and reply.usage.completion_tokens == len(expected.output_ids)
+        stream = client(url).completions.create(model=NAME, prompt=prompt, max_tokens=10, stream=True, **GREEDY)
+        assert "".join(chunk.choices[0].text for chunk in stream) == expected.text
+
+
+def test_stop_strings_cut_the_text(server, model):
+    url, _ = server
+    expected = ours(model, "Hello", 16).text
+    stop = expected[3:5]
+    reply = client(url).completions.create(model=NAME, prompt="Hello", max_tokens=16, stop=[stop], **GREEDY)
+    assert reply.choices[0].text == expected[: expected.index(stop)] and reply.choices[0].finish_reason == "stop"
+
+
+def test_sixteen_concurrent_streams_each_get_the_text_they_get_alone(server, model):
+    url, batcher = server
+    prompts = [[(7 * i + j) % 400 for j in range(3 + 5 * i)] for i in range(16)]
+    expected = [ours(model, prompt, 12).text for prompt in prompts]
+    texts = [None] * 16
+
+    def run(i):
+        stream = client(url).completions.create(model=NAME, prompt=prompts[i], max_tokens=12, stream=True, **GREEDY)
+        texts[i] = "".join(chunk.choices[0].text for chunk in stream)
+
+    steps = batcher.steps_run
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert texts == expected
+    assert batcher.steps_run - steps < 16 * 11  # decode steps were shared
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_row(server, model):
+    url, batcher = server
+    stream = client(url).completions.create(model=NAME, prompt=[456, 40], max_tokens=200, stream=True,
+                                            extra_body={"ignore_eos": True, **GREEDY["extra_body"]}, temperature=0)
+    next(iter(stream))
+    stream.close()
+    deadline = time.monotonic() + 10
+    while any(batcher.rows) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(batcher.rows)
+    assert client(url).completions.create(model=NAME, prompt="Hi", max_tokens=2, **GREEDY).usage.completion_tokens >= 1
+
+
+def post(url: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(url, body, {"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.mark.parametrize("body, param", [
+    (b'{"model": "tiny", "messages": [', None),
+    (b'[1, 2]', None),
+    (json.dumps({"model": "tiny", "messages": "hi"}).encode(), "messages"),
+    (json.dumps({"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}).encode(), "messages"),
+    (json.dumps({"model": "tiny", "messages": MESSAGES, "temperature": "hot"}).encode(), "temperature"),
+    (json.dumps({"model": "tiny", "messages": MESSAGES, "top_p": 2}).encode(), "top_p"),
+    (json.dumps({"model": "tiny", "messages": MESSAGES, "max_tokens": 0}).encode(), "max_tokens"),
+    (json.dumps({"model": "tiny", "messages": MESSAGES, "max_tokens": 100000}).encode(), "max_tokens"),
+    (json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "word " * 400}]}).encode(), "messages"),
+    (json.dumps({"model": "tiny", "messages": MESSAGES, "n": 2}).encode(), "n"),
+    (json.dumps({"model": "tiny", "messages": MESSAGES, "stream": "yes"}).encode(), "stream"),
+    (json.dumps({"model": "tiny", "messages": MESSAGES, "tool_choice": {"type": "function", "function": {"name": "f"}}}).encode(), "tool_choice"),
+], ids=["truncated-json", "not-an-object", "messages-type", "role", "temperature-type", "top-p-range", "max-tokens-zero",
+        "max-tokens-past-context", "prompt-past-context", "n", "stream-type", "tool-choice-unknown"])
+def test_bad_requests_get_400_and_openais_error_object(server, body, param):
+    url, _ = server
+    status, answer = post(f"{url}/v1/chat/completions", body)
+    assert status == 400 and set(answer["error"]) == {"message", "type", "param", "code"}
+    assert answer["error"]["param"] == param and answer["error"]["message"]
+
+
+def test_unknown_model_404_body_cap_413_and_the_openai_client_sees_the_types(server):
+    url, _ = server
+    with pytest.raises(openai.NotFoundError):
+        client(url).chat.completions.create(model="gpt-4", messages=MESSAGES)
+    with pytest.raises(openai.BadRequestError, match="top_p"):
+        client(url).chat.completions.create(model=NAME, messages=MESSAGES, top_p=1.5)
+    status, answer = post(f"{url}/v1/completions", json.dumps({"model": NAME, "prompt": "x" * (5 << 20)}).encode())
+    assert status == 413 and answer["error"]["code"] == 413
+    assert urllib.request.urlopen(f"{url}/health", timeout=10).status == 200
+    assert [m.id for m in client(url).models.list()] == [NAME]
+
+
+def test_the_api_key_is_required_when_set(model):
+    with running(model, max_batch=2, api_key="secret") as (url, _):
+        with pytest.raises(openai.AuthenticationError):
+            client(url, "wrong").completions.create(model=NAME, prompt="Hi", max_tokens=2)
+        with pytest.raises(openai.AuthenticationError):
+            client(url, "wrong").models.list()
+        assert client(url, "secret").completions.create(model=NAME, prompt="Hi", max_tokens=2).choices
+
+
+# ---- tool calls: a model whose steps spell a scripted reply ----
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Zürich"}}\n</tool_call>'
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+def scripted(reply: str, prefix: str = ""):
+    """A step-runner factory whose every row's next token is the next of `reply`'s tokens (after `prefix`,
+    which the server put in the prompt), then the stop token: the graph is not run."""
+    class ScriptedSteps:
+        full_logits_reads = 0
+
+        def __init__(self, session, graph, device):
+            self.k = graph.token_candidates
+            self.prompt_lengths: dict[int, int] = {}
+
+        def attach(self, model: Model) -> None:
+            self.script = model.tokenizer.encode(reply, add_special_tokens=False) + [model.manifest.tokenizer.stop_token_ids[0]]
+
+        def scores(self, tokens: list[int]) -> StepScores:
+            ids = np.array([[token, *[(token + j) % 400 for j in range(1, self.k)]] for token in tokens])
+            # decisive whatever the sampling defaults: the scripted token 100 above the others
+            logits = np.tile(np.array([100, *range(0, 1 - self.k, -1)], np.float32), (len(tokens), 1))
+            return StepScores(logits, ids, lambda: None)
+
+        def uncaptured_step(self, inputs, cache):
+            self.prompt_lengths[cache.rows[0]] = inputs.input_ids.shape[1]
+            return self.scores([self.script[0]])
+
+        def step(self, inputs, cache, next_mask=None):
+            tokens = []
+            for row, mask in enumerate(inputs.attention_mask):
+                index = int(mask.sum()) - self.prompt_lengths.get(row, 0)
+                tokens.append(self.script[min(index, len(self.script) - 1)])
+            return self.scores(tokens)
+
+        def settle(self, cache):
+            pass
+
+    return ScriptedSteps
+
+
+# Qwen2.5's way of asking for calls, short enough for the tiny model's 256 positions (its own system text
+# with tools takes ~500 of the tiny tokenizer's tokens)
+TOOLS_TEMPLATE = """{%- if tools %}<|im_start|>system
+Tools: {% for tool in tools %}{{ tool.function.name }} {% endfor %}. Call one as <tool_call>
+{"name": <name>, "arguments": <args>}
+</tool_call><|im_end|>
+{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}
+{{ m.content }}<|im_end|>
+{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+
+def tool_model(artifact, reply: str, folder: Path) -> Model:
+    template = folder / "tools.jinja"
+    template.write_text(TOOLS_TEMPLATE)
+    model = Model.load(artifact, steps=scripted(reply), chat_template=template)
+    model.session.steps.attach(model)
+    return model
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_calls_are_parsed_from_the_reply_the_template_asks_for(tiny_optimized, tmp_path, stream):
+    model = tool_model(tiny_optimized("moe_shared"), "Let me check. " + CALL, tmp_path)
+    question = [{"role": "user", "content": "Weather in Zürich?"}]
+    assert "get_weather" in model.tokenizer.decode(model.encode(question, tools=[WEATHER]))  # the template lists it
+    with running(model, max_batch=2) as (url, _):
+        made = client(url).chat.completions.create(model=NAME, messages=question, tools=[WEATHER], stream=stream,
+                                                   max_tokens=100)
+        if stream:
+            chunks = list(made)
+            content = "".join(c.choices[0].delta.content or "" for c in chunks)
+            calls = [call for c in chunks for call in c.choices[0].delta.tool_calls or []]
+            finish = chunks[-1].choices[0].finish_reason
+        else:
+            content, calls, finish = made.choices[0].message.content, made.choices[0].message.tool_calls, made.choices[0].finish_reason
+        assert content == "Let me check. " and finish == "tool_calls"
+        assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [("get_weather", {"city": "Zürich"})]
+        plain = client(url).chat.completions.create(model=NAME, messages=question, tools=[WEATHER], tool_choice="none",
+                                                    max_tokens=100)
+        assert plain.choices[0].message.tool_calls is None and "<tool_call>" in plain.choices[0].message.content
+
+
+def test_the_command_serves_and_sigterm_lets_a_running_request_finish(tiny_optimized):
+    """`python -m runtime serve` (the runtime-only entry point): on SIGTERM uvicorn stops taking requests,
+    the one in flight streams to its end, and the process exits 0."""
+    import signal
+
+    from tools.bench_serve import serve_process
+
+    options = ("--served-model-name", NAME, "--max-batch", "2", "--max-context", "256")
+    with serve_process(tiny_optimized("moe_shared"), *options, timeout=60) as (process, port):
+        stream = client(f"http://127.0.0.1:{port}").completions.create(
+            model=NAME, prompt="Hi", max_tokens=150, stream=True, temperature=0, extra_body={"ignore_eos": True})
+        chunks = iter(stream)
+        next(chunks)
+        process.send_signal(signal.SIGTERM)
+        rest = list(chunks)
+        assert rest[-1].choices[0].finish_reason == "length"
+        assert process.wait(60) == 0
+
+
+def test_memory_stays_flat_over_many_requests(server):
+    """700 short requests through one client: the server's process (this one) grows by less than 16 MiB
+    after the first 100 have warmed it up."""
+    url, _ = server
+    session = client(url)
+
+    def rss_mib() -> float:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * 4096 / 2**20
+
+    for _ in range(100):
+        session.completions.create(model=NAME, prompt=[5, 6, 7], max_tokens=2, **GREEDY)
+    before = rss_mib()
+    for i in range(600):
+        session.completions.create(model=NAME, prompt=[5, 6, 7 + i % 50], max_tokens=2, **GREEDY)
+    assert rss_mib() - before < 16
