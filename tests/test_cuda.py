@@ -210,3 +210,37 @@ def test_int4_moe_cuda_graph_runs_qmoe_on_cuda_and_equals_its_dequantized_weight
     assert "QMoE" in ops and "DequantizeLinear" not in ops
     assert_on_cuda(artifact / "onnx/model_cuda.onnx")
     assert_follows_stored_weights(artifact, checkpoint)
+
+
+@pytest.mark.parametrize("variant", ["dense_untied_sharded", "moe_shared"])
+def test_continuous_batching_on_cuda_gives_each_request_its_tokens_alone(cuda_artifact, variant):
+    """runtime/batcher.py with captured decode steps per batch size (rows of the shared buffer bound by
+    address): requests joining at different steps each get the greedy tokens they get alone."""
+    import threading
+    import time
+
+    from runtime.batcher import Batcher, BatchRequest
+
+    model = Model.load(cuda_artifact(variant, "fp16"), device="cuda", cuda_graph=True)
+    prompts = [[(11 * i + j) % 400 for j in range(2 + 7 * i)] for i in range(6)]
+    alone = [model.generate(p, max_new_tokens=20, greedy=True, repetition_penalty=1.0, ignore_eos=True).output_ids
+             for p in prompts]
+    batcher = Batcher(model.session, model.manifest, max_batch=8, capacity=256)
+    batcher.start()
+    got, done = [[] for _ in prompts], [threading.Event() for _ in prompts]
+
+    def sink(i):
+        return lambda token, reason: got[i].append(token) if token is not None else done[i].set()
+
+    def submit(i):
+        batcher.submit(BatchRequest(prompts[i], model.sampling(greedy=True, repetition_penalty=1.0), 20, sink(i)))
+
+    submit(0), submit(1)
+    while len(got[0]) < 3:  # the others join a running batch
+        time.sleep(0.001)
+    for i in range(2, len(prompts)):
+        submit(i)
+    assert all(event.wait(60) for event in done)
+    batcher.stop()
+    assert got == alone
+    assert len(batcher.decode_views) > 1  # several batch sizes ran
