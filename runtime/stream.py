@@ -2,7 +2,9 @@
 
 Byte-level BPE tokens can end inside a multi-byte character; decoding such a prefix yields U+FFFD.
 Text is emitted only when the decoded tail is complete; a character split across tokens is held
-until its last byte arrives. The pieces always add up to `decode(all ids)`.
+until its last byte arrives. The pieces always add up to `decode(all ids)` (tested). Each push decodes
+only the ids since the last emitted piece began, not the whole reply, so a long reply costs linear
+time (a server streams many at once).
 """
 
 from __future__ import annotations
@@ -18,22 +20,21 @@ class TextStream:
     def __init__(self, tokenizer: TextTokenizer):
         self._tokenizer = tokenizer
         self._ids: list[int] = []
-        self._emitted_ids = 0  # ids [0, _emitted_ids) are fully reflected in what was emitted
-        self._emitted_text = ""
+        # ids[start:emitted] decode to the last piece emitted; both points lie where a character ends
+        self._start = self._emitted = 0
 
     def push(self, token_id: int) -> str:
         self._ids.append(token_id)
-        text = self._tokenizer.decode(self._ids)
+        text = self._tokenizer.decode(self._ids[self._start :])
         if text.endswith(REPLACEMENT):
             return ""  # an incomplete character at the end: wait for its remaining bytes
         return self._take(text)
 
     def finish(self) -> str:
         """Whatever is still held (a character that never completed stays as U+FFFD)."""
-        return self._take(self._tokenizer.decode(self._ids))
+        return self._take(self._tokenizer.decode(self._ids[self._start :]))
 
     def _take(self, text: str) -> str:
-        piece = text[len(self._emitted_text):]
-        self._emitted_text = text
-        self._emitted_ids = len(self._ids)
+        piece = text[len(self._tokenizer.decode(self._ids[self._start : self._emitted])) :]
+        self._start, self._emitted = self._emitted, len(self._ids)
         return piece
