@@ -68,26 +68,23 @@ class Running:
                                     sink=lambda token, reason: loop.call_soon_threadsafe(self.queue.put_nowait, (token, reason)),
                                     **prepared.batch_request_options)
         batcher.submit(self.request)
-        self.reply, self.completion_tokens, self.finish_reason = prepared.reply, 0, "stop"
+        self.reply, self.completion_tokens, self.finish_reason, self.tail = prepared.reply, 0, "stop", Delta()
 
     async def deltas(self) -> AsyncIterator[Delta]:
-        """The reply's deltas as they become final; afterwards `finish_reason` and `completion_tokens`."""
+        """What each token made final, one delta per token; afterwards `tail` (what the end released),
+        `finish_reason` and `completion_tokens`."""
         try:
             while True:
                 token, reason = await self.queue.get()
                 if token is None:
                     self.finish_reason = FINISH_REASONS[reason]
-                    yield self.reply.finish()
                     break
                 self.completion_tokens += 1
-                delta = self.reply.push(token)
+                yield self.reply.push(token)
                 if self.reply.stopped:  # a stop string: the batcher may stop this row
-                    self.request.cancel()
                     self.finish_reason = "stop"
-                    yield delta
-                    yield self.reply.finish()
                     break
-                yield delta
+            self.tail = self.reply.finish()
         finally:
             self.request.cancel()  # a client gone mid-stream frees its row at the next step
         if self.reply.calls:
@@ -167,20 +164,28 @@ def build_app(model: Model, batcher: Batcher, config: ServeConfig) -> Starlette:
         name, chat_kind = config.served_model_name, kind == "chat.completion"
         if chat_kind:
             yield sse(api.chat_chunk(request_id, name, {"role": "assistant", "content": ""}))
+        def call_events(made: list[tuple[str, str]], first: int) -> list[str]:
+            return [sse(api.chat_chunk(request_id, name, {"tool_calls": [api.tool_call_object(first + i, *call)]}))
+                    for i, call in enumerate(made)]
+
         calls = 0
-        async for delta in generation.deltas():
-            if chat_kind:
-                if delta.content:
-                    yield sse(api.chat_chunk(request_id, name, {"content": delta.content}))
-                for call_name, arguments in delta.tool_calls:
-                    yield sse(api.chat_chunk(request_id, name, {"tool_calls": [api.tool_call_object(calls, call_name, arguments)]}))
-                    calls += 1
-            elif delta.content:
+        async for delta in generation.deltas():  # an event per token, its text empty while nothing became final
+            if not chat_kind:
                 yield sse(api.completion_response(request_id, name, delta.content, None, None, stream=True))
+                continue
+            if delta.content or not delta.tool_calls:
+                yield sse(api.chat_chunk(request_id, name, {"content": delta.content}))
+            for event in call_events(delta.tool_calls, calls):
+                yield event
+            calls += len(delta.tool_calls)
+        tail = generation.tail  # the last event carries what the end released
         if chat_kind:
-            yield sse(api.chat_chunk(request_id, name, {}, generation.finish_reason))
+            for event in call_events(tail.tool_calls, calls):
+                yield event
+            yield sse(api.chat_chunk(request_id, name, {"content": tail.content} if tail.content else {},
+                                     generation.finish_reason))
         else:
-            yield sse(api.completion_response(request_id, name, "", generation.finish_reason, None, stream=True))
+            yield sse(api.completion_response(request_id, name, tail.content, generation.finish_reason, None, stream=True))
         if parsed.include_usage:
             chunk_kind = "chat.completion.chunk" if chat_kind else "text_completion"
             yield sse(api.usage_chunk(request_id, name, chunk_kind, api.usage(prompt_tokens, generation.completion_tokens)))

@@ -1,8 +1,6 @@
 """`qwen2-onnx serve` under N concurrent streaming clients: aggregate output tokens/s, time to first token
-and inter-token latency (p50, p99 over the streams), beside `generate`'s decode ms/token on the same
-artifact, in one run. A stream's inter-token latency is its time from the first to the last text event
-over its tokens after the first (the usage chunk counts them): random weights and the tiny tokenizer make
-tokens that end inside a UTF-8 character, which send no event of their own.
+and inter-token latency (p50, p99 over every gap between a stream's events: the server sends one per
+token), beside `generate`'s decode ms/token on the same artifact, in one run.
 
 The server runs as users run it (`python -m runtime serve`, its own process); the clients are asyncio
 streams of /v1/completions (token-id prompts of --prompt-tokens, --new-tokens each, greedy, stop tokens
@@ -57,12 +55,14 @@ async def one_stream(port: int, prompt: list[int], new_tokens: int) -> dict:
             if not line.startswith("data: {"):
                 continue
             event = json.loads(line[6:])
-            if event["choices"] and event["choices"][0]["text"]:
+            if event["choices"] and event["choices"][0]["finish_reason"] is None:  # a token's event
                 stamps.append(time.perf_counter())
             elif event.get("usage"):
                 tokens = event["usage"]["completion_tokens"]
     writer.close()
-    return {"ttft": stamps[0] - started, "itl": (stamps[-1] - stamps[0]) / (tokens - 1), "tokens": tokens, "end": stamps[-1]}
+    if tokens != len(stamps):
+        raise RuntimeError(f"{len(stamps)} token events for {tokens} tokens")
+    return {"ttft": stamps[0] - started, "gaps": np.diff(stamps).tolist(), "tokens": tokens, "end": stamps[-1]}
 
 
 async def concurrent(port: int, clients: int, prompt_tokens: int, new_tokens: int, seed: int) -> dict:
@@ -71,7 +71,7 @@ async def concurrent(port: int, clients: int, prompt_tokens: int, new_tokens: in
     started = time.perf_counter()
     results = await asyncio.gather(*(one_stream(port, p, new_tokens) for p in prompts))
     wall = max(r["end"] for r in results) - started
-    itl, ttft = [r["itl"] * 1e3 for r in results], [r["ttft"] * 1e3 for r in results]
+    itl, ttft = [gap * 1e3 for r in results for gap in r["gaps"]], [r["ttft"] * 1e3 for r in results]
     return {"clients": clients, "output_tokens_per_s": sum(r["tokens"] for r in results) / wall, "wall_s": wall,
             "ttft_ms_p50": percentile(ttft, 50), "ttft_ms_p99": percentile(ttft, 99),
             "itl_ms_p50": percentile(itl, 50), "itl_ms_p99": percentile(itl, 99)}
