@@ -4,8 +4,10 @@ transformers.js's block in config.json.
 
 onnxruntime-genai: `og.Model(ARTIFACT)` runs on the CPU: the CPU-optimized graph when the artifact has one,
 else the portable graph. Any other graph: `config = og.Config(ARTIFACT)`, `config.overlay(<genai/NAME.json>)`,
-`og.Model(config)`; genai/optimized-cuda.json adds the CUDA provider with its CUDA graph (an overlay can add
-a provider, not remove one, so the config itself names none). Its parser refuses keys it does not know and
+`og.Model(config)`. The device is genai's API's to choose (`config.clear_providers()`,
+`config.append_provider("cuda")`, `config.set_provider_option("cuda", "enable_cuda_graph", "1")`): in 0.18
+an overlay's provider list neither adds nor removes a provider (the CUDA graph overlaid with one ran on
+the CPU, on an H200), so no file names one. Its parser refuses keys it does not know and
 model types it does not list (`qwen2` serves Qwen2-MoE too). It feeds a cache that grows by concatenation
 to the portable graph (`past_present_share_buffer` false) and one shared buffer to the optimized graphs,
 which compute their total length from the mask as genai's own builder does; the ids and search defaults
@@ -29,20 +31,14 @@ from . import contract
 MODEL_TYPE = "qwen2"
 
 
-# the execution providers genai gets per graph target; the CUDA graph is captured as our runtime does
-GENAI_PROVIDERS: dict[str, list[dict[str, Any]]] = {
-    "any": [], "cpu": [], "cuda": [{"cuda": {"enable_cuda_graph": "1"}}]}
-
-
 def genai_default_graph(manifest: contract.Manifest) -> contract.GraphEntry:
     """The graph genai_config.json drives: the CPU-optimized one when there is one, else the portable one."""
     return manifest.graph(contract.optimized_graph_name("cpu")) or manifest.graph(contract.PORTABLE_GRAPH)
 
 
 def genai_graph_settings(graph: contract.GraphEntry) -> dict[str, Any]:
-    """What differs between graphs in genai's config: file, providers and cache layout (an overlay)."""
-    return {"model": {"decoder": {"filename": graph.file,
-                                  "session_options": {"provider_options": GENAI_PROVIDERS[graph.target]}}},
+    """What differs between graphs in genai's config, as an overlay: the file and the cache layout."""
+    return {"model": {"decoder": {"filename": graph.file}},
             "search": {"past_present_share_buffer": graph.kv_layout == contract.SHARED_BUFFER}}
 
 
@@ -66,7 +62,7 @@ def genai_config(manifest: contract.Manifest, generation: dict[str, Any]) -> dic
             "type": MODEL_TYPE,
             "decoder": {
                 "filename": graph.file,
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": GENAI_PROVIDERS[graph.target]},
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
                 "head_size": model.head_dim,
                 "hidden_size": model.hidden_size,
                 "num_attention_heads": model.num_attention_heads,

@@ -7,8 +7,8 @@ genai_config.json), the chat template from the artifact's tokenizer_config.json.
     python examples/genai/generate.py ART --graph optimized-cuda    # another graph (onnxruntime-genai-cuda)
 
 genai_config.json drives the CPU-optimized graph when the artifact has one, else the portable graph, on
-the CPU; `--graph NAME` overlays genai/NAME.json, which names that graph (and the CUDA provider with its
-CUDA graph for optimized-cuda). Like the project's runtime, this
+the CPU; `--graph NAME` overlays genai/NAME.json, which names that graph, and for a graph optimized for
+CUDA asks genai's API for the CUDA provider with its CUDA graph (an overlay cannot). Like the project's runtime, this
 script never picks ids past the tokenizer (rows of padding in published Qwen2 embeddings: manifest.json's
 tokenizer.vocab_size against model.vocab_size): it sets their logits to -inf before each choice, which
 genai itself has no option for.
@@ -44,6 +44,21 @@ def generate(model: og.Model, prompt_ids: list[int], new_tokens: int, greedy: bo
         yield int(generator.get_next_tokens()[0])
 
 
+def graph_config(artifact: Path, graph: str | None) -> og.Config:
+    """genai's config for `graph` (None: genai_config.json's), on CUDA with genai's CUDA graph when the
+    graph was optimized for CUDA (manifest.json says)."""
+    config = og.Config(str(artifact))
+    if graph is None:
+        return config
+    config.overlay((artifact / "genai" / f"{graph}.json").read_text())
+    graphs = json.loads((artifact / "manifest.json").read_text())["graphs"]
+    if next(g for g in graphs if g["name"] == graph)["target"] == "cuda":
+        config.clear_providers()
+        config.append_provider("cuda")
+        config.set_provider_option("cuda", "enable_cuda_graph", "1")
+    return config
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("artifact")
@@ -52,10 +67,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=20)
     parser.add_argument("--graph", help="a graph of manifest.json (portable, optimized-cpu, optimized-cuda)")
     args = parser.parse_args()
-    config = og.Config(args.artifact)
-    if args.graph is not None:
-        config.overlay((Path(args.artifact) / "genai" / f"{args.graph}.json").read_text())
-    model = og.Model(config)
+    model = og.Model(graph_config(Path(args.artifact), args.graph))
     vocab = json.loads((Path(args.artifact) / "manifest.json").read_text())["tokenizer"]["vocab_size"]
     if args.ids is not None:
         ids = [int(i) for i in args.ids.split(",")]

@@ -5,8 +5,8 @@ our runtime, and onnxruntime-genai driving our CUDA graph beside its own build.
   host nodes) against the same graph taking `total_sequence_length` as an input, as optimize wrote it
   before (a sibling artifact sharing every weight file); batch-1 CUDA-graph decode and prompt prefill,
   the two loaded side by side and timed in turns.
-- genai on our artifact: `og.Config(ARTIFACT)` with the genai/optimized-cuda.json overlay (the CUDA
-  graph, enable_cuda_graph), timed as genai's own fp16 build is (peers.genai_timings); its greedy
+- genai on our artifact: `og.Config(ARTIFACT)` with the genai/optimized-cuda.json overlay and the CUDA
+  provider with enable_cuda_graph (examples/genai's graph_config), timed as genai's own fp16 build is (peers.genai_timings); its greedy
   tokens against ours with the tokenizer rule both apply (examples/genai).
 
     PYTHONPATH=. python -m tools.bench_gpu --workdir /tmp/bench --out $OUT --shapes qwen2-0.5b,qwen2-7b --hosts
@@ -83,14 +83,12 @@ def genai_on_artifact(artifact: Path, prompt: list[int], new_tokens: int, ours_t
     greedy with examples/genai's tokenizer rule against our tokens."""
     import onnxruntime_genai as og
 
-    config = og.Config(str(artifact))
-    config.overlay((artifact / contract.genai_overlay_file(CUDA)).read_text())
-    model = og.Model(config)
-    result = genai_generate_timings(model, prompt, new_tokens)
-    result.pop("tokens")
     spec = importlib.util.spec_from_file_location("genai_example", EXAMPLES / "genai" / "generate.py")
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
+    model = og.Model(example.graph_config(artifact, CUDA))
+    result = genai_generate_timings(model, prompt, new_tokens)
+    result.pop("tokens")
     vocab = contract.read_manifest(artifact).tokenizer.vocab_size
     theirs = list(example.generate(model, prompt, len(ours_tokens), True, vocab))
     result["same_tokens_as_ours"] = theirs == ours_tokens
