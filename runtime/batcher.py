@@ -24,10 +24,10 @@ import numpy as np
 from artifact import contract
 
 from .errors import RuntimeInputError
-from .generate import pad_token_id
+from .generate import check_request, next_tokens, pad_token_id
 from .kv_cache import KVCache, new_cache
 from .padding import PADDINGS
-from .sampling import SamplingConfig, choose_from_candidates, choose_tokens
+from .sampling import SamplingConfig
 from .session import GraphSession
 from .steps import StepInputs, StepScores
 
@@ -88,19 +88,14 @@ class Batcher:
         self.thread: threading.Thread | None = None
         self.steps_run = 0  # decode steps, for tests and metrics
 
-    @property
-    def max_batch(self) -> int:
-        return len(self.rows)
-
     def submit(self, request: BatchRequest) -> None:
-        """Queue a request; RuntimeInputError now if it cannot fit a row."""
+        """Queue a request; RuntimeInputError now if generate would refuse it or it cannot fit a row."""
+        check_request(self.manifest, [request.prompt_ids], request.max_new_tokens)
         needed = len(request.prompt_ids) + request.max_new_tokens
-        if not request.prompt_ids or needed > self.capacity:
+        if needed > self.capacity:
             raise RuntimeInputError(f"the prompt ({len(request.prompt_ids)} tokens) and max_tokens "
                                     f"({request.max_new_tokens}) need {needed} positions; this server holds "
                                     f"{self.capacity} per request (--max-context)")
-        if any(not 0 <= token < self.vocab for token in request.prompt_ids):
-            raise RuntimeInputError(f"prompt ids must lie in [0, {self.vocab}) (the tokenizer's vocabulary)")
         self.waiting.put(request)
 
     def start(self) -> None:
@@ -160,7 +155,9 @@ class Batcher:
         if not busy:
             return
         size = bucket(busy[-1] + 1)
-        view = self.decode_views.get(size) or self.decode_views.setdefault(size, self.cache.view(0, size))
+        if size not in self.decode_views:
+            self.decode_views[size] = self.cache.view(0, size)
+        view = self.decode_views[size]
         ids = np.full((size, 1), self.pad, np.int64)
         mask = np.zeros((size, self.capacity), np.int64)
         mask[:, 0] = 1  # idle rows: one position
@@ -176,16 +173,8 @@ class Batcher:
             self.accept(index, self.choose(scores, index, row))
 
     def choose(self, scores: StepScores, index: int, row: Row) -> int:
-        """Row `index`'s next token, from the candidates when they decide it, else from its logits."""
-        sampling, seen = row.request.sampling, [row.seen]
-        if scores.top_logits is not None:
-            token = choose_from_candidates(scores.top_logits[index : index + 1], scores.top_ids[index : index + 1],
-                                           sampling, seen, row.rng)
-            if token is not None:
-                return int(token[0])
-        logits = scores.full()[index : index + 1]
-        logits[:, self.vocab :] = -np.inf  # padding rows of the embedding
-        return int(choose_tokens(logits, sampling, seen, row.rng)[0])
+        """Row `index`'s next token, with its request's sampling, seed and history."""
+        return int(next_tokens(scores, slice(index, index + 1), row.request.sampling, [row.seen], row.rng, self.vocab)[0])
 
     def accept(self, index: int, token: int) -> None:
         row = self.rows[index]

@@ -146,14 +146,7 @@ class DecodeLoop:
         return new
 
     def _choose(self, scores: StepScores, seen: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
-        """From the device's candidates when they decide it, else from the full row (copied to the host)."""
-        if scores.top_logits is not None:
-            tokens = choose_from_candidates(scores.top_logits, scores.top_ids, self.sampling, seen, rng)
-            if tokens is not None:
-                return tokens
-        logits = scores.full()
-        logits[:, self.manifest.tokenizer.vocab_size :] = -np.inf  # padding rows of the embedding
-        return choose_tokens(logits, self.sampling, seen, rng)
+        return next_tokens(scores, slice(None), self.sampling, seen, rng, self.manifest.tokenizer.vocab_size)
 
     def _prefill_leading_chunks(self) -> int:
         """Feed a long batch-1 prompt `prefill_chunk` tokens at a time, all but the last chunk, so the
@@ -182,6 +175,19 @@ class DecodeLoop:
                 generation.finish_reason = "stop_string"
                 return True
         return len(generation.output_ids) >= self.max_new_tokens
+
+
+def next_tokens(scores: StepScores, rows: slice, sampling: SamplingConfig, seen: list[np.ndarray],
+                rng: np.random.Generator, vocab: int) -> np.ndarray:
+    """The next token of each of `rows`: from the device's candidates when they decide it, else from the
+    full logits (copied to the host), never an id at or past `vocab` (the embedding's padding rows)."""
+    if scores.top_logits is not None:
+        tokens = choose_from_candidates(scores.top_logits[rows], scores.top_ids[rows], sampling, seen, rng)
+        if tokens is not None:
+            return tokens
+    logits = scores.full()[rows]
+    logits[:, vocab:] = -np.inf
+    return choose_tokens(logits, sampling, seen, rng)
 
 
 def pad_token_id(manifest: contract.Manifest) -> int:

@@ -113,7 +113,11 @@ def field(body: dict[str, Any], name: str, kind: type, default: Any = None) -> A
 
 
 def in_range(name: str, value: float | int | None, low: float, high: float, low_open: bool = False) -> None:
-    if value is not None and not (low < value if low_open else low <= value) or value is not None and value > high:
+    """Refuse `value` (when given) outside [low, high], or (low, high] with `low_open`."""
+    if value is None:
+        return
+    above_low = low < value if low_open else low <= value
+    if not (above_low and value <= high):
         bound = f"({low}" if low_open else f"[{low}"
         raise ApiError(f"'{name}' is {value}; it must lie in {bound}, {high}]", name)
 

@@ -96,11 +96,14 @@ def error_response(error: api.ApiError) -> JSONResponse:
 
 
 def build_app(model: Model, batcher: Batcher, config: ServeConfig) -> Starlette:
-    async def read_body(request: Request) -> dict[str, Any]:
+    def check_key(request: Request) -> None:
         if config.api_key is not None:
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {config.api_key}".encode()):
                 raise api.ApiError("missing or wrong API key (Authorization: Bearer KEY)", None, 401, "AuthenticationError")
+
+    async def read_body(request: Request) -> dict[str, Any]:
+        check_key(request)
         size, chunks = 0, []
         async for chunk in request.stream():
             size += len(chunk)
@@ -127,8 +130,7 @@ def build_app(model: Model, batcher: Batcher, config: ServeConfig) -> Starlette:
         return Response(status_code=200)
 
     async def models(request: Request) -> Response:
-        if config.api_key is not None:
-            await read_body(request)  # only the key check: a GET has no body
+        check_key(request)
         return JSONResponse({"object": "list", "data": [{
             "id": config.served_model_name, "object": "model", "created": 0, "owned_by": "qwen2-onnx",
             "max_model_len": batcher.capacity}]})
