@@ -1,9 +1,9 @@
 """Continuous batching: requests that arrive at different times share decode steps (runtime/server.py).
 
-One shared KV buffer of `max_batch` rows by `capacity` positions. A request joins at a step boundary:
-its prompt is prefilled alone into a free row (a view of the buffer: runtime/kv_cache.py), then the row
-takes part in every decode step until the request finishes, and is free for the next one. Nobody waits
-for another request to finish and nobody is prefilled twice. A decode step runs the first `bucket` rows,
+One shared KV buffer of `max_batch` rows by `capacity` positions. Requests join at a step boundary:
+those waiting there are prefilled together into free rows (views of the buffer's contiguous free rows:
+runtime/kv_cache.py), then each row takes part in every decode step until its request finishes, and is
+free for the next one. Nobody waits for another request to finish and nobody is prefilled twice. A decode step runs the first `bucket` rows,
 the smallest power of two that covers the highest busy row; rows are taken lowest first so it stays
 small. Each bucket's step is one shape, so a capturing runner (CUDA graphs) replays it; an idle row
 inside the bucket feeds the pad token over a mask of one position.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -62,8 +63,41 @@ class Row:
     rng: np.random.Generator
 
 
+@dataclass
+class BatcherStats:
+    """Running totals (server metrics, benchmarks): what the batcher's thread did and the time it took."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_steps: int = 0
+    prefill_seconds: float = 0.0  # in the step runner
+    decode_steps: int = 0
+    decode_rows: int = 0  # busy rows over all decode steps
+    decode_seconds: float = 0.0  # in the step runner
+    busy_seconds: float = 0.0  # the thread's time while any row was busy: steps, token choice, hand-over
+
+
+# padded prompt tokens one prefill step may take; a longer prompt gets a step of its own
+PREFILL_TOKENS = 8192
+
+
 def bucket(rows: int) -> int:
     return 1 << (rows - 1).bit_length()
+
+
+def prefill_groups(rows: list[int], lengths: list[int], budget: int = PREFILL_TOKENS) -> list[tuple[int, int]]:
+    """Split joining requests, given their rows (ascending) and prompt lengths, into prefill steps of
+    consecutive rows (one buffer view each) whose padded size (rows x longest prompt) fits `budget`;
+    as (start, stop) ranges of the lists."""
+    groups, start, longest = [], 0, 0
+    for i, (row, length) in enumerate(zip(rows, lengths)):
+        longest = max(longest, length)
+        if i > start and (row != rows[i - 1] + 1 or (i + 1 - start) * longest > budget):
+            groups.append((start, i))
+            start, longest = i, length
+    if rows:
+        groups.append((start, len(rows)))
+    return groups
 
 
 class Batcher:
@@ -81,12 +115,11 @@ class Batcher:
         self.vocab = manifest.tokenizer.vocab_size
         self.pad = pad_token_id(manifest)
         self.cache = new_cache(manifest, session.graph, max_batch, session.device, capacity)
-        self.row_views = [self.cache.view(row, 1) for row in range(max_batch)]
         self.decode_views: dict[int, KVCache] = {}  # per bucket, kept: the runner's captures are keyed by them
         self.rows: list[Row | None] = [None] * max_batch
         self.waiting: queue.Queue[BatchRequest | None] = queue.Queue()
         self.thread: threading.Thread | None = None
-        self.steps_run = 0  # decode steps, for tests and metrics
+        self.stats = BatcherStats()
 
     def submit(self, request: BatchRequest) -> None:
         """Queue a request; RuntimeInputError now if generate would refuse it or it cannot fit a row."""
@@ -110,41 +143,56 @@ class Batcher:
 
     def run(self) -> None:
         while True:
-            if not any(self.rows):  # idle: wait for a request
-                request = self.waiting.get()
-                if request is None:
-                    break
-                self.admit(request)
-            if not self.admit_waiting():
+            taken = [] if any(self.rows) else [self.waiting.get()]  # idle: wait for a request
+            started = time.perf_counter()
+            joining, stopping = self.take_waiting(taken)
+            if stopping:
+                for request in joining:
+                    request.sink(None, "cancelled")
                 break
+            self.admit(joining)
             self.decode()
+            self.stats.busy_seconds += time.perf_counter() - started
         self.cancel_all()
 
-    def admit_waiting(self) -> bool:
-        """Prefill queued requests into free rows (all that fit, so a burst starts decoding together);
-        False once `stop` was asked."""
-        while None in self.rows:
+    def take_waiting(self, taken: list[BatchRequest | None]) -> tuple[list[BatchRequest], bool]:
+        """`taken` and the queued requests, as many as there are free rows (so a burst starts decoding
+        together), cancelled ones told so and dropped; and whether `stop` was asked (a None)."""
+        stopping = any(request is None for request in taken)
+        while not stopping and len(taken) < self.rows.count(None):
             try:
                 request = self.waiting.get_nowait()
             except queue.Empty:
-                return True
-            if request is None:
-                return False
-            self.admit(request)
-        return True
+                break
+            stopping = request is None
+            taken.append(request)
+        joining = []
+        for request in taken:
+            if request is not None and request.cancelled.is_set():
+                request.sink(None, "cancelled")
+            elif request is not None:
+                joining.append(request)
+        return joining, stopping
 
-    def admit(self, request: BatchRequest) -> None:
-        """Prefill `request` alone in the lowest free row and choose its first token."""
-        if request.cancelled.is_set():
-            request.sink(None, "cancelled")
-            return
-        index = self.rows.index(None)
-        prompt = request.prompt_ids
-        inputs = PADDINGS[contract.RIGHT](self.pad).prefill([prompt], 0)
-        scores = self.session.steps.uncaptured_step(inputs, self.row_views[index])
-        row = Row(request, len(prompt), 0, 0, np.array(prompt, np.int64), np.random.default_rng(request.sampling.seed))
-        self.rows[index] = row
-        self.accept(index, self.choose(scores, 0, row))
+    def admit(self, joining: list[BatchRequest]) -> None:
+        """Prefill the joining requests into the lowest free rows, shortest prompts first (so a step's
+        rows pad little), in as few steps as prefill_groups allows, and choose their first tokens."""
+        joining = sorted(joining, key=lambda request: len(request.prompt_ids))
+        rows = [index for index, row in enumerate(self.rows) if row is None][: len(joining)]
+        lengths = [len(request.prompt_ids) for request in joining]
+        for start, stop in prefill_groups(rows, lengths):
+            prompts = [request.prompt_ids for request in joining[start:stop]]
+            inputs = PADDINGS[contract.RIGHT](self.pad).prefill(prompts, 0)
+            began = time.perf_counter()
+            scores = self.session.steps.uncaptured_step(inputs, self.cache.view(rows[start], stop - start))
+            self.stats.prefill_seconds += time.perf_counter() - began
+            self.stats.prefill_steps += 1
+            for offset, request in enumerate(joining[start:stop]):
+                index, prompt = rows[start + offset], request.prompt_ids
+                row = Row(request, len(prompt), 0, 0, np.array(prompt, np.int64), np.random.default_rng(request.sampling.seed))
+                self.rows[index] = row
+                self.stats.prompt_tokens += len(prompt)
+                self.accept(index, self.choose(scores, offset, row))
 
     def decode(self) -> None:
         """One step for every busy row (the first `bucket` rows of the buffer)."""
@@ -165,21 +213,25 @@ class Batcher:
             row = self.rows[index]
             ids[index, 0] = row.next_token
             mask[index, : row.length + 1] = 1
+        began = time.perf_counter()
         scores = self.session.steps.step(StepInputs(ids, mask, None), view)
-        self.steps_run += 1
+        self.stats.decode_seconds += time.perf_counter() - began
+        self.stats.decode_steps += 1
+        self.stats.decode_rows += len(busy)
         for index in busy:
             row = self.rows[index]
             row.length += 1
             self.accept(index, self.choose(scores, index, row))
 
     def choose(self, scores: StepScores, index: int, row: Row) -> int:
-        """Row `index`'s next token, with its request's sampling, seed and history."""
+        """The next token of `row`, row `index` of the step's scores, with its request's sampling, seed and history."""
         return int(next_tokens(scores, slice(index, index + 1), row.request.sampling, [row.seen], row.rng, self.vocab)[0])
 
     def accept(self, index: int, token: int) -> None:
         row = self.rows[index]
         request = row.request
         row.generated += 1
+        self.stats.generated_tokens += 1
         row.seen = np.append(row.seen, token)
         row.next_token = token
         request.sink(token, None)

@@ -1,6 +1,7 @@
 """`qwen2-onnx serve`: OpenAI's API over one artifact, its requests batched continuously (runtime/batcher.py).
 
     GET  /health                liveness
+    GET  /metrics               the batcher's counters, in Prometheus' text format
     GET  /v1/models             the served model
     POST /v1/chat/completions   chat (the checkpoint's template), streaming, tools (Qwen2.5's <tool_call>)
     POST /v1/completions        text or token ids in
@@ -20,7 +21,8 @@ import contextlib
 import hmac
 import json
 import logging
-from dataclasses import dataclass
+import threading
+from dataclasses import asdict, dataclass
 from typing import Any, AsyncIterator
 
 from starlette.applications import Starlette
@@ -31,7 +33,7 @@ from starlette.routing import Route
 
 from . import openai_api as api
 from .api import Model
-from .batcher import Batcher, BatchRequest
+from .batcher import Batcher, BatchRequest, BatcherStats, TokenSink
 from .errors import RuntimeInputError
 from .reply import Delta, ReplyText
 
@@ -58,14 +60,37 @@ class Prepared:
     reply: ReplyText
 
 
+class Relay:
+    """Hands the batcher's tokens to the event loop with one wake-up per burst (a step's tokens for every
+    stream) instead of one per token: the loop's thread then takes the GIL once per step, while the
+    batcher waits on the GPU, rather than contending with the batcher's thread for it per token."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.lock = loop, threading.Lock()
+        self.pending: list[tuple[asyncio.Queue, tuple[int | None, str | None]]] = []
+
+    def sink(self, queue: asyncio.Queue) -> TokenSink:
+        def put(token: int | None, reason: str | None) -> None:
+            with self.lock:
+                self.pending.append((queue, (token, reason)))
+                first = len(self.pending) == 1
+            if first:
+                self.loop.call_soon_threadsafe(self.flush)
+        return put
+
+    def flush(self) -> None:
+        with self.lock:
+            pending, self.pending = self.pending, []
+        for queue, item in pending:
+            queue.put_nowait(item)
+
+
 class Running:
     """One request in the batcher, heard from the event loop: `events` yields (token, finish reason) pairs."""
 
-    def __init__(self, batcher: Batcher, prepared: Prepared):
-        loop = asyncio.get_running_loop()
+    def __init__(self, batcher: Batcher, relay: Relay, prepared: Prepared):
         self.queue: asyncio.Queue[tuple[int | None, str | None]] = asyncio.Queue()
-        self.request = BatchRequest(prepared.ids, max_new_tokens=prepared.max_tokens,
-                                    sink=lambda token, reason: loop.call_soon_threadsafe(self.queue.put_nowait, (token, reason)),
+        self.request = BatchRequest(prepared.ids, max_new_tokens=prepared.max_tokens, sink=relay.sink(self.queue),
                                     **prepared.batch_request_options)
         batcher.submit(self.request)
         self.reply, self.completion_tokens, self.finish_reason, self.tail = prepared.reply, 0, "stop", Delta()
@@ -96,6 +121,7 @@ def error_response(error: api.ApiError) -> JSONResponse:
 
 
 def build_app(model: Model, batcher: Batcher, config: ServeConfig) -> Starlette:
+    relays: list[Relay] = []  # the one for the running event loop, made at startup
     def check_key(request: Request) -> None:
         if config.api_key is not None:
             given = request.headers.get("authorization", "")
@@ -129,6 +155,10 @@ def build_app(model: Model, batcher: Batcher, config: ServeConfig) -> Starlette:
     async def health(request: Request) -> Response:
         return Response(status_code=200)
 
+    async def metrics(request: Request) -> Response:
+        running, waiting = sum(row is not None for row in batcher.rows), batcher.waiting.qsize()
+        return Response(metrics_text(batcher.stats, running, waiting), media_type="text/plain; version=0.0.4")
+
     async def models(request: Request) -> Response:
         check_key(request)
         return JSONResponse({"object": "list", "data": [{
@@ -146,7 +176,7 @@ def build_app(model: Model, batcher: Batcher, config: ServeConfig) -> Starlette:
         return await respond(parsed, prepared, "text_completion")
 
     async def respond(parsed, prepared: Prepared, kind: str) -> Response:
-        generation = Running(batcher, prepared)
+        generation = Running(batcher, relays[-1], prepared)
         name, request_id = config.served_model_name, api.new_id("chatcmpl" if kind == "chat.completion" else "cmpl")
         prompt_tokens = len(prepared.ids)
         if not parsed.stream:
@@ -195,15 +225,26 @@ def build_app(model: Model, batcher: Batcher, config: ServeConfig) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        relays.append(Relay(asyncio.get_running_loop()))
         yield
         batcher.stop()  # after uvicorn's grace period: what still runs is cancelled
 
     return Starlette(routes=[
         Route("/health", handled(health), methods=["GET"]),
+        Route("/metrics", handled(metrics), methods=["GET"]),
         Route("/v1/models", handled(models), methods=["GET"]),
         Route("/v1/chat/completions", handled(chat), methods=["POST"]),
         Route("/v1/completions", handled(completions), methods=["POST"]),
     ], lifespan=lifespan)
+
+
+def metrics_text(stats: BatcherStats, running: int, waiting: int) -> str:
+    """Prometheus' text format: a counter per BatcherStats field (qwen2_onnx_FIELD_total) and two gauges."""
+    lines = []
+    for name, kind, value in [*((f"{field}_total", "counter", value) for field, value in asdict(stats).items()),
+                              ("requests_running", "gauge", running), ("requests_waiting", "gauge", waiting)]:
+        lines += [f"# TYPE qwen2_onnx_{name} {kind}", f"qwen2_onnx_{name} {value}"]
+    return "\n".join(lines) + "\n"
 
 
 def sse(payload: dict[str, Any]) -> str:

@@ -19,7 +19,7 @@ uvicorn = pytest.importorskip("uvicorn", reason="the serve extra: pip install -e
 openai = pytest.importorskip("openai", reason="a test dependency: pip install -e '.[test]'")
 
 from runtime import Model  # noqa: E402
-from runtime.batcher import Batcher  # noqa: E402
+from runtime.batcher import Batcher, BatchRequest, prefill_groups  # noqa: E402
 from runtime.server import ServeConfig, build_app  # noqa: E402
 from runtime.steps import StepScores  # noqa: E402
 
@@ -109,14 +109,14 @@ def test_sixteen_concurrent_streams_each_get_the_text_they_get_alone(server, mod
         stream = client(url).completions.create(model=NAME, prompt=prompts[i], max_tokens=12, stream=True, **GREEDY)
         texts[i] = "".join(chunk.choices[0].text for chunk in stream)
 
-    steps = batcher.steps_run
+    steps = batcher.stats.decode_steps
     threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(120)
     assert texts == expected
-    assert batcher.steps_run - steps < 16 * 11  # decode steps were shared
+    assert batcher.stats.decode_steps - steps < 16 * 11  # decode steps were shared
 
 
 def test_a_client_that_leaves_mid_stream_frees_its_row(server, model):
@@ -130,6 +130,46 @@ def test_a_client_that_leaves_mid_stream_frees_its_row(server, model):
         time.sleep(0.05)
     assert not any(batcher.rows)
     assert client(url).completions.create(model=NAME, prompt="Hi", max_tokens=2, **GREEDY).usage.completion_tokens >= 1
+
+
+def test_requests_that_join_together_are_prefilled_in_one_step_and_get_their_tokens_alone(model):
+    prompts = [[(5 * i + j) % 400 for j in range(length)] for i, length in enumerate([9, 2, 17, 4, 30])]
+    expected = [ours(model, prompt, 6).output_ids for prompt in prompts]
+    batcher = Batcher(model.session, model.manifest, max_batch=8, capacity=64)
+    got, done = [[] for _ in prompts], [threading.Event() for _ in prompts]
+    for i, prompt in enumerate(prompts):  # queued before the thread starts: all join at its first step
+        sink = (lambda i: lambda token, reason: got[i].append(token) if token is not None else done[i].set())(i)
+        batcher.submit(BatchRequest(prompt, model.sampling(greedy=True, repetition_penalty=1.0), 6, sink,
+                                    model.manifest.tokenizer.stop_token_ids))
+    batcher.start()
+    assert all(event.wait(60) for event in done)
+    batcher.stop()
+    assert got == expected
+    assert batcher.stats.prefill_steps == 1 and batcher.stats.prompt_tokens == 62
+
+
+def test_prefill_groups_keep_to_consecutive_rows_and_the_token_budget():
+    assert prefill_groups([0, 1, 2, 5, 6], [3, 3, 4, 4, 9], budget=100) == [(0, 3), (3, 5)]
+    assert prefill_groups([0, 1, 2, 3], [10, 20, 30, 40], budget=60) == [(0, 2), (2, 3), (3, 4)]
+    assert prefill_groups([4], [500], budget=100) == [(0, 1)]  # a long prompt alone, past the budget
+    assert prefill_groups([], []) == []
+
+
+def test_metrics_count_what_the_batcher_did(server):
+    url, batcher = server
+
+    def counters() -> dict[str, float]:
+        text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
+        return dict((name, float(value)) for name, value in (line.split() for line in text.splitlines() if line[0] != "#"))
+
+    before = counters()
+    client(url).completions.create(model=NAME, prompt=[5, 6, 7], max_tokens=4, temperature=0,
+                                   extra_body={"ignore_eos": True, "repetition_penalty": 1.0})
+    after = counters()
+    assert after["qwen2_onnx_prompt_tokens_total"] - before["qwen2_onnx_prompt_tokens_total"] == 3
+    assert after["qwen2_onnx_generated_tokens_total"] - before["qwen2_onnx_generated_tokens_total"] == 4
+    assert after["qwen2_onnx_decode_steps_total"] - before["qwen2_onnx_decode_steps_total"] == 3
+    assert after["qwen2_onnx_requests_running"] == 0 and after["qwen2_onnx_busy_seconds_total"] > 0
 
 
 def post(url: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:

@@ -1,10 +1,14 @@
 """`qwen2-onnx serve` under N concurrent streaming clients: aggregate output tokens/s, time to first token
 and inter-token latency (p50, p99 over every gap between a stream's events: the server sends one per
-token), beside `generate`'s decode ms/token on the same artifact, in one run.
+token), beside `generate`'s decode ms/token on the same artifact, in one run. Where the time went comes
+from the server's /metrics, read before and after each run: ms per decode step in the step runner and
+in the batcher's whole loop (the rest is token choice, hand-over to the event loop, waiting for the GIL),
+rows per decode step, prefill steps and their ms.
 
 The server runs as users run it (`python -m runtime serve`, its own process); the clients are asyncio
 streams of /v1/completions (token-id prompts of --prompt-tokens, --new-tokens each, greedy, stop tokens
-ignored so every stream has the same length) in this process.
+ignored so every stream has the same length) in this process. The same requests are first given to a
+batcher in this process, without HTTP ("engine"): the difference is what the server's side costs.
 
     PYTHONPATH=. python tools/bench_serve.py ARTIFACT --device cuda --clients 1,4,16,64 --out OUT
 """
@@ -19,12 +23,17 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import asdict
 import urllib.request
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+
+from runtime import Model
+from runtime.batcher import Batcher, BatchRequest
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -65,16 +74,59 @@ async def one_stream(port: int, prompt: list[int], new_tokens: int) -> dict:
     return {"ttft": stamps[0] - started, "gaps": np.diff(stamps).tolist(), "tokens": tokens, "end": stamps[-1]}
 
 
-async def concurrent(port: int, clients: int, prompt_tokens: int, new_tokens: int, seed: int) -> dict:
+def bench_prompts(clients: int, prompt_tokens: int, seed: int) -> list[list[int]]:
     rng = np.random.default_rng(seed)
-    prompts = [rng.integers(0, 400, size=prompt_tokens).tolist() for _ in range(clients)]
+    return [rng.integers(0, 400, size=prompt_tokens).tolist() for _ in range(clients)]
+
+
+async def concurrent(port: int, clients: int, prompt_tokens: int, new_tokens: int, seed: int) -> dict:
     started = time.perf_counter()
-    results = await asyncio.gather(*(one_stream(port, p, new_tokens) for p in prompts))
+    results = await asyncio.gather(*(one_stream(port, p, new_tokens) for p in bench_prompts(clients, prompt_tokens, seed)))
+    return summary(clients, started, results)
+
+
+def engine(batcher, sampling, clients: int, prompt_tokens: int, new_tokens: int, seed: int) -> dict:
+    """The same requests submitted at once to `batcher` in this process; token times taken in its thread."""
+    stamps = [[] for _ in range(clients)]
+    done = [threading.Event() for _ in range(clients)]
+
+    def sink(i: int):
+        return lambda token, reason: stamps[i].append(time.perf_counter()) if token is not None else done[i].set()
+
+    started = time.perf_counter()
+    for i, prompt in enumerate(bench_prompts(clients, prompt_tokens, seed)):
+        batcher.submit(BatchRequest(prompt, sampling, new_tokens, sink(i)))
+    for event in done:
+        event.wait()
+    return summary(clients, started, [{"ttft": s[0] - started, "gaps": np.diff(s).tolist(), "tokens": len(s), "end": s[-1]}
+                                      for s in stamps])
+
+
+def summary(clients: int, started: float, results: list[dict]) -> dict:
     wall = max(r["end"] for r in results) - started
     itl, ttft = [gap * 1e3 for r in results for gap in r["gaps"]], [r["ttft"] * 1e3 for r in results]
     return {"clients": clients, "output_tokens_per_s": sum(r["tokens"] for r in results) / wall, "wall_s": wall,
             "ttft_ms_p50": percentile(ttft, 50), "ttft_ms_p99": percentile(ttft, 99),
             "itl_ms_p50": percentile(itl, 50), "itl_ms_p99": percentile(itl, 99)}
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The server's counters (GET /metrics), named as runtime/batcher.BatcherStats' fields."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    pairs = (line.split() for line in text.splitlines() if line and not line.startswith("#"))
+    return {name.removeprefix("qwen2_onnx_").removesuffix("_total"): float(value) for name, value in pairs}
+
+
+def where_time_went(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """BatcherStats fields before and after a run: per decode step and prefill, what the batcher did."""
+    delta = {name: after[name] - before[name] for name in before}
+    steps, prefills = max(delta["decode_steps"], 1), max(delta["prefill_steps"], 1)
+    return {"decode_step_ms": 1e3 * delta["decode_seconds"] / steps,
+            "loop_ms_per_decode_step": 1e3 * (delta["busy_seconds"] - delta["prefill_seconds"]) / steps,
+            "rows_per_decode_step": delta["decode_rows"] / steps,
+            "prefill_steps": delta["prefill_steps"],
+            "prefill_ms_per_step": 1e3 * delta["prefill_seconds"] / prefills,
+            "prefill_ms_total": 1e3 * delta["prefill_seconds"]}
 
 
 def free_port() -> int:
@@ -106,11 +158,8 @@ def serve_process(artifact: Path, *options: str, timeout: float = 600, **popen) 
             process.wait(60)
 
 
-def generate_decode_ms(artifact: Path, device: str, prompt_tokens: int, new_tokens: int) -> float:
-    """`generate`'s batch-1 decode ms/token on the same artifact (CUDA graphs on CUDA), after a warm-up."""
-    from runtime import Model
-
-    model = Model.load(artifact, device=device, cuda_graph=device == "cuda")
+def generate_decode_ms(model, prompt_tokens: int, new_tokens: int) -> float:
+    """`generate`'s batch-1 decode ms/token (CUDA graphs on CUDA), after a warm-up."""
     prompt = np.random.default_rng(0).integers(0, 400, size=prompt_tokens).tolist()
     times = []
     for _ in range(3):
@@ -132,27 +181,46 @@ def main() -> None:
     counts = [int(n) for n in args.clients.split(",")]
     report = {"artifact": str(args.artifact), "device": args.device, "prompt_tokens": args.prompt_tokens,
               "new_tokens": args.new_tokens}
-    report["generate_decode_ms_per_token"] = generate_decode_ms(args.artifact, args.device, args.prompt_tokens, args.new_tokens)
+    model = Model.load(args.artifact, device=args.device, cuda_graph=args.device == "cuda")
+    report["generate_decode_ms_per_token"] = generate_decode_ms(model, args.prompt_tokens, args.new_tokens)
     print(json.dumps(report), flush=True)
     context = args.prompt_tokens + args.new_tokens + 64
+    batcher = Batcher(model.session, model.manifest, max(counts), context)
+    batcher.start()
+    sampling = model.sampling(greedy=True, repetition_penalty=1.0)
+    report["engine"], report["runs"] = [], []
+    for clients in counts:  # each batch size's first decode step is captured here, not in a timed run
+        engine(batcher, sampling, clients, args.prompt_tokens, 8, seed=99)
+    for clients in counts:
+        before = asdict(batcher.stats)
+        run = engine(batcher, sampling, clients, args.prompt_tokens, args.new_tokens, seed=clients)
+        run.update(where_time_went(before, asdict(batcher.stats)))
+        report["engine"].append(run)
+        print(json.dumps({"engine": run}), flush=True)
+    batcher.stop()
+    del batcher, model  # the server process holds its own
     with serve_process(args.artifact, "--device", args.device, "--served-model-name", "bench",
                        "--max-batch", str(max(counts)), "--max-context", str(context)) as (_, port):
-        for clients in counts:  # each batch size's first decode step is captured here, not in a timed run
-            asyncio.run(concurrent(port, clients, args.prompt_tokens, 8, seed=99))
-        report["runs"] = []
         for clients in counts:
+            asyncio.run(concurrent(port, clients, args.prompt_tokens, 8, seed=99))
+        for clients in counts:
+            before = scrape(port)
             run = asyncio.run(concurrent(port, clients, args.prompt_tokens, args.new_tokens, seed=clients))
+            run.update(where_time_went(before, scrape(port)))
             run["single_stream_itl_over_generate"] = run["itl_ms_p50"] / report["generate_decode_ms_per_token"]
             report["runs"].append(run)
             print(json.dumps(run), flush=True)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "bench_serve.json").write_text(json.dumps(report, indent=2))
-    print("| clients | output tokens/s | TTFT p50 / p99 ms | ITL p50 / p99 ms |")
-    print("|---|---|---|---|")
-    for run in report["runs"]:
-        print(f"| {run['clients']} | {run['output_tokens_per_s']:.0f} | {run['ttft_ms_p50']:.0f} / {run['ttft_ms_p99']:.0f} | "
-              f"{run['itl_ms_p50']:.2f} / {run['itl_ms_p99']:.2f} |")
+    print("| clients | output tokens/s: served (engine) | TTFT p50 / p99 ms | ITL p50 / p99 ms | decode step ms: runner / "
+          "loop | prefill steps, ms total |")
+    print("|---|---|---|---|---|---|")
+    for run, alone in zip(report["runs"], report["engine"]):
+        print(f"| {run['clients']} | {run['output_tokens_per_s']:.0f} ({alone['output_tokens_per_s']:.0f}) | "
+              f"{run['ttft_ms_p50']:.0f} / {run['ttft_ms_p99']:.0f} | "
+              f"{run['itl_ms_p50']:.2f} / {run['itl_ms_p99']:.2f} | {run['decode_step_ms']:.2f} / "
+              f"{run['loop_ms_per_decode_step']:.2f} | {run['prefill_steps']:.0f}, {run['prefill_ms_total']:.0f} |")
 
 
 if __name__ == "__main__":
