@@ -90,16 +90,21 @@ def run_demo(args: argparse.Namespace) -> None:
 
 
 # ---- generate, chat ---------------------------------------------------------------------------------
-def load_model(args: argparse.Namespace) -> Any:
-    from runtime import Model, RuntimeInputError, TemplateLimits
+def template_limits(args: argparse.Namespace) -> Any:
+    from runtime import RuntimeInputError, TemplateLimits
 
     given = {"seconds": args.template_seconds, "max_chars": args.template_max_chars}
     try:
-        limits = TemplateLimits(**{name: value for name, value in given.items() if value is not None})
+        return TemplateLimits(**{name: value for name, value in given.items() if value is not None})
     except ValueError as error:
         raise RuntimeInputError(f"--template-seconds and --template-max-chars must be positive: {error}") from error
+
+
+def load_model(args: argparse.Namespace) -> Any:
+    from runtime import Model
+
     return Model.load(args.artifact, device=args.device, chat_template=args.chat_template, cuda_graph=args.cuda_graph,
-                      cpu_fallback=args.cpu_fallback, verify=args.verify, template_limits=limits)
+                      cpu_fallback=args.cpu_fallback, verify=args.verify, template_limits=template_limits(args))
 
 
 def read_prompt_file(model: Any, name: str) -> str:
@@ -205,18 +210,23 @@ def run_serve(args: argparse.Namespace) -> None:
     from runtime import RuntimeInputError
 
     try:
-        from runtime.server import ServeConfig, serve
+        from runtime.server import EngineSpec, ServeConfig, serve
     except ImportError as error:
         raise RuntimeInputError(f"serve needs Starlette and uvicorn ({error.name} is missing): "
                                 "pip install 'qwen2-onnx[serve]'") from error
-    args.cuda_graph = args.device == "cuda"  # decode steps of each batch size replayed
-    model = load_model(args)
+    from runtime.api import ModelText
+
+    model = ModelText.open(args.artifact, args.chat_template, template_limits(args))
     context = model.manifest.model.context_length
     max_context = args.max_context or min(context, SERVE_CONTEXT)
     if not 1 < max_context <= context or args.max_batch < 1:
         raise RuntimeInputError(f"--max-context {max_context} must lie in [2, {context}] and --max-batch at least 1")
+    # decode steps of each batch size replayed as CUDA graphs
+    options = {"device": args.device, "cuda_graph": args.device == "cuda", "cpu_fallback": args.cpu_fallback,
+               "verify": args.verify}
     name = args.served_model_name or Path(args.artifact).resolve().name
-    serve(model, args.host, args.port, args.max_batch, max_context, ServeConfig(name, args.api_key))
+    serve(model, EngineSpec(args.artifact, options, args.max_batch, max_context), args.host, args.port,
+          ServeConfig(name, args.api_key))
 
 
 SERVE_CONTEXT = 8192  # serve's default positions per request: max_batch rows of this many stay on the device

@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator, Union
 
@@ -30,52 +30,32 @@ CUDA_ONLY_TYPES = ("bfloat16",)  # element types onnxruntime's CPU kernels lack
 LOOP_OPTIONS = ("max_new_tokens", "stop_strings", "greedy", "prefill_chunk", "ignore_eos")
 
 
-@dataclass
-class Model:
+@dataclass(kw_only=True)
+class ModelText:
+    """An artifact's text side without its graph: manifest, tokenizer, chat template and generation
+    defaults; prompts in, token ids out. The server's front process holds only this (runtime/engine.py
+    runs the graph in a process of its own)."""
+
     manifest: contract.Manifest
     artifact: Path
-    session: GraphSession
     tokenizer: TextTokenizer
     chat_template: ChatTemplate | None
     generation_config: dict[str, Any] = field(default_factory=dict)
-    last_timings: Timings = field(default_factory=Timings)
 
     @classmethod
-    def load(cls, artifact: str | Path, device: str = "cpu", chat_template: str | Path | None = None,
-             optimize: bool = True, graph: str | None = None, cuda_graph: bool = False,
-             cpu_fallback: bool = False, steps: StepsFactory | None = None, verify: bool = False,
-             template_limits: TemplateLimits = TemplateLimits()) -> "Model":
-        """Open an exported artifact on `device` ("cpu" or "cuda"), using the graph optimized for that device
-        when the artifact has one (`graph` names another, e.g. "portable"); `chat_template` overrides the
-        checkpoint's; `optimize=False` switches onnxruntime's own graph rewrites off; `cuda_graph` captures
-        steps once and replays them (CUDA only: decode steps, fresh batch-1 prompts padded to a bucket
-        length, and batch-1 greedy decoding queued one step ahead); a graph optimized for CUDA must place
-        every node on CUDA unless `cpu_fallback` allows onnxruntime to put some on the CPU. `steps` makes
-        the step runner (runtime.steps, runtime.cuda_graph) instead of the choice from device and
-        cuda_graph. Paths from the manifest are resolved inside the artifact and the graph's file sizes
-        checked against it; `verify` also checks the sha256 of those and of the copied checkpoint files
-        (a full read of the weights). `template_limits` bound the chat template's rendering. Raises RuntimeInputError for a
-        bad artifact or option."""
+    def open(cls, artifact: str | Path, chat_template: str | Path | None = None,
+             template_limits: TemplateLimits = TemplateLimits()) -> "ModelText":
+        """Read the artifact's manifest, tokenizer, chat template (`chat_template` overrides the checkpoint's,
+        `template_limits` bound its rendering) and generation_config.json. Raises RuntimeInputError."""
         artifact = Path(artifact)
         try:
             manifest = contract.read_manifest(artifact)
             files.check_contained(artifact)
-            chosen = choose_graph(manifest, device, graph)
-            # the copied config files may be edited by hand (generation defaults); verify checks them too
-            records = files.all_records(manifest, [chosen.name]) if verify else chosen.files
-            files.check_files(artifact, records, checksums=verify)
-            graph_path = files.inside(artifact, chosen.file)
         except contract.ArtifactError as error:
             raise RuntimeInputError(str(error)) from error
-        return cls(
-            manifest=manifest,
-            artifact=artifact,
-            session=GraphSession(manifest, graph_path, chosen, device, cuda_graph=cuda_graph,
-                                 cpu_fallback=cpu_fallback, optimize=optimize, steps=steps),
-            tokenizer=TextTokenizer(artifact / contract.TOKENIZER_FILE),
-            chat_template=load_chat_template(artifact, chat_template, template_limits),
-            generation_config=read_json(artifact / contract.GENERATION_CONFIG_FILE, required=False),
-        )
+        return cls(manifest=manifest, artifact=artifact, tokenizer=TextTokenizer(artifact / contract.TOKENIZER_FILE),
+                   chat_template=load_chat_template(artifact, chat_template, template_limits),
+                   generation_config=read_json(artifact / contract.GENERATION_CONFIG_FILE, required=False))
 
     def sampling(self, greedy: bool = False, **overrides: Any) -> SamplingConfig:
         """generation_config.json's defaults with `overrides` (temperature, top_k, top_p, min_p,
@@ -114,6 +94,42 @@ class Model:
         if fewest >= context:
             raise RuntimeInputError(f"the prompt ({utf8_bytes:,} bytes) is at least {fewest:,} tokens, past the "
                                     f"model's context length {context:,}; shorten it")
+
+
+
+@dataclass(kw_only=True)
+class Model(ModelText):
+    session: GraphSession
+    last_timings: Timings = field(default_factory=Timings)
+
+    @classmethod
+    def load(cls, artifact: str | Path, device: str = "cpu", chat_template: str | Path | None = None,
+             optimize: bool = True, graph: str | None = None, cuda_graph: bool = False,
+             cpu_fallback: bool = False, steps: StepsFactory | None = None, verify: bool = False,
+             template_limits: TemplateLimits = TemplateLimits()) -> "Model":
+        """Open an exported artifact on `device` ("cpu" or "cuda"), using the graph optimized for that device
+        when the artifact has one (`graph` names another, e.g. "portable"); `chat_template` overrides the
+        checkpoint's; `optimize=False` switches onnxruntime's own graph rewrites off; `cuda_graph` captures
+        steps once and replays them (CUDA only: decode steps, fresh batch-1 prompts padded to a bucket
+        length, and batch-1 greedy decoding queued one step ahead); a graph optimized for CUDA must place
+        every node on CUDA unless `cpu_fallback` allows onnxruntime to put some on the CPU. `steps` makes
+        the step runner (runtime.steps, runtime.cuda_graph) instead of the choice from device and
+        cuda_graph. Paths from the manifest are resolved inside the artifact and the graph's file sizes
+        checked against it; `verify` also checks the sha256 of those and of the copied checkpoint files
+        (a full read of the weights). `template_limits` bound the chat template's rendering. Raises RuntimeInputError for a
+        bad artifact or option."""
+        text = ModelText.open(artifact, chat_template, template_limits)
+        try:
+            chosen = choose_graph(text.manifest, device, graph)
+            # the copied config files may be edited by hand (generation defaults); verify checks them too
+            records = files.all_records(text.manifest, [chosen.name]) if verify else chosen.files
+            files.check_files(text.artifact, records, checksums=verify)
+            graph_path = files.inside(text.artifact, chosen.file)
+        except contract.ArtifactError as error:
+            raise RuntimeInputError(str(error)) from error
+        session = GraphSession(text.manifest, graph_path, chosen, device, cuda_graph=cuda_graph,
+                               cpu_fallback=cpu_fallback, optimize=optimize, steps=steps)
+        return cls(**{f.name: getattr(text, f.name) for f in fields(ModelText)}, session=session)
 
     def decode_loop(self, prompts: list[Prompt], max_new_tokens: int = 128, stop_strings: tuple[str, ...] = (),
                     cache: KVCache | None = None, greedy: bool = False, prefill_chunk: int | None = None,

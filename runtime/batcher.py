@@ -14,6 +14,7 @@ candidates when they decide it, as in runtime/generate.py.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -29,15 +30,18 @@ from .generate import check_request, next_tokens, pad_token_id
 from .kv_cache import KVCache, new_cache
 from .padding import PADDINGS
 from .sampling import SamplingConfig
-from .session import GraphSession
+from .session import GraphSession, one_line
 from .steps import StepInputs, StepScores
 
+log = logging.getLogger("qwen2_onnx.serve")
+
 # called from the batcher's thread with each new token, then once with the reason it finished
-# ("stop_token", "length" or "cancelled") and token None
+# ("stop_token", "length", "cancelled" or FAILED) and token None
 TokenSink = Callable[[int | None, str | None], None]
+FAILED = "failed"  # a step raised: the batcher ended, and its requests with it
 
 
-@dataclass
+@dataclass(eq=False)  # one per request, told apart by identity
 class BatchRequest:
     prompt_ids: list[int]
     sampling: SamplingConfig
@@ -53,14 +57,25 @@ class BatchRequest:
 
 @dataclass
 class Row:
-    """A busy row: its request, how many positions its KV holds, the token to feed next."""
+    """A busy row: its request, how many positions its KV holds, the token to feed next, and the ids seen
+    so far (the prompt, then each token chosen: the repetition penalty's history)."""
 
     request: BatchRequest
     length: int
-    next_token: int
-    generated: int
-    seen: np.ndarray
-    rng: np.random.Generator
+    next_token: int = 0
+    generated: int = 0
+    history: np.ndarray = field(init=False)
+    rng: np.random.Generator = field(init=False)
+
+    def __post_init__(self) -> None:
+        prompt = self.request.prompt_ids
+        self.history = np.zeros(len(prompt) + self.request.max_new_tokens, np.int64)
+        self.history[: len(prompt)] = prompt
+        self.rng = np.random.default_rng(self.request.sampling.seed)
+
+    @property
+    def seen(self) -> np.ndarray:
+        return self.history[: self.length + 1]
 
 
 @dataclass
@@ -79,6 +94,15 @@ class BatcherStats:
 
 # padded prompt tokens one prefill step may take; a longer prompt gets a step of its own
 PREFILL_TOKENS = 8192
+
+
+def check_fits(manifest: contract.Manifest, capacity: int, request: BatchRequest) -> None:
+    """RuntimeInputError when generate would refuse the request or it needs more than a row's `capacity`."""
+    check_request(manifest, [request.prompt_ids], request.max_new_tokens)
+    needed = len(request.prompt_ids) + request.max_new_tokens
+    if needed > capacity:
+        raise RuntimeInputError(f"the prompt ({len(request.prompt_ids)} tokens) and max_tokens ({request.max_new_tokens}) "
+                                f"need {needed} positions; this server holds {capacity} per request (--max-context)")
 
 
 def bucket(rows: int) -> int:
@@ -120,16 +144,22 @@ class Batcher:
         self.waiting: queue.Queue[BatchRequest | None] = queue.Queue()
         self.thread: threading.Thread | None = None
         self.stats = BatcherStats()
+        self.on_step: Callable[[], None] = lambda: None  # after each step's tokens went to their sinks
+        self.ended: str | None = None  # why the thread ended on a failure
 
     def submit(self, request: BatchRequest) -> None:
-        """Queue a request; RuntimeInputError now if generate would refuse it or it cannot fit a row."""
-        check_request(self.manifest, [request.prompt_ids], request.max_new_tokens)
-        needed = len(request.prompt_ids) + request.max_new_tokens
-        if needed > self.capacity:
-            raise RuntimeInputError(f"the prompt ({len(request.prompt_ids)} tokens) and max_tokens "
-                                    f"({request.max_new_tokens}) need {needed} positions; this server holds "
-                                    f"{self.capacity} per request (--max-context)")
+        """Queue a request; RuntimeInputError now if it cannot run (check_fits), RuntimeError once ended."""
+        check_fits(self.manifest, self.capacity, request)
+        if self.ended:
+            raise RuntimeError(self.ended)
         self.waiting.put(request)
+
+    def cancel(self, request: BatchRequest) -> None:
+        request.cancel()
+
+    def load(self) -> tuple[BatcherStats, int, int]:
+        """The running totals, and how many requests run and wait now."""
+        return self.stats, sum(row is not None for row in self.rows), self.waiting.qsize()
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self.run, name="batcher", daemon=True)
@@ -142,6 +172,15 @@ class Batcher:
             self.thread.join()
 
     def run(self) -> None:
+        try:
+            self.serve()
+        except Exception as error:  # a step failed: every request hears it, later ones are refused
+            log.exception("the batcher failed")
+            self.ended = f"the batcher failed: {one_line(error)}"
+            self.cancel_all(FAILED)
+            self.on_step()
+
+    def serve(self) -> None:
         while True:
             taken = [] if any(self.rows) else [self.waiting.get()]  # idle: wait for a request
             started = time.perf_counter()
@@ -153,7 +192,9 @@ class Batcher:
             self.admit(joining)
             self.decode()
             self.stats.busy_seconds += time.perf_counter() - started
+            self.on_step()
         self.cancel_all()
+        self.on_step()
 
     def take_waiting(self, taken: list[BatchRequest | None]) -> tuple[list[BatchRequest], bool]:
         """`taken` and the queued requests, as many as there are free rows (so a burst starts decoding
@@ -175,24 +216,21 @@ class Batcher:
         return joining, stopping
 
     def admit(self, joining: list[BatchRequest]) -> None:
-        """Prefill the joining requests into the lowest free rows, shortest prompts first (so a step's
-        rows pad little), in as few steps as prefill_groups allows, and choose their first tokens."""
+        """Give the joining requests the lowest free rows, shortest prompts first (so a step's rows pad
+        little), then prefill them in as few steps as prefill_groups allows and choose their first tokens."""
         joining = sorted(joining, key=lambda request: len(request.prompt_ids))
         rows = [index for index, row in enumerate(self.rows) if row is None][: len(joining)]
-        lengths = [len(request.prompt_ids) for request in joining]
-        for start, stop in prefill_groups(rows, lengths):
+        for index, request in zip(rows, joining):  # in their rows before any step: a failure finds them there
+            self.rows[index] = Row(request, len(request.prompt_ids) - 1)  # its last prompt token counts as fed
+            self.stats.prompt_tokens += len(request.prompt_ids)
+        for start, stop in prefill_groups(rows, [len(request.prompt_ids) for request in joining]):
             prompts = [request.prompt_ids for request in joining[start:stop]]
             inputs = PADDINGS[contract.RIGHT](self.pad).prefill(prompts, 0)
             began = time.perf_counter()
             scores = self.session.steps.uncaptured_step(inputs, self.cache.view(rows[start], stop - start))
             self.stats.prefill_seconds += time.perf_counter() - began
             self.stats.prefill_steps += 1
-            for offset, request in enumerate(joining[start:stop]):
-                index, prompt = rows[start + offset], request.prompt_ids
-                row = Row(request, len(prompt), 0, 0, np.array(prompt, np.int64), np.random.default_rng(request.sampling.seed))
-                self.rows[index] = row
-                self.stats.prompt_tokens += len(prompt)
-                self.accept(index, self.choose(scores, offset, row))
+            self.accept(rows[start:stop], scores, offsets=range(stop - start))
 
     def decode(self) -> None:
         """One step for every busy row (the first `bucket` rows of the buffer)."""
@@ -218,41 +256,54 @@ class Batcher:
         self.stats.decode_seconds += time.perf_counter() - began
         self.stats.decode_steps += 1
         self.stats.decode_rows += len(busy)
-        for index in busy:
-            row = self.rows[index]
+        self.accept(busy, scores, offsets=busy)
+
+    def accept(self, indices: list[int], scores: StepScores, offsets) -> None:
+        """Choose the next token of the busy rows `indices` (rows `offsets` of the step's scores), hand
+        each to its request, and free the rows that finished."""
+        rows = [self.rows[index] for index in indices]
+        for index, row, token in zip(indices, rows, self.choose(scores, rows, list(offsets))):
+            request = row.request
             row.length += 1
-            self.accept(index, self.choose(scores, index, row))
+            row.history[row.length] = row.next_token = token
+            row.generated += 1
+            request.sink(token, None)
+            if token in request.stop_token_ids:
+                self.finish(index, "stop_token")
+            elif row.generated >= request.max_new_tokens:
+                self.finish(index, "length")
+        self.stats.generated_tokens += len(rows)
 
-    def choose(self, scores: StepScores, index: int, row: Row) -> int:
-        """The next token of `row`, row `index` of the step's scores, with its request's sampling, seed and history."""
-        return int(next_tokens(scores, slice(index, index + 1), row.request.sampling, [row.seen], row.rng, self.vocab)[0])
-
-    def accept(self, index: int, token: int) -> None:
-        row = self.rows[index]
-        request = row.request
-        row.generated += 1
-        self.stats.generated_tokens += 1
-        row.seen = np.append(row.seen, token)
-        row.next_token = token
-        request.sink(token, None)
-        if token in request.stop_token_ids:
-            self.finish(index, "stop_token")
-        elif row.generated >= request.max_new_tokens:
-            self.finish(index, "length")
+    def choose(self, scores: StepScores, rows: list[Row], offsets: list[int]) -> list[int]:
+        """Each row's next token from its row of the scores, with its request's sampling, seed and history:
+        greedy rows that share their settings in one call (a greedy choice draws nothing, so no seed
+        needs keeping apart), sampled rows one by one with their own generator."""
+        groups: dict[object, list[int]] = {}
+        for position, row in enumerate(rows):
+            sampling = row.request.sampling
+            groups.setdefault(("row", position) if sampling.do_sample else sampling, []).append(position)
+        tokens = [0] * len(rows)
+        for positions in groups.values():
+            first = rows[positions[0]]
+            picked = next_tokens(scores, np.array([offsets[p] for p in positions]), first.request.sampling,
+                                 [rows[p].seen for p in positions], first.rng, self.vocab)
+            for position, token in zip(positions, picked.tolist()):
+                tokens[position] = token
+        return tokens
 
     def finish(self, index: int, reason: str) -> None:
         request = self.rows[index].request
         self.rows[index] = None
         request.sink(None, reason)
 
-    def cancel_all(self) -> None:
+    def cancel_all(self, reason: str = "cancelled") -> None:
         for index, row in enumerate(self.rows):
             if row is not None:
-                self.finish(index, "cancelled")
+                self.finish(index, reason)
         while True:
             try:
                 request = self.waiting.get_nowait()
             except queue.Empty:
                 return
             if request is not None:
-                request.sink(None, "cancelled")
+                request.sink(None, reason)

@@ -8,10 +8,12 @@
 
 Starlette and uvicorn (the `serve` extra): the ASGI core FastAPI and vLLM's server are built on, and
 enough here, since bodies are checked by runtime/openai_api.py to give OpenAI's error objects. The
-batcher runs on its own thread; each request hears its tokens through an asyncio queue. Bad requests
-get 400 (401 without the key, 404 for another model, 413 past the body cap), never a traceback; an
-unexpected failure is logged and answered 500 with a plain message. On SIGTERM uvicorn stops taking
-connections and gives open requests SHUTDOWN_GRACE_S to finish; then the batcher cancels the rest.
+graph runs in an engine process of its own (runtime/engine.py); this process renders, tokenizes and
+streams, and each request hears its tokens through an asyncio queue. Bad requests get 400 (401
+without the key, 404 for another model, 413 past the body cap), never a traceback; an unexpected
+failure is logged and answered 500 with a plain message, and /health answers 503 once the engine has
+failed. On SIGTERM uvicorn stops taking connections and gives open requests SHUTDOWN_GRACE_S to
+finish; then the engine cancels the rest.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from . import openai_api as api
-from .api import Model
-from .batcher import Batcher, BatchRequest, BatcherStats, TokenSink
+from .api import ModelText
+from .batcher import FAILED, BatchRequest, BatcherStats, TokenSink
+from .engine import Engine, EngineProcess, EngineSpec
 from .errors import RuntimeInputError
 from .reply import Delta, ReplyText
 
@@ -61,9 +64,8 @@ class Prepared:
 
 
 class Relay:
-    """Hands the batcher's tokens to the event loop with one wake-up per burst (a step's tokens for every
-    stream) instead of one per token: the loop's thread then takes the GIL once per step, while the
-    batcher waits on the GPU, rather than contending with the batcher's thread for it per token."""
+    """Hands the engine's tokens (called from its thread) to the event loop with one wake-up per burst (a
+    step's tokens for every stream) instead of one per token."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop, self.lock = loop, threading.Lock()
@@ -88,11 +90,12 @@ class Relay:
 class Running:
     """One request in the batcher, heard from the event loop: `events` yields (token, finish reason) pairs."""
 
-    def __init__(self, batcher: Batcher, relay: Relay, prepared: Prepared):
+    def __init__(self, engine: Engine, relay: Relay, prepared: Prepared):
         self.queue: asyncio.Queue[tuple[int | None, str | None]] = asyncio.Queue()
         self.request = BatchRequest(prepared.ids, max_new_tokens=prepared.max_tokens, sink=relay.sink(self.queue),
                                     **prepared.batch_request_options)
-        batcher.submit(self.request)
+        self.engine = engine
+        engine.submit(self.request)
         self.reply, self.completion_tokens, self.finish_reason, self.tail = prepared.reply, 0, "stop", Delta()
 
     async def deltas(self) -> AsyncIterator[Delta]:
@@ -101,6 +104,8 @@ class Running:
         try:
             while True:
                 token, reason = await self.queue.get()
+                if reason == FAILED:
+                    raise RuntimeError("the batcher failed under this request; see the server's log")
                 if token is None:
                     self.finish_reason = FINISH_REASONS[reason]
                     break
@@ -111,7 +116,7 @@ class Running:
                     break
             self.tail = self.reply.finish()
         finally:
-            self.request.cancel()  # a client gone mid-stream frees its row at the next step
+            self.engine.cancel(self.request)  # a client gone mid-stream frees its row at the next step
         if self.reply.calls:
             self.finish_reason = "tool_calls"
 
@@ -120,7 +125,7 @@ def error_response(error: api.ApiError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status)
 
 
-def build_app(model: Model, batcher: Batcher, config: ServeConfig) -> Starlette:
+def build_app(model: ModelText, engine: Engine, config: ServeConfig) -> Starlette:
     relays: list[Relay] = []  # the one for the running event loop, made at startup
     def check_key(request: Request) -> None:
         if config.api_key is not None:
@@ -153,30 +158,29 @@ def build_app(model: Model, batcher: Batcher, config: ServeConfig) -> Starlette:
         return endpoint
 
     async def health(request: Request) -> Response:
-        return Response(status_code=200)
+        return Response(status_code=503 if engine.ended else 200)
 
     async def metrics(request: Request) -> Response:
-        running, waiting = sum(row is not None for row in batcher.rows), batcher.waiting.qsize()
-        return Response(metrics_text(batcher.stats, running, waiting), media_type="text/plain; version=0.0.4")
+        return Response(metrics_text(*engine.load()), media_type="text/plain; version=0.0.4")
 
     async def models(request: Request) -> Response:
         check_key(request)
         return JSONResponse({"object": "list", "data": [{
             "id": config.served_model_name, "object": "model", "created": 0, "owned_by": "qwen2-onnx",
-            "max_model_len": batcher.capacity}]})
+            "max_model_len": engine.capacity}]})
 
     async def chat(request: Request) -> Response:
         parsed = api.parse_chat(await read_body(request), config.served_model_name)
-        prepared = await run_in_threadpool(prepare_chat, model, batcher, parsed)
+        prepared = await run_in_threadpool(prepare_chat, model, engine.capacity, parsed)
         return await respond(parsed, prepared, "chat.completion")
 
     async def completions(request: Request) -> Response:
         parsed = api.parse_completion(await read_body(request), config.served_model_name)
-        prepared = await run_in_threadpool(prepare_completion, model, batcher, parsed)
+        prepared = await run_in_threadpool(prepare_completion, model, engine.capacity, parsed)
         return await respond(parsed, prepared, "text_completion")
 
     async def respond(parsed, prepared: Prepared, kind: str) -> Response:
-        generation = Running(batcher, relays[-1], prepared)
+        generation = Running(engine, relays[-1], prepared)
         name, request_id = config.served_model_name, api.new_id("chatcmpl" if kind == "chat.completion" else "cmpl")
         prompt_tokens = len(prepared.ids)
         if not parsed.stream:
@@ -227,7 +231,7 @@ def build_app(model: Model, batcher: Batcher, config: ServeConfig) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         relays.append(Relay(asyncio.get_running_loop()))
         yield
-        batcher.stop()  # after uvicorn's grace period: what still runs is cancelled
+        engine.stop()  # after uvicorn's grace period: what still runs is cancelled
 
     return Starlette(routes=[
         Route("/health", handled(health), methods=["GET"]),
@@ -251,7 +255,7 @@ def sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def prepare_chat(model: Model, batcher: Batcher, request: api.ChatRequest) -> Prepared:
+def prepare_chat(model: ModelText, capacity: int, request: api.ChatRequest) -> Prepared:
     """Render the messages with the chat template (tools unless tool_choice is none; a named choice opens
     that call in the prompt), tokenize, and fix the sampling and the token budget."""
     if model.chat_template is None:
@@ -263,20 +267,20 @@ def prepare_chat(model: Model, batcher: Batcher, request: api.ChatRequest) -> Pr
         prefix = f'<tool_call>\n{{"name": {json.dumps(request.tool_choice.name)}, "arguments": '
     ids = model.tokenizer.encode(model.fitting(text + prefix), add_special_tokens=False)
     reply = ReplyText(model.tokenizer, request.stop, tools=tools is not None, prefix=prefix)
-    return prepared(model, batcher, ids, request, reply, "messages")
+    return prepared(model, capacity, ids, request, reply, "messages")
 
 
-def prepare_completion(model: Model, batcher: Batcher, request: api.CompletionRequest) -> Prepared:
+def prepare_completion(model: ModelText, capacity: int, request: api.CompletionRequest) -> Prepared:
     ids = model.encode(request.prompt)
-    return prepared(model, batcher, ids, request, ReplyText(model.tokenizer, request.stop), "prompt")
+    return prepared(model, capacity, ids, request, ReplyText(model.tokenizer, request.stop), "prompt")
 
 
-def prepared(model: Model, batcher: Batcher, ids: list[int], request: api.ChatRequest | api.CompletionRequest,
+def prepared(model: ModelText, capacity: int, ids: list[int], request: api.ChatRequest | api.CompletionRequest,
              reply: ReplyText, prompt_param: str) -> Prepared:
     """The token budget (what is left of a row when max_tokens is not given), sampling and stop tokens."""
-    max_tokens, room = request.max_tokens, batcher.capacity - len(ids)
+    max_tokens, room = request.max_tokens, capacity - len(ids)
     if room < 1 or (max_tokens or 0) > room:
-        raise api.ApiError(f"This model's maximum context length is {batcher.capacity} tokens. However, you requested "
+        raise api.ApiError(f"This model's maximum context length is {capacity} tokens. However, you requested "
                            f"{len(ids) + (max_tokens or 1)} tokens ({len(ids)} in the {prompt_param}, {max_tokens or 1} "
                            "for the completion). Please reduce the length of the messages or completion.",
                            prompt_param if room < 1 else "max_tokens")
@@ -285,11 +289,9 @@ def prepared(model: Model, batcher: Batcher, ids: list[int], request: api.ChatRe
                                               "stop_token_ids": stop_ids}, reply)
 
 
-def serve(model: Model, host: str, port: int, max_batch: int, max_context: int, config: ServeConfig) -> None:
-    """Run the server until SIGTERM or Ctrl-C."""
+def serve(model: ModelText, spec: EngineSpec, host: str, port: int, config: ServeConfig) -> None:
+    """Start the engine process (it loads the graph), then run the server until SIGTERM or Ctrl-C."""
     import uvicorn
 
-    batcher = Batcher(model.session, model.manifest, max_batch, max_context)
-    batcher.start()
-    app = build_app(model, batcher, config)
+    app = build_app(model, EngineProcess(spec, model.manifest), config)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)

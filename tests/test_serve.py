@@ -19,7 +19,9 @@ uvicorn = pytest.importorskip("uvicorn", reason="the serve extra: pip install -e
 openai = pytest.importorskip("openai", reason="a test dependency: pip install -e '.[test]'")
 
 from runtime import Model  # noqa: E402
-from runtime.batcher import Batcher, BatchRequest, prefill_groups  # noqa: E402
+from runtime.batcher import FAILED, Batcher, BatchRequest, prefill_groups  # noqa: E402
+from runtime.engine import EngineProcess, EngineSpec  # noqa: E402
+from runtime.errors import RuntimeInputError  # noqa: E402
 from runtime.server import ServeConfig, build_app  # noqa: E402
 from runtime.steps import StepScores  # noqa: E402
 
@@ -133,14 +135,18 @@ def test_a_client_that_leaves_mid_stream_frees_its_row(server, model):
 
 
 def test_requests_that_join_together_are_prefilled_in_one_step_and_get_their_tokens_alone(model):
+    """Five requests queued before the batcher starts: one prefill step, then each gets what generate gives
+    it alone, greedy (two share their settings), with a repetition penalty, or sampled with its seed."""
     prompts = [[(5 * i + j) % 400 for j in range(length)] for i, length in enumerate([9, 2, 17, 4, 30])]
-    expected = [ours(model, prompt, 6).output_ids for prompt in prompts]
+    options = [{"greedy": True, "repetition_penalty": 1.0}, {"temperature": 0.9, "top_k": 0, "seed": 3},
+               {"greedy": True, "repetition_penalty": 1.0}, {"greedy": True, "repetition_penalty": 1.3},
+               {"temperature": 0.7, "top_k": 5, "seed": 8}]
+    expected = [model.generate(prompt, max_new_tokens=6, **option).output_ids for prompt, option in zip(prompts, options)]
     batcher = Batcher(model.session, model.manifest, max_batch=8, capacity=64)
     got, done = [[] for _ in prompts], [threading.Event() for _ in prompts]
-    for i, prompt in enumerate(prompts):  # queued before the thread starts: all join at its first step
+    for i, (prompt, option) in enumerate(zip(prompts, options)):  # queued before the thread starts
         sink = (lambda i: lambda token, reason: got[i].append(token) if token is not None else done[i].set())(i)
-        batcher.submit(BatchRequest(prompt, model.sampling(greedy=True, repetition_penalty=1.0), 6, sink,
-                                    model.manifest.tokenizer.stop_token_ids))
+        batcher.submit(BatchRequest(prompt, model.sampling(**option), 6, sink, model.manifest.tokenizer.stop_token_ids))
     batcher.start()
     assert all(event.wait(60) for event in done)
     batcher.stop()
@@ -325,6 +331,76 @@ def test_the_command_serves_and_sigterm_lets_a_running_request_finish(tiny_optim
         rest = list(chunks)
         assert rest[-1].choices[0].finish_reason == "length"
         assert process.wait(60) == 0
+
+
+def collect(count: int):
+    """Sinks for `count` requests: the tokens each got, its finish reason, and an event set when it ended."""
+    tokens, reasons, done = [[] for _ in range(count)], [None] * count, [threading.Event() for _ in range(count)]
+
+    def sink(i: int):
+        def put(token, reason):
+            if token is not None:
+                tokens[i].append(token)
+            else:
+                reasons[i] = reason
+                done[i].set()
+        return put
+
+    return tokens, reasons, done, sink
+
+
+def test_the_engine_process_gives_each_request_its_tokens_alone_and_reports_its_load(model, tiny_optimized):
+    prompts = [[(3 * i + j) % 400 for j in range(4 + 6 * i)] for i in range(3)]
+    expected = [ours(model, prompt, 8).output_ids for prompt in prompts]
+    engine = EngineProcess(EngineSpec(str(tiny_optimized("moe_shared")), {}, max_batch=4, capacity=64), model.manifest)
+    tokens, reasons, done, sink = collect(3)
+    for i, prompt in enumerate(prompts):
+        engine.submit(BatchRequest(prompt, model.sampling(greedy=True, repetition_penalty=1.0), 8, sink(i),
+                                   model.manifest.tokenizer.stop_token_ids))
+    assert all(event.wait(60) for event in done)
+    stats, running, waiting = engine.load()
+    engine.stop()
+    assert tokens == expected and engine.process.exitcode == 0
+    assert stats.prompt_tokens == sum(map(len, prompts)) and stats.generated_tokens == sum(map(len, expected))
+    assert (running, waiting) == (0, 0)
+    with pytest.raises(RuntimeInputError, match="needs? .* positions|context"):
+        engine.submit(BatchRequest([1] * 60, model.sampling(), 10, sink(0)))
+
+
+def test_an_engine_that_cannot_load_says_why_and_one_that_dies_fails_its_requests(model, tiny_optimized):
+    artifact = str(tiny_optimized("moe_shared"))
+    with pytest.raises(RuntimeInputError, match="no graph 'nope'"):
+        EngineProcess(EngineSpec(artifact, {"graph": "nope"}, 2, 64), model.manifest)
+    engine = EngineProcess(EngineSpec(artifact, {}, 2, 256), model.manifest)
+    tokens, reasons, done, sink = collect(1)
+    engine.submit(BatchRequest([5, 6], model.sampling(greedy=True), 200, sink(0)))
+    while not tokens[0]:
+        time.sleep(0.01)
+    engine.process.kill()
+    assert done[0].wait(30) and reasons[0] == FAILED
+    with pytest.raises(RuntimeError, match="engine process ended"):
+        engine.submit(BatchRequest([5, 6], model.sampling(greedy=True), 2, sink(0)))
+
+
+def test_a_failing_step_ends_its_requests_with_500_and_health_says_503(tiny_optimized):
+    class FailingSteps:
+        full_logits_reads = 0
+
+        def __init__(self, session, graph, device):
+            pass
+
+        def uncaptured_step(self, inputs, cache):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    broken = Model.load(tiny_optimized("moe_shared"), steps=FailingSteps)
+    with running(broken, max_batch=2) as (url, batcher):
+        with pytest.raises(openai.InternalServerError):
+            client(url).completions.create(model=NAME, prompt="Hi", max_tokens=2)
+        assert "illegal memory access" in batcher.ended
+        with pytest.raises(urllib.error.HTTPError, match="503"):
+            urllib.request.urlopen(f"{url}/health", timeout=10)
+        with pytest.raises(openai.InternalServerError):
+            client(url).completions.create(model=NAME, prompt="Hi", max_tokens=2)
 
 
 def test_memory_stays_flat_over_many_requests(server):
