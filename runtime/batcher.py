@@ -4,7 +4,7 @@ One shared KV buffer of `max_batch` rows by `capacity` positions. Requests join 
 those waiting there are prefilled together into free rows (views of the buffer's contiguous free rows:
 runtime/kv_cache.py), then each row takes part in every decode step until its request finishes, and is
 free for the next one. Nobody waits for another request to finish and nobody is prefilled twice. A decode step runs the first `bucket` rows,
-the smallest power of two that covers the highest busy row; rows are taken lowest first so it stays
+the smallest power of two that covers the highest busy row (or all `max_batch`); rows are taken lowest first so it stays
 small. Each bucket's step is one shape, so a capturing runner (CUDA graphs) replays it; an idle row
 inside the bucket feeds the pad token over a mask of one position.
 
@@ -165,6 +165,20 @@ class Batcher:
         self.thread = threading.Thread(target=self.run, name="batcher", daemon=True)
         self.thread.start()
 
+    def warm_up(self) -> None:
+        """Before `start`: run the largest prefill step the batcher can take (one long prompt, or rows of
+        PREFILL_TOKENS together), so onnxruntime's memory arena grows to its peak once, and a decode step
+        of every batch size, so each is captured (on CUDA) before a request waits on it. The rows' old
+        contents need no clearing: the masks of later steps say which positions hold keys."""
+        length = min(self.capacity - 1, PREFILL_TOKENS)
+        rows = max(1, min(len(self.rows), PREFILL_TOKENS // length))
+        self.session.steps.uncaptured_step(PADDINGS[contract.RIGHT](self.pad).prefill([[self.pad] * length] * rows, 0),
+                                           self.cache.view(0, rows))
+        for size in sorted({self.bucket(n) for n in range(1, len(self.rows) + 1)}):
+            mask = np.zeros((size, self.capacity), np.int64)
+            mask[:, 0] = 1
+            self.session.steps.step(StepInputs(np.full((size, 1), self.pad, np.int64), mask, None), self.decode_view(size))
+
     def stop(self) -> None:
         """Cancel what runs and waits, and end the thread."""
         self.waiting.put(None)
@@ -240,10 +254,8 @@ class Batcher:
         busy = [index for index, row in enumerate(self.rows) if row is not None]
         if not busy:
             return
-        size = bucket(busy[-1] + 1)
-        if size not in self.decode_views:
-            self.decode_views[size] = self.cache.view(0, size)
-        view = self.decode_views[size]
+        size = self.bucket(busy[-1] + 1)
+        view = self.decode_view(size)
         ids = np.full((size, 1), self.pad, np.int64)
         mask = np.zeros((size, self.capacity), np.int64)
         mask[:, 0] = 1  # idle rows: one position
@@ -257,6 +269,15 @@ class Batcher:
         self.stats.decode_steps += 1
         self.stats.decode_rows += len(busy)
         self.accept(busy, scores, offsets=busy)
+
+    def bucket(self, rows: int) -> int:
+        """The rows a decode step runs to serve the first `rows`: a power of two, or every row of the buffer."""
+        return min(bucket(rows), len(self.rows))
+
+    def decode_view(self, size: int) -> KVCache:
+        if size not in self.decode_views:
+            self.decode_views[size] = self.cache.view(0, size)
+        return self.decode_views[size]
 
     def accept(self, indices: list[int], scores: StepScores, offsets) -> None:
         """Choose the next token of the busy rows `indices` (rows `offsets` of the step's scores), hand

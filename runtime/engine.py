@@ -63,6 +63,7 @@ def engine_main(spec: EngineSpec, connection) -> None:
     try:
         model = Model.load(spec.artifact, **spec.load_options)
         batcher = Batcher(model.session, model.manifest, spec.max_batch, spec.capacity)
+        batcher.warm_up()
     except RuntimeInputError as error:
         connection.send(("failed", str(error)))
         return

@@ -135,14 +135,17 @@ def test_a_client_that_leaves_mid_stream_frees_its_row(server, model):
 
 
 def test_requests_that_join_together_are_prefilled_in_one_step_and_get_their_tokens_alone(model):
-    """Five requests queued before the batcher starts: one prefill step, then each gets what generate gives
-    it alone, greedy (two share their settings), with a repetition penalty, or sampled with its seed."""
+    """Five requests queued before the batcher starts, in a buffer of five rows that a warm-up has used: one
+    prefill step, then each gets what generate gives it alone, greedy (two share their settings), with a
+    repetition penalty, or sampled with its seed; decode steps never bind rows past the buffer."""
     prompts = [[(5 * i + j) % 400 for j in range(length)] for i, length in enumerate([9, 2, 17, 4, 30])]
     options = [{"greedy": True, "repetition_penalty": 1.0}, {"temperature": 0.9, "top_k": 0, "seed": 3},
                {"greedy": True, "repetition_penalty": 1.0}, {"greedy": True, "repetition_penalty": 1.3},
                {"temperature": 0.7, "top_k": 5, "seed": 8}]
     expected = [model.generate(prompt, max_new_tokens=6, **option).output_ids for prompt, option in zip(prompts, options)]
-    batcher = Batcher(model.session, model.manifest, max_batch=8, capacity=64)
+    batcher = Batcher(model.session, model.manifest, max_batch=5, capacity=64)
+    batcher.warm_up()
+    assert sorted(batcher.decode_views) == [1, 2, 4, 5]
     got, done = [[] for _ in prompts], [threading.Event() for _ in prompts]
     for i, (prompt, option) in enumerate(zip(prompts, options)):  # queued before the thread starts
         sink = (lambda i: lambda token, reason: got[i].append(token) if token is not None else done[i].set())(i)

@@ -186,6 +186,7 @@ def main() -> None:
     print(json.dumps(report), flush=True)
     context = args.prompt_tokens + args.new_tokens + 64
     batcher = Batcher(model.session, model.manifest, max(counts), context)
+    batcher.warm_up()  # as the server's engine process does
     batcher.start()
     sampling = model.sampling(greedy=True, repetition_penalty=1.0)
     report["engine"], report["runs"] = [], []
