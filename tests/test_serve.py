@@ -385,6 +385,31 @@ def test_an_engine_that_cannot_load_says_why_and_one_that_dies_fails_its_request
         engine.submit(BatchRequest([5, 6], model.sampling(greedy=True), 2, sink(0)))
 
 
+
+def test_an_engine_whose_server_process_is_killed_ends_too(tiny_optimized):
+    import subprocess
+    import sys
+
+    script = ("import os, sys; from runtime.api import ModelText; from runtime.engine import EngineProcess, EngineSpec; "
+              "engine = EngineProcess(EngineSpec(sys.argv[1], {}, 2, 64), ModelText.open(sys.argv[1]).manifest); "
+              "print(engine.process.pid, flush=True); os.kill(os.getpid(), 9)")
+    server = subprocess.run([sys.executable, "-c", script, str(tiny_optimized("moe_shared"))], capture_output=True,
+                            text=True, timeout=120)
+    pid = int(server.stdout.split()[0])
+
+    def running() -> bool:  # gone, or a zombie waiting for whoever adopted it
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 30
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not running()
+
+
 def test_a_failing_step_ends_its_requests_with_500_and_health_says_503(tiny_optimized):
     class FailingSteps:
         full_logits_reads = 0
