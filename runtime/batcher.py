@@ -3,10 +3,11 @@
 One shared KV buffer of `max_batch` rows by `capacity` positions. Requests join at a step boundary:
 those waiting there are prefilled together into free rows (views of the buffer's contiguous free rows:
 runtime/kv_cache.py), then each row takes part in every decode step until its request finishes, and is
-free for the next one. Nobody waits for another request to finish and nobody is prefilled twice. A decode step runs the first `bucket` rows,
-the smallest power of two that covers the highest busy row (or all `max_batch`); rows are taken lowest first so it stays
-small. Each bucket's step is one shape, so a capturing runner (CUDA graphs) replays it; an idle row
-inside the bucket feeds the pad token over a mask of one position.
+free for the next one. Nobody waits for another request to finish and nobody is prefilled twice. A
+decode step runs the first `bucket` rows, the smallest power of two that covers the highest busy row
+(or all `max_batch`); rows are taken lowest first so it stays small. Each bucket's step is one shape,
+so a capturing runner (CUDA graphs) replays it; an idle row inside the bucket feeds the pad token over
+a mask of one position.
 
 Token choice is per row (its own sampling options, seed and repetition history), from the graph's
 candidates when they decide it, as in runtime/generate.py.
@@ -283,6 +284,7 @@ class Batcher:
         """Choose the next token of the busy rows `indices` (rows `offsets` of the step's scores), hand
         each to its request, and free the rows that finished."""
         rows = [self.rows[index] for index in indices]
+        self.stats.generated_tokens += len(rows)  # counted before a sink hears of them
         for index, row, token in zip(indices, rows, self.choose(scores, rows, list(offsets))):
             request = row.request
             row.length += 1
@@ -293,7 +295,6 @@ class Batcher:
                 self.finish(index, "stop_token")
             elif row.generated >= request.max_new_tokens:
                 self.finish(index, "length")
-        self.stats.generated_tokens += len(rows)
 
     def choose(self, scores: StepScores, rows: list[Row], offsets: list[int]) -> list[int]:
         """Each row's next token from its row of the scores, with its request's sampling, seed and history:
