@@ -98,22 +98,30 @@ class Running:
         engine.submit(self.request)
         self.reply, self.completion_tokens, self.finish_reason, self.tail = prepared.reply, 0, "stop", Delta()
 
-    async def deltas(self) -> AsyncIterator[Delta]:
-        """What each token made final, one delta per token; afterwards `tail` (what the end released),
-        `finish_reason` and `completion_tokens`."""
+    async def deltas(self) -> AsyncIterator[list[Delta]]:
+        """What each token made final, one delta per token, in batches: what had arrived when the stream
+        was ready to send again (one token while it keeps up, several when it lags, so a busy server
+        writes once for them). Afterwards `tail` (what the end released), `finish_reason` and
+        `completion_tokens`."""
         try:
-            while True:
-                token, reason = await self.queue.get()
-                if reason == FAILED:
-                    raise RuntimeError("the batcher failed under this request; see the server's log")
-                if token is None:
-                    self.finish_reason = FINISH_REASONS[reason]
-                    break
-                self.completion_tokens += 1
-                yield self.reply.push(token)
-                if self.reply.stopped:  # a stop string: the batcher may stop this row
-                    self.finish_reason = "stop"
-                    break
+            ended = False
+            while not ended:
+                batch, item = [], await self.queue.get()
+                while item is not None:
+                    token, reason = item
+                    if reason == FAILED:
+                        raise RuntimeError("the batcher failed under this request; see the server's log")
+                    if token is None:
+                        self.finish_reason, ended = FINISH_REASONS[reason], True
+                        break
+                    self.completion_tokens += 1
+                    batch.append(self.reply.push(token))
+                    if self.reply.stopped:  # a stop string: the batcher may stop this row
+                        self.finish_reason, ended = "stop", True
+                        break
+                    item = None if self.queue.empty() else self.queue.get_nowait()
+                if batch:
+                    yield batch
             self.tail = self.reply.finish()
         finally:
             self.engine.cancel(self.request)  # a client gone mid-stream frees its row at the next step
@@ -205,15 +213,17 @@ def build_app(model: ModelText, engine: Engine, config: ServeConfig) -> Starlett
                     for i, call in enumerate(made)]
 
         calls = 0
-        async for delta in generation.deltas():  # an event per token, its text empty while nothing became final
-            if not chat_kind:
-                yield sse(api.completion_response(request_id, name, delta.content, None, None, stream=True))
-                continue
-            if delta.content or not delta.tool_calls:
-                yield sse(api.chat_chunk(request_id, name, {"content": delta.content}))
-            for event in call_events(delta.tool_calls, calls):
-                yield event
-            calls += len(delta.tool_calls)
+        async for batch in generation.deltas():  # an event per token, its text empty while nothing became final
+            written = []
+            for delta in batch:
+                if not chat_kind:
+                    written.append(sse(api.completion_response(request_id, name, delta.content, None, None, stream=True)))
+                    continue
+                if delta.content or not delta.tool_calls:
+                    written.append(sse(api.chat_chunk(request_id, name, {"content": delta.content})))
+                written += call_events(delta.tool_calls, calls)
+                calls += len(delta.tool_calls)
+            yield "".join(written)  # one write for the batch
         tail = generation.tail  # the last event carries what the end released
         if chat_kind:
             for event in call_events(tail.tool_calls, calls):
