@@ -66,6 +66,13 @@ def genai_overlay_file(graph_name: str) -> str:
     return f"genai/{graph_name}.json"
 
 
+# ---- tasks: what an artifact's graphs compute (transformers' pipeline names) ---------------------------
+TEXT_GENERATION = "text-generation"  # logits for the next token, with a KV cache (every graph contract below)
+TEXT_CLASSIFICATION = "text-classification"  # logits [batch, labels] at each row's last token that is not the pad
+TOKEN_CLASSIFICATION = "token-classification"  # logits [batch, sequence, labels]
+TASKS = (TEXT_GENERATION, TEXT_CLASSIFICATION, TOKEN_CLASSIFICATION)
+LABELS = "labels"  # the number of classes, as a dim
+
 # ---- graph inputs and outputs -----------------------------------------------------------------------
 INPUT_IDS, ATTENTION_MASK, POSITION_IDS = "input_ids", "attention_mask", "position_ids"
 # an input of optimized graphs written by earlier versions (int32 scalar, the attention mask's width);
@@ -87,7 +94,9 @@ FLOAT_TYPES = ("float32", "float16", "bfloat16")
 CONCAT, SHARED_BUFFER = "concat", "shared_buffer"
 LEFT, RIGHT = "left", "right"
 ALL_POSITIONS, LAST_TOKEN = "all_positions", "last_token"
-KV_DIMS = {CONCAT: "[batch, kv_heads, length, head_dim]", SHARED_BUFFER: "[batch, kv_heads, capacity, head_dim]"}
+NO_CACHE = "none"  # the classification graphs
+KV_DIMS = {CONCAT: "[batch, kv_heads, length, head_dim]", SHARED_BUFFER: "[batch, kv_heads, capacity, head_dim]",
+           NO_CACHE: "no KV cache"}
 
 
 def kv_names(num_layers: int, prefix: str) -> list[str]:
@@ -123,6 +132,17 @@ def portable_outputs(num_layers: int, kv_heads: int, head_dim: int, vocab_size: 
     kv = (BATCH, kv_heads, TOTAL_LENGTH, head_dim)
     return (TensorSpec(LOGITS, "float32", (BATCH, SEQUENCE, vocab_size)),
             *(TensorSpec(name, dtype, kv) for name in kv_names(num_layers, PRESENT)))
+
+
+def classification_inputs() -> tuple[TensorSpec, ...]:
+    """A classification graph's inputs: rows padded on either side, the mask 0 on pads; no KV cache."""
+    return (TensorSpec(INPUT_IDS, "int64", (BATCH, SEQUENCE)), TensorSpec(ATTENTION_MASK, "int64", (BATCH, SEQUENCE)))
+
+
+def classification_outputs(task: str, num_labels: int) -> tuple[TensorSpec, ...]:
+    """fp32 logits: one row per sequence (text-classification) or per token (token-classification)."""
+    dims = (BATCH, num_labels) if task == TEXT_CLASSIFICATION else (BATCH, SEQUENCE, num_labels)
+    return (TensorSpec(LOGITS, "float32", dims),)
 
 
 # ---- files on disk ----------------------------------------------------------------------------------
@@ -261,6 +281,17 @@ class TokenFacts:
 
 
 @dataclass(frozen=True)
+class HeadFacts:
+    """A classification artifact's head: its labels by id, transformers' problem_type (multi-label scores are
+    sigmoids, else softmax), and the pad id whose rightmost other token a text-classification graph reads
+    (None: the last token, so a batch holds rows of one length)."""
+
+    labels: tuple[str, ...]
+    problem_type: str | None
+    pad_token_id: int | None
+
+
+@dataclass(frozen=True)
 class PassCount:
     name: str
     fired: int
@@ -337,6 +368,8 @@ class Manifest:
     files: dict[str, FileRecord] = field(default_factory=dict)  # the checkpoint files copied in, genai_config.json
     quantization: QuantFacts | None = None
     producer: str = PRODUCER
+    task: str = TEXT_GENERATION
+    head: HeadFacts | None = None  # the classification tasks
 
     def graph(self, name: str) -> GraphEntry | None:
         return next((g for g in self.graphs if g.name == name), None)
@@ -361,6 +394,8 @@ class Manifest:
                           "has_chat_template": tokens.has_chat_template, "add_bos_token": tokens.add_bos_token},
             "files": records_json(self.files),
             "quantization": None if self.quantization is None else dict(self.quantization.__dict__),
+            "task": self.task,
+            "head": None if self.head is None else {**self.head.__dict__, "labels": list(self.head.labels)},
         }
 
     @classmethod
@@ -378,6 +413,8 @@ class Manifest:
             files=records_from_json(raw.get("files", {})),
             quantization=None if raw.get("quantization") is None else QuantFacts.from_json(raw["quantization"]),
             producer=raw.get("producer", PRODUCER),
+            task=raw.get("task", TEXT_GENERATION),
+            head=None if raw.get("head") is None else HeadFacts(**{**raw["head"], "labels": tuple(raw["head"]["labels"])}),
         )
 
 

@@ -106,6 +106,8 @@ def write_host_configs(artifact: Path, manifest: contract.Manifest) -> contract.
     generation_path = artifact / contract.GENERATION_CONFIG_FILE
     generation = json.loads(generation_path.read_text()) if generation_path.is_file() else {}
     config = json.loads((artifact / contract.CONFIG_FILE).read_text())
+    if manifest.task != contract.TEXT_GENERATION:  # onnxruntime-genai generates text only; transformers.js's
+        return manifest                             # block describes a generation graph's cache
     documents = {contract.GENAI_CONFIG_FILE: genai_config(manifest, generation),
                  contract.CONFIG_FILE: {**config, TRANSFORMERS_JS_KEY: transformers_js_config()},
                  **{contract.genai_overlay_file(graph.name): genai_graph_settings(graph) for graph in manifest.graphs}}

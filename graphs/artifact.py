@@ -35,6 +35,9 @@ def optimize_artifact(artifact: str | Path, target: str, dtype: str | None = Non
     portable = manifest.graph(contract.PORTABLE_GRAPH)
     if portable is None:
         raise contract.ArtifactError(f"{artifact} has no portable graph to optimize; re-export it")
+    if manifest.task != contract.TEXT_GENERATION:
+        raise contract.ArtifactError(f"{artifact} is a {manifest.task} artifact; optimized graphs are built for "
+                                     "text generation only so far: run its portable graph (leave out --target)")
     files.check_contained(artifact)
     files.check_files(artifact, portable.files)
     model = ir.load(files.inside(artifact, portable.file))

@@ -17,7 +17,13 @@ from artifact import contract
 
 from .errors import ConfigError
 
-ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "Qwen2MoeForCausalLM": "qwen2_moe"}
+ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "Qwen2MoeForCausalLM": "qwen2_moe",
+                 "Qwen2ForSequenceClassification": "qwen2", "Qwen2MoeForSequenceClassification": "qwen2_moe",
+                 "Qwen2ForTokenClassification": "qwen2", "Qwen2MoeForTokenClassification": "qwen2_moe"}
+# what each architecture's graph computes (contract.TASKS); export's --task may choose another
+TASK_OF_ARCHITECTURE = {name: contract.TEXT_GENERATION if name.endswith("ForCausalLM") else
+                        contract.TEXT_CLASSIFICATION if name.endswith("ForSequenceClassification") else
+                        contract.TOKEN_CLASSIFICATION for name in ARCHITECTURES}
 ROPE_TYPES = ("default", "linear", "yarn")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -63,6 +69,19 @@ class QuantConfig:
 
 
 @dataclass(frozen=True)
+class HeadConfig:
+    """A classification head (`score`) on the last hidden state: transformers' Qwen2ForSequenceClassification
+    (no bias, read at each row's last token that is not `pad_token_id`) and Qwen2ForTokenClassification
+    (bias unless token_classification_bias is false, every position)."""
+
+    num_labels: int
+    labels: tuple[str, ...]  # id2label, by id
+    problem_type: str | None  # "single_label_classification", "multi_label_classification", "regression" or None
+    pad_token_id: int | None
+    bias: bool
+
+
+@dataclass(frozen=True)
 class Qwen2Config:
     """Everything the model definition, the loader and the exporter need to know about a checkpoint."""
 
@@ -85,6 +104,8 @@ class Qwen2Config:
     moe: MoeConfig | None = None
     quantization: QuantConfig | None = None
     torch_dtype: str | None = None
+    task: str = contract.TEXT_GENERATION
+    head: HeadConfig | None = None  # the classification tasks
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -155,7 +176,8 @@ def parse_config(raw: dict[str, Any]) -> Qwen2Config:
     intermediate_size = _positive_int(raw, "intermediate_size")
     max_positions = _positive_int(raw, "max_position_embeddings")
     layer_types, sliding_window = _attention_layout(raw, num_layers)
-    moe = _moe(raw, num_layers) if architecture == "Qwen2MoeForCausalLM" else None
+    moe = _moe(raw, num_layers) if ARCHITECTURES[architecture] == "qwen2_moe" else None
+    task = TASK_OF_ARCHITECTURE[architecture]
     return Qwen2Config(
         architecture=architecture,
         model_type=ARCHITECTURES[architecture],
@@ -178,8 +200,39 @@ def parse_config(raw: dict[str, Any]) -> Qwen2Config:
                                                        intermediate_size) + (() if moe is None else (
                                        moe.moe_intermediate_size, moe.shared_expert_intermediate_size))),
         torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
+        task=task,
+        head=_head(raw, task),
         raw=raw,
     )
+
+
+PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
+
+
+def _head(raw: dict[str, Any], task: str) -> HeadConfig | None:
+    """The classification head's facts from config.json, as transformers' PretrainedConfig reads them."""
+    if task not in (contract.TEXT_CLASSIFICATION, contract.TOKEN_CLASSIFICATION):
+        return None
+    id2label = raw.get("id2label")
+    if id2label is None:
+        count = _positive_int(raw, "num_labels") if "num_labels" in raw else 2
+        labels = tuple(f"LABEL_{i}" for i in range(count))
+    elif isinstance(id2label, dict) and {str(key) for key in id2label} == {str(i) for i in range(len(id2label))} \
+            and all(isinstance(label, str) for label in id2label.values()):
+        by_id = {int(key): label for key, label in id2label.items()}
+        labels = tuple(by_id[i] for i in range(len(by_id)))
+    else:
+        raise ConfigError(f"id2label={id2label!r} must map every id 0..N-1 to a label name")
+    if "num_labels" in raw and raw["num_labels"] != len(labels):
+        raise ConfigError(f"num_labels={raw['num_labels']!r} disagrees with id2label's {len(labels)} labels")
+    problem_type = raw.get("problem_type")
+    if problem_type is not None and problem_type not in PROBLEM_TYPES:
+        raise ConfigError(f"problem_type={problem_type!r} is not one of {list(PROBLEM_TYPES)}")
+    pad = raw.get("pad_token_id")
+    if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 0):
+        raise ConfigError(f"pad_token_id={pad!r} must be a token id or null")
+    bias = task == contract.TOKEN_CLASSIFICATION and _bool(raw, "token_classification_bias", default=True)
+    return HeadConfig(len(labels), labels, problem_type, pad, bias)
 
 
 def _architecture(raw: dict[str, Any]) -> str:

@@ -156,8 +156,7 @@ def trace_to_onnx(model: torch.nn.Module, config: Qwen2Config, dtype: torch.dtyp
             opset_version=contract.PORTABLE_OPSET,
             input_names=[spec.name for spec in inputs],
             output_names=[spec.name for spec in outputs],
-            # forward(input_ids, attention_mask, position_ids, *past): the varargs form one tuple
-            dynamic_shapes=(*(dynamic[spec.name] for spec in inputs[:3]), tuple(dynamic[spec.name] for spec in inputs[3:])),
+            dynamic_shapes=dynamic_shapes(inputs, dynamic, config),
             verbose=False,
         )
     graph = program.model
@@ -167,6 +166,13 @@ def trace_to_onnx(model: torch.nn.Module, config: Qwen2Config, dtype: torch.dtyp
         value.shape = ir.Shape([ir.SymbolicDim(d) if isinstance(d, str) else d for d in spec.dims])
     graph.producer_name = "qwen2-onnx"
     return graph
+
+
+def dynamic_shapes(inputs: tuple[contract.TensorSpec, ...], dynamic: dict[str, dict[int, str]], config: Qwen2Config) -> tuple:
+    if config.task != contract.TEXT_GENERATION:  # forward(input_ids, attention_mask)
+        return tuple(dynamic[spec.name] for spec in inputs)
+    # forward(input_ids, attention_mask, position_ids, *past): the varargs form one tuple
+    return (*(dynamic[spec.name] for spec in inputs[:3]), tuple(dynamic[spec.name] for spec in inputs[3:]))
 
 
 def fold_weight_transposes(graph: ir.Model, whole_parameters: set[str]) -> set[str]:

@@ -19,10 +19,14 @@ TORCH_DTYPES = {contract.ELEMENT_TYPES[name]: dtype for dtype, name in DTYPE_NAM
 
 
 def graph_inputs(config: Qwen2Config, dtype: torch.dtype) -> tuple[contract.TensorSpec, ...]:
+    if config.task != contract.TEXT_GENERATION:
+        return contract.classification_inputs()
     return contract.portable_inputs(config.num_hidden_layers, config.num_key_value_heads, config.head_dim, DTYPE_NAMES[dtype])
 
 
 def graph_outputs(config: Qwen2Config, dtype: torch.dtype) -> tuple[contract.TensorSpec, ...]:
+    if config.task != contract.TEXT_GENERATION:
+        return contract.classification_outputs(config.task, config.head.num_labels)
     return contract.portable_outputs(config.num_hidden_layers, config.num_key_value_heads, config.head_dim,
                                      config.vocab_size, DTYPE_NAMES[dtype])
 
@@ -30,6 +34,8 @@ def graph_outputs(config: Qwen2Config, dtype: torch.dtype) -> tuple[contract.Ten
 def example_inputs(config: Qwen2Config, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, ...]:
     """Tracing inputs with distinct sizes > 1 (B=2, S=3, P=4) so no dim gets specialised."""
     batch, new, past = 2, 3, 4
+    if config.task != contract.TEXT_GENERATION:
+        return (torch.zeros(batch, new, dtype=torch.int64, device=device), torch.ones(batch, new, dtype=torch.int64, device=device))
     kv_shape = (batch, config.num_key_value_heads, past, config.head_dim)
     return (
         torch.zeros(batch, new, dtype=torch.int64, device=device),

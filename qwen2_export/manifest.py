@@ -22,11 +22,15 @@ def portable_manifest(artifact: Path, config: Qwen2Config, dtype: torch.dtype,
     """The manifest of a freshly exported artifact folder, whose files are all written."""
     graph_file = contract.graph_file()
     files = [graph_file, f"{contract.GRAPH_FOLDER}/{contract.data_file()}"]
+    generation = config.task == contract.TEXT_GENERATION
     portable = contract.GraphEntry(
         name=contract.PORTABLE_GRAPH, file=graph_file, target="any",  # standard ONNX ops only
         files={name: contract.FileRecord.of(artifact / name) for name in files},
         opset=contract.PORTABLE_OPSET,
-        kv_layout=contract.CONCAT, padding=contract.LEFT, logits=contract.ALL_POSITIONS,
+        # classification graphs number positions 0..S-1 (transformers' default): right padding keeps each row
+        # as it is alone; their logits are per sequence or per token
+        kv_layout=contract.CONCAT if generation else contract.NO_CACHE, padding=contract.LEFT if generation else contract.RIGHT,
+        logits=contract.ALL_POSITIONS if generation else config.task,
         inputs=io_spec.graph_inputs(config, dtype), outputs=io_spec.graph_outputs(config, dtype),
     )
     return contract.Manifest(
@@ -35,6 +39,9 @@ def portable_manifest(artifact: Path, config: Qwen2Config, dtype: torch.dtype,
         quantization=None if config.quantization is None else quant_facts(config),
         files={name: contract.FileRecord.of(artifact / name)
                for name in contract.CHECKPOINT_FILES + contract.OPTIONAL_CHECKPOINT_FILES if (artifact / name).is_file()},
+        task=config.task,
+        head=None if config.head is None else contract.HeadFacts(config.head.labels, config.head.problem_type,
+                                                                 config.head.pad_token_id),
     )
 
 

@@ -143,7 +143,11 @@ def hub_tensor_shapes(config: Qwen2Config) -> list[tuple[str, tuple[int, ...]]]:
         else:
             shapes += _mlp_shapes(p + "mlp.", d, config.intermediate_size)
     shapes.append(("model.norm.weight", (d,)))
-    if not config.tie_word_embeddings:
+    if config.head is not None:  # a classification checkpoint: the score head instead of lm_head
+        shapes.append(("score.weight", (config.head.num_labels, d)))
+        if config.head.bias:
+            shapes.append(("score.bias", (config.head.num_labels,)))
+    elif not config.tie_word_embeddings:
         shapes.append(("lm_head.weight", (config.vocab_size, d)))
     return shapes
 

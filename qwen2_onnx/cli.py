@@ -36,8 +36,15 @@ def quiet_torch_exporter() -> None:
 
 # ---- export, optimize, inspect, demo ----------------------------------------------------------------
 def run_export(args: argparse.Namespace) -> None:
+    from artifact import contract
+    from qwen2_export.config import load_config
+    from qwen2_export.errors import ConfigError
     from qwen2_export.export import export_checkpoint
 
+    task = load_config(args.checkpoint).task if args.target and Path(args.checkpoint, "config.json").is_file() else None
+    if task not in (None, contract.TEXT_GENERATION):  # refused before any work
+        raise ConfigError(f"the checkpoint is a {task} model; optimized graphs are built for text generation only "
+                          "so far: export it without --target and run its portable graph")
     quiet_torch_exporter()
     artifact = export_checkpoint(args.checkpoint, args.output, dtype=args.dtype, force=args.force, progress=say,
                                  quantize=args.quantize, block_size=args.block_size, symmetric=args.symmetric)
@@ -165,6 +172,22 @@ def run_generate(args: argparse.Namespace) -> None:
     for piece in model.stream(prompt, **options):
         print(piece, end="", flush=True)
     print()
+
+
+def run_classify(args: argparse.Namespace) -> None:
+    from runtime import RuntimeInputError
+
+    model = load_model(args)
+    if not args.text:
+        raise RuntimeInputError("give at least one --text")
+    results = model.classify(args.text, top_k=None if args.top_k == 0 else args.top_k)
+    if args.json:
+        print(json.dumps([[vars(item) for item in result] for result in results], ensure_ascii=False))
+        return
+    for text, result in zip(args.text, results):
+        shown = ", ".join(f"{item.token!r}: {item.label} {item.score:.3f}" if hasattr(item, "token")
+                          else f"{item.label} {item.score:.3f}" for item in result)
+        print(f"{text}\t{shown}")
 
 
 def run_chat(args: argparse.Namespace) -> None:
@@ -335,6 +358,12 @@ def build_parser(prog: str = "qwen2-onnx", commands: Sequence[str] | None = None
         source.add_argument("--input-ids", help="comma-separated prompt token ids, e.g. 1,2,3")
         generate.add_argument("--chat", action="store_true", help="wrap --prompt as a user turn with the chat template")
         generate.add_argument("--json", action="store_true", help="print ids, text and timings as JSON instead of streaming")
+    if classify := add("classify", run_classify, "label texts (or their tokens) with a classification artifact"):
+        add_load_options(classify)
+        classify.set_defaults(cuda_graph=False)
+        classify.add_argument("--text", action="append", default=[], help="a text to classify (repeatable: one batch)")
+        classify.add_argument("--top-k", type=int, default=1, metavar="K", help="labels shown per text (0: all)")
+        classify.add_argument("--json", action="store_true", help="print the labels and scores as JSON")
     if serve := add("serve", run_serve, "serve OpenAI's API (chat and completions), requests batched continuously"):
         add_serve_options(serve)
     if chat := add("chat", run_chat, "interactive multi-turn chat (/reset, /exit)"):

@@ -16,6 +16,7 @@ from typing import Any, Iterator, Union
 from artifact import contract, files
 
 from .chat import ChatTemplate, Message, TemplateLimits, load_chat_template, read_json
+from .classify import LabelScore, TokenLabel, classification_logits, ranked, scores
 from .errors import RuntimeInputError
 from .generate import DecodeLoop, Generation, Timings, pad_token_id
 from .kv_cache import KVCache
@@ -135,6 +136,9 @@ class Model(ModelText):
                     cache: KVCache | None = None, greedy: bool = False, prefill_chunk: int | None = None,
                     ignore_eos: bool = False, keep_cache: bool = False, **sampling: Any) -> DecodeLoop:
         """The loop of one request (runtime/generate.py), not yet started; generate and stream drive it."""
+        if self.manifest.task != contract.TEXT_GENERATION:
+            raise RuntimeInputError(f"this artifact's task is {self.manifest.task}: it classifies, it does not "
+                                    "generate; use classify (qwen2-onnx classify ARTIFACT --text ...)")
         return DecodeLoop(self.session, self.manifest, self.tokenizer, [self.encode(p) for p in prompts],
                           self.sampling(greedy, **sampling), max_new_tokens, stop_strings, cache, prefill_chunk,
                           ignore_eos, keep_cache)
@@ -181,6 +185,26 @@ class Model(ModelText):
                           greedy=True, ignore_eos=True)
         self.last_timings = timings  # the last request's, as before
         return lengths
+
+    def classify(self, texts: list[Prompt], top_k: int | None = 1) -> list[list[LabelScore]] | list[list[TokenLabel]]:
+        """A classification artifact's scores for each text (or ids), as one padded batch: the `top_k` best
+        labels (None: all) of each text (text-classification), or each token's best label
+        (token-classification). Scores: softmax, or sigmoid for a multi-label head (runtime/classify.py)."""
+        if isinstance(texts, str) or not isinstance(texts, list):
+            raise RuntimeInputError("classify takes a list of texts (or of token-id lists)")
+        if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+            raise RuntimeInputError(f"top_k={top_k!r} must be a positive number of labels, or None for all")
+        prompts = [self.encode(text) for text in texts]
+        logits = classification_logits(self.session, self.manifest, prompts)
+        head = self.manifest.head
+        if self.manifest.task == contract.TEXT_CLASSIFICATION:
+            return [ranked(scores(row, head), head, top_k) for row in logits]
+        results = []
+        for prompt, rows in zip(prompts, logits):
+            best = [ranked(scores(row, head), head, 1)[0] for row in rows]
+            results.append([TokenLabel(token, self.tokenizer.decode([token], skip_special_tokens=False), b.label, b.score)
+                            for token, b in zip(prompt, best)])
+        return results
 
     def chat(self, system: str | None = None) -> "ChatSession":
         return ChatSession(self, [{"role": "system", "content": system}] if system else [])

@@ -15,7 +15,8 @@ from .kv_cache import KVPool
 from .steps import PlainSteps, StepRunner
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-SUPPORTED_CONTRACTS = {(contract.CONCAT, contract.LEFT), (contract.SHARED_BUFFER, contract.RIGHT)}
+SUPPORTED_CONTRACTS = {(contract.CONCAT, contract.LEFT), (contract.SHARED_BUFFER, contract.RIGHT),
+                       (contract.NO_CACHE, contract.RIGHT)}
 
 # makes the step runner from the onnxruntime session, the graph and the device (runtime.steps, runtime.cuda_graph)
 StepsFactory = Callable[[ort.InferenceSession, contract.GraphEntry, str], StepRunner]

@@ -1,0 +1,141 @@
+"""Classification artifacts (issue 17): tiny seeded Qwen2 and Qwen2-MoE checkpoints with a sequence or token
+classification head, exported, against transformers' own classes on the same weights: logits of padded
+batches (right and left padding, transformers' pad-token rule), Model.classify's labels and scores, a
+head without pad_token_id, and the command."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import transformers
+
+from qwen2_export.export import export_checkpoint
+from qwen2_export.synthetic import tiny_config, write_checkpoint
+from runtime import Model, RuntimeInputError
+
+LABELS = {"0": "negative", "1": "neutral", "2": "positive"}
+PAD = 0  # the tiny tokenizer's <|endoftext|>
+BASES = {"dense": "dense_untied_sharded", "moe": "moe_shared"}
+HEADS = {"sequence": "ForSequenceClassification", "token": "ForTokenClassification"}
+
+
+def classification_checkpoint(folder, base: str, head: str, **config):
+    """A tiny checkpoint of `base` (a TINY_VARIANTS name) with a `head` classification head."""
+    family = "Qwen2Moe" if base == "moe_shared" else "Qwen2"
+    raw = {**tiny_config(base), "architectures": [family + HEADS[head]], "id2label": LABELS,
+           "label2id": {v: int(k) for k, v in LABELS.items()}, "pad_token_id": PAD, **config}
+    return write_checkpoint(folder, {k: v for k, v in raw.items() if v is not None}, seed=3)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    made = {}
+
+    def get(base: str, head: str, **config):
+        key = (base, head, tuple(sorted(config.items())))
+        if key not in made:
+            folder = tmp_path_factory.mktemp(f"{base}-{head}")
+            checkpoint = classification_checkpoint(folder / "checkpoint", base, head, **config)
+            made[key] = checkpoint, export_checkpoint(checkpoint, folder / "artifact")
+        return made[key]
+
+    return get
+
+
+def reference(checkpoint, head: str):
+    classes = {"sequence": transformers.AutoModelForSequenceClassification,
+               "token": transformers.AutoModelForTokenClassification}
+    return classes[head].from_pretrained(checkpoint, dtype=torch.float32).eval()
+
+
+def padded(prompts: list[list[int]], side: str) -> tuple[np.ndarray, np.ndarray]:
+    longest = max(map(len, prompts))
+    ids, mask = np.full((len(prompts), longest), PAD, np.int64), np.zeros((len(prompts), longest), np.int64)
+    for row, prompt in enumerate(prompts):
+        columns = slice(0, len(prompt)) if side == "right" else slice(longest - len(prompt), longest)
+        ids[row, columns], mask[row, columns] = prompt, 1
+    return ids, mask
+
+
+PROMPTS = [[5, 6, 7], [40, 41, 42, 43, 44, 45, 46], [300]]
+
+
+@pytest.mark.parametrize("base", BASES)
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_graph_logits_match_transformers_on_padded_batches(exported, base, head, side):
+    checkpoint, artifact = exported(BASES[base], head)
+    ids, mask = padded(PROMPTS, side)
+    session = ort.InferenceSession(str(artifact / "onnx/model.onnx"))
+    (ours,) = session.run(None, {"input_ids": ids, "attention_mask": mask})
+    with torch.no_grad():
+        theirs = reference(checkpoint, head)(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    if head == "token":  # padding positions are noise in both
+        ours, theirs = ours[mask == 1], theirs[mask == 1]
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_classify_gives_each_text_transformers_scores_alone_or_batched(exported, head):
+    checkpoint, artifact = exported(BASES["dense"], head)
+    model, ref = Model.load(artifact), reference(checkpoint, head)
+    results = model.classify(PROMPTS, top_k=None)
+    for prompt, result in zip(PROMPTS, results):
+        with torch.no_grad():
+            logits = ref(input_ids=torch.tensor([prompt])).logits[0]
+        probabilities = torch.softmax(logits, dim=-1).numpy()
+        if head == "sequence":
+            assert [item.label for item in result] == [LABELS[str(i)] for i in np.argsort(-probabilities, kind="stable")]
+            np.testing.assert_allclose([item.score for item in result], np.sort(probabilities)[::-1], atol=1e-5)
+        else:
+            assert [item.token_id for item in result] == prompt
+            assert [item.label for item in result] == [LABELS[str(i)] for i in probabilities.argmax(-1)]
+            np.testing.assert_allclose([item.score for item in result], probabilities.max(-1), atol=1e-5)
+    assert model.classify([PROMPTS[1]], top_k=None) == [results[1]]
+
+
+def test_without_a_pad_id_one_text_works_and_a_batch_is_refused_as_transformers_refuses_it(exported):
+    checkpoint, artifact = exported(BASES["dense"], "sequence", pad_token_id=None)
+    model, ref = Model.load(artifact), reference(checkpoint, "sequence")
+    with torch.no_grad():
+        expected = torch.softmax(ref(input_ids=torch.tensor([PROMPTS[1]])).logits[0], -1).max().item()
+        with pytest.raises(ValueError, match="Cannot handle batch sizes > 1 if no padding token is defined"):
+            ref(input_ids=torch.tensor(padded(PROMPTS[:2], "right")[0]))
+    assert abs(model.classify([PROMPTS[1]])[0][0].score - expected) < 1e-5
+    with pytest.raises(RuntimeInputError, match="Cannot handle batch sizes > 1 if no padding token is defined"):
+        model.classify(PROMPTS[:2])
+
+
+def test_a_multi_label_head_scores_with_sigmoids(exported):
+    _, artifact = exported(BASES["dense"], "sequence", problem_type="multi_label_classification")
+    model = Model.load(artifact)
+    logits = ort.InferenceSession(str(artifact / "onnx/model.onnx")).run(
+        None, {"input_ids": np.array([PROMPTS[0]]), "attention_mask": np.ones((1, 3), np.int64)})[0][0]
+    scores = sorted((item.score for item in model.classify([PROMPTS[0]], top_k=None)[0]), reverse=True)
+    np.testing.assert_allclose(scores, np.sort(1 / (1 + np.exp(-logits)))[::-1], atol=1e-6)
+
+
+def test_the_manifest_records_the_task_and_labels_and_generation_is_refused(exported):
+    _, artifact = exported(BASES["dense"], "token")
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert manifest["task"] == "token-classification"
+    assert manifest["head"] == {"labels": list(LABELS.values()), "problem_type": None, "pad_token_id": PAD}
+    assert manifest["graphs"][0]["kv_cache"]["layout"] == "none" and not (artifact / "genai_config.json").exists()
+    with pytest.raises(RuntimeInputError, match="it does not generate"):
+        Model.load(artifact).generate("hi")
+
+
+def test_the_classify_command(exported, tiny_artifact):
+    _, artifact = exported(BASES["dense"], "sequence")
+    command = [sys.executable, "-m", "runtime", "classify", str(artifact), "--text", "hello", "--text", "a longer text", "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    labels = json.loads(done.stdout)
+    assert [len(result) for result in labels] == [1, 1] and labels[0][0]["label"] in LABELS.values()
+    refused = subprocess.run([sys.executable, "-m", "runtime", "classify", str(tiny_artifact("dense_tied")), "--text", "x"],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "error: this artifact's task is text-generation" in refused.stderr
