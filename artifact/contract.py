@@ -70,7 +70,9 @@ def genai_overlay_file(graph_name: str) -> str:
 TEXT_GENERATION = "text-generation"  # logits for the next token, with a KV cache (every graph contract below)
 TEXT_CLASSIFICATION = "text-classification"  # logits [batch, labels] at each row's last token that is not the pad
 TOKEN_CLASSIFICATION = "token-classification"  # logits [batch, sequence, labels]
-TASKS = (TEXT_GENERATION, TEXT_CLASSIFICATION, TOKEN_CLASSIFICATION)
+FEATURE_EXTRACTION = "feature-extraction"  # last hidden state, and each row's last real token's, L2-normalised
+TASKS = (TEXT_GENERATION, TEXT_CLASSIFICATION, TOKEN_CLASSIFICATION, FEATURE_EXTRACTION)
+LAST_HIDDEN_STATE, SENTENCE_EMBEDDING = "last_hidden_state", "sentence_embedding"
 LABELS = "labels"  # the number of classes, as a dim
 
 # ---- graph inputs and outputs -----------------------------------------------------------------------
@@ -135,12 +137,18 @@ def portable_outputs(num_layers: int, kv_heads: int, head_dim: int, vocab_size: 
 
 
 def classification_inputs() -> tuple[TensorSpec, ...]:
-    """A classification graph's inputs: rows padded on either side, the mask 0 on pads; no KV cache."""
+    """The inputs of a classification or embedding graph: rows padded on either side, the mask 0 on pads;
+    no KV cache."""
     return (TensorSpec(INPUT_IDS, "int64", (BATCH, SEQUENCE)), TensorSpec(ATTENTION_MASK, "int64", (BATCH, SEQUENCE)))
 
 
-def classification_outputs(task: str, num_labels: int) -> tuple[TensorSpec, ...]:
-    """fp32 logits: one row per sequence (text-classification) or per token (token-classification)."""
+def classification_outputs(task: str, num_labels: int, hidden_size: int) -> tuple[TensorSpec, ...]:
+    """fp32 logits: one row per sequence (text-classification) or per token (token-classification); or
+    (feature-extraction) the final norm's output per token and the sentence embedding, last-token pooled
+    (each row's last position with mask 1, as gte-Qwen2 pools) and L2-normalised."""
+    if task == FEATURE_EXTRACTION:
+        return (TensorSpec(LAST_HIDDEN_STATE, "float32", (BATCH, SEQUENCE, hidden_size)),
+                TensorSpec(SENTENCE_EMBEDDING, "float32", (BATCH, hidden_size)))
     dims = (BATCH, num_labels) if task == TEXT_CLASSIFICATION else (BATCH, SEQUENCE, num_labels)
     return (TensorSpec(LOGITS, "float32", dims),)
 

@@ -61,6 +61,11 @@ class Placement:
     part: str | None = None
     stacked: bool = False
 
+    @property
+    def whole(self) -> bool:
+        """The tensor is all of its parameter (under its own name, or the bare model's name plus "model.")."""
+        return self.part is None and not self.stacked
+
 
 def safetensors_files(checkpoint_dir: Path) -> list[Path]:
     """The weight files of a checkpoint: the shards named by the index, or model.safetensors."""
@@ -166,6 +171,10 @@ def placement_of(name: str, config: Qwen2Config, quantized: set[str]) -> Placeme
     `quantized`: the weights an int4 checkpoint stores as parts (quantized_parameters)."""
     if name == "lm_head.weight" and config.tie_word_embeddings:
         return None
+    if config.task == contract.FEATURE_EXTRACTION:  # the bare model: no head, and its own names lack "model."
+        if name.startswith(("lm_head.", "score.")):
+            return None
+        name = name if name.startswith("model.") else f"model.{name}"
     if config.quantization is not None and config.quantization.method in int4.LAYOUTS:
         prefix, _, part = name.rpartition(".")
         if part in int4.LAYOUTS[config.quantization.method]:
@@ -247,7 +256,7 @@ def plan_placements(
             else:
                 parts_seen.setdefault((placement.parameter, placement.offset), set()).add(placement.part)
             continue
-        whole = placement.parameter == entry.name
+        whole = placement.whole
         if (whole and tuple(entry.shape) != shape) or placement.offset + entry.numel > _numel(shape):
             wrong_shape.append(f"{entry.name} {list(entry.shape)} (parameter {list(shape)})")
             continue

@@ -19,11 +19,13 @@ from .errors import ConfigError
 
 ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "Qwen2MoeForCausalLM": "qwen2_moe",
                  "Qwen2ForSequenceClassification": "qwen2", "Qwen2MoeForSequenceClassification": "qwen2_moe",
-                 "Qwen2ForTokenClassification": "qwen2", "Qwen2MoeForTokenClassification": "qwen2_moe"}
+                 "Qwen2ForTokenClassification": "qwen2", "Qwen2MoeForTokenClassification": "qwen2_moe",
+                 "Qwen2Model": "qwen2", "Qwen2MoeModel": "qwen2_moe"}
 # what each architecture's graph computes (contract.TASKS); export's --task may choose another
 TASK_OF_ARCHITECTURE = {name: contract.TEXT_GENERATION if name.endswith("ForCausalLM") else
                         contract.TEXT_CLASSIFICATION if name.endswith("ForSequenceClassification") else
-                        contract.TOKEN_CLASSIFICATION for name in ARCHITECTURES}
+                        contract.TOKEN_CLASSIFICATION if name.endswith("ForTokenClassification") else
+                        contract.FEATURE_EXTRACTION for name in ARCHITECTURES}
 ROPE_TYPES = ("default", "linear", "yarn")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -137,8 +139,9 @@ class Qwen2Config:
         return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
 
 
-def load_config(checkpoint_dir: str | Path) -> Qwen2Config:
-    """Read `checkpoint_dir/config.json` into a Qwen2Config; raises ConfigError with the fix."""
+def load_config(checkpoint_dir: str | Path, task: str | None = None) -> Qwen2Config:
+    """Read `checkpoint_dir/config.json` into a Qwen2Config (`task` instead of the architecture's, e.g. the
+    embeddings of a causal LM); raises ConfigError with the fix."""
     path = Path(checkpoint_dir) / "config.json"
     if not path.is_file():
         raise ConfigError(f"{path} not found: a Hugging Face checkpoint folder needs config.json")
@@ -146,12 +149,14 @@ def load_config(checkpoint_dir: str | Path) -> Qwen2Config:
         raw = contract.read_json_object(path)
     except contract.NotAJsonObject as error:
         raise ConfigError(f"{error}; fix or re-download config.json") from error
-    return parse_config(raw)
+    return parse_config(raw, task)
 
 
-def parse_config(raw: dict[str, Any]) -> Qwen2Config:
+def parse_config(raw: dict[str, Any], task: str | None = None) -> Qwen2Config:
     """Build a Qwen2Config from the parsed config.json dict."""
     architecture = _architecture(raw)
+    if task is not None and task not in contract.TASKS:
+        raise ConfigError(f"--task {task!r} is not one of {list(contract.TASKS)}")
     hidden_act = raw.get("hidden_act", "silu")
     if hidden_act != "silu":
         raise ConfigError(f"hidden_act={hidden_act!r} is not supported; Qwen2 uses 'silu'")
@@ -177,7 +182,7 @@ def parse_config(raw: dict[str, Any]) -> Qwen2Config:
     max_positions = _positive_int(raw, "max_position_embeddings")
     layer_types, sliding_window = _attention_layout(raw, num_layers)
     moe = _moe(raw, num_layers) if ARCHITECTURES[architecture] == "qwen2_moe" else None
-    task = TASK_OF_ARCHITECTURE[architecture]
+    task = task or TASK_OF_ARCHITECTURE[architecture]
     return Qwen2Config(
         architecture=architecture,
         model_type=ARCHITECTURES[architecture],

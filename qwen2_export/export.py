@@ -62,10 +62,12 @@ def export_checkpoint(
     quantize: str | None = None,
     block_size: int = 32,
     symmetric: bool = False,
+    task: str | None = None,
 ) -> Path:
     """Export `checkpoint_dir` to the artifact folder `output_dir`; returns its path. `quantize="int4"`
     rounds every projection to int4 per `block_size` inputs (with zero points unless `symmetric`) while
-    streaming; int4 checkpoints (AWQ, GPTQ) keep their own codes without it.
+    streaming; int4 checkpoints (AWQ, GPTQ) keep their own codes without it. `task` (contract.TASKS)
+    replaces the one config.json's architecture implies, e.g. feature-extraction of a causal LM.
 
     Raises ConfigError / CheckpointError for a bad checkpoint, ExportError for an output it may not
     replace (without `force`, or not an artifact) or too little disk space, OSError naming `output_dir`
@@ -78,7 +80,7 @@ def export_checkpoint(
     source, target = Path(checkpoint_dir), Path(output_dir)
     staging_area.check_output(source, target, force)
     missing = [name for name in contract.CHECKPOINT_FILES if not (source / name).is_file()]
-    config = load_config(source)
+    config = load_config(source, task)
     if quantize:
         config = round_to_nearest(config, block_size, symmetric)
     if missing:
@@ -386,8 +388,8 @@ def _whole_parameters(plan: dict, entries: list[TensorEntry], aliases: dict[str,
     and not shared with another module."""
     shared = {canonical for name, canonical in aliases.items() if name != canonical}
     return {
-        entry.name for entry in entries
-        if (p := plan[entry.name]) is not None and p.parameter == entry.name and entry.name not in shared
+        p.parameter for entry in entries
+        if (p := plan[entry.name]) is not None and p.whole and p.parameter not in shared
     }
 
 

@@ -26,7 +26,7 @@ def graph_inputs(config: Qwen2Config, dtype: torch.dtype) -> tuple[contract.Tens
 
 def graph_outputs(config: Qwen2Config, dtype: torch.dtype) -> tuple[contract.TensorSpec, ...]:
     if config.task != contract.TEXT_GENERATION:
-        return contract.classification_outputs(config.task, config.head.num_labels)
+        return contract.classification_outputs(config.task, config.head.num_labels if config.head else 0, config.hidden_size)
     return contract.portable_outputs(config.num_hidden_layers, config.num_key_value_heads, config.head_dim,
                                      config.vocab_size, DTYPE_NAMES[dtype])
 

@@ -255,43 +255,50 @@ class Qwen2ForCausalLM(nn.Module):
         return (logits, *presents)
 
 
-class Qwen2ForClassification(nn.Module):
-    """forward(input_ids, attention_mask) -> logits, for the classification tasks; no KV cache.
+class Qwen2ForTask(nn.Module):
+    """forward(input_ids, attention_mask) -> outputs, for the classification and embedding tasks; no KV cache.
 
     Positions are 0..S-1 whatever the padding, as transformers numbers them when it is given none.
     text-classification: logits [B, labels] at each row's last token that is not the pad token
     (transformers' rule, which serves left and right padding; the last token when there is no pad id).
     token-classification: logits [B, S, labels].
+    feature-extraction: the final norm's output [B, S, D] and, L2-normalised, its row at each row's last
+    position with mask 1 (gte-Qwen2's last-token pooling, for either padding side), both fp32.
     """
 
     def __init__(self, config: Qwen2Config, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.config = config
         self.model = Qwen2Model(config, dtype)
-        self.score = nn.Linear(config.hidden_size, config.head.num_labels, bias=config.head.bias, dtype=dtype)
+        if config.head is not None:
+            self.score = nn.Linear(config.hidden_size, config.head.num_labels, bias=config.head.bias, dtype=dtype)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         model, config = self.model, self.config
         x = model.embed_tokens(input_ids)
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand_as(input_ids)
-        cos, sin = model.rotary_emb(positions, x.dtype)
+        indices = torch.arange(input_ids.shape[1], device=input_ids.device)
+        cos, sin = model.rotary_emb(indices[None].expand_as(input_ids), x.dtype)
         biases = {w: attention_bias(attention_mask, input_ids.shape[1], w) for w in sorted(set(model.windows), key=str)}
         empty = x.new_zeros((input_ids.shape[0], config.num_key_value_heads, 0, config.head_dim))
         for i, layer in enumerate(model.layers):
             x, _, _ = layer(x, cos, sin, biases[model.windows[i]], empty, empty)
-        logits = self.score(model.norm(x)).to(torch.float32)
+        hidden = model.norm(x)
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        if config.task == contract.FEATURE_EXTRACTION:
+            pooled = hidden[rows, (indices * attention_mask).argmax(-1)].to(torch.float32)
+            return hidden.to(torch.float32), F.normalize(pooled, p=2.0, dim=-1)
+        logits = self.score(hidden).to(torch.float32)
         if config.task == contract.TOKEN_CLASSIFICATION:
-            return logits
-        indices = torch.arange(input_ids.shape[1], device=input_ids.device)
+            return (logits,)
         pad = config.head.pad_token_id
         last = indices.expand_as(input_ids)[:, -1] if pad is None else (indices * (input_ids != pad)).argmax(-1)
-        return logits[torch.arange(input_ids.shape[0], device=input_ids.device), last]
+        return (logits[rows, last],)
 
 
 def build_model(config: Qwen2Config, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
     """An uninitialised model: on `meta` for tracing without weights, else empty storage to be loaded."""
     with torch.device("meta"):
-        model = Qwen2ForCausalLM(config, dtype) if config.task == contract.TEXT_GENERATION else Qwen2ForClassification(config, dtype)
+        model = Qwen2ForCausalLM(config, dtype) if config.task == contract.TEXT_GENERATION else Qwen2ForTask(config, dtype)
     if device != "meta":
         model = model.to_empty(device=device)
         if config.tie_word_embeddings and config.task == contract.TEXT_GENERATION:  # to_empty unties; tie again

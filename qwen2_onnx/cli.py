@@ -41,13 +41,15 @@ def run_export(args: argparse.Namespace) -> None:
     from qwen2_export.errors import ConfigError
     from qwen2_export.export import export_checkpoint
 
-    task = load_config(args.checkpoint).task if args.target and Path(args.checkpoint, "config.json").is_file() else None
+    task = load_config(args.checkpoint, args.task).task if args.target and Path(args.checkpoint, "config.json").is_file() \
+        else None
     if task not in (None, contract.TEXT_GENERATION):  # refused before any work
-        raise ConfigError(f"the checkpoint is a {task} model; optimized graphs are built for text generation only "
+        raise ConfigError(f"this export's task is {task}; optimized graphs are built for text generation only "
                           "so far: export it without --target and run its portable graph")
     quiet_torch_exporter()
     artifact = export_checkpoint(args.checkpoint, args.output, dtype=args.dtype, force=args.force, progress=say,
-                                 quantize=args.quantize, block_size=args.block_size, symmetric=args.symmetric)
+                                 quantize=args.quantize, block_size=args.block_size, symmetric=args.symmetric,
+                                 task=args.task)
     if args.dtype == "bf16" and "cpu" not in args.target:
         say("note: onnxruntime has no bf16 kernels for the CPU, so this artifact runs on CUDA only; for a CPU add "
             f"its CPU graph: qwen2-onnx optimize {artifact} --target cpu")
@@ -190,6 +192,20 @@ def run_classify(args: argparse.Namespace) -> None:
         print(f"{text}\t{shown}")
 
 
+def run_embed(args: argparse.Namespace) -> None:
+    from runtime import RuntimeInputError
+
+    model = load_model(args)
+    if not args.text:
+        raise RuntimeInputError("give at least one --text")
+    vectors = model.embed(args.text)
+    if args.json:
+        print(json.dumps(vectors.tolist()))
+        return
+    for text, vector in zip(args.text, vectors):
+        print(f"{text}\t[{', '.join(f'{v:.4f}' for v in vector[:4])}, ...] ({len(vector)} values, L2-normalised)")
+
+
 def run_chat(args: argparse.Namespace) -> None:
     model = load_model(args)
     options = generation_options(model, args)
@@ -326,6 +342,10 @@ def build_parser(prog: str = "qwen2-onnx", commands: Sequence[str] | None = None
         export.add_argument("-o", "--output", required=True, help="artifact folder to create")
         export.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="weights and activations")
         export.add_argument("--force", action="store_true", help="replace an existing artifact folder")
+        export.add_argument("--task", choices=["text-generation", "text-classification", "token-classification",
+                                               "feature-extraction"],
+                            help="what the graph computes (default: from config.json's architectures; feature-extraction "
+                                 "of a causal LM gives its embeddings, as gte-Qwen2 uses them)")
         export.add_argument("--target", action="append", choices=["cpu", "cuda"], default=[],
                             help="also write the graph optimized for this device (repeatable)")
         export.add_argument("--quantize", choices=["int4"],
@@ -364,6 +384,11 @@ def build_parser(prog: str = "qwen2-onnx", commands: Sequence[str] | None = None
         classify.add_argument("--text", action="append", default=[], help="a text to classify (repeatable: one batch)")
         classify.add_argument("--top-k", type=int, default=1, metavar="K", help="labels shown per text (0: all)")
         classify.add_argument("--json", action="store_true", help="print the labels and scores as JSON")
+    if embed := add("embed", run_embed, "embed texts with a feature-extraction artifact (last token, L2-normalised)"):
+        add_load_options(embed)
+        embed.set_defaults(cuda_graph=False)
+        embed.add_argument("--text", action="append", default=[], help="a text to embed (repeatable: one batch)")
+        embed.add_argument("--json", action="store_true", help="print the vectors as JSON")
     if serve := add("serve", run_serve, "serve OpenAI's API (chat and completions), requests batched continuously"):
         add_serve_options(serve)
     if chat := add("chat", run_chat, "interactive multi-turn chat (/reset, /exit)"):

@@ -13,10 +13,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator, Union
 
+import numpy as np
+
 from artifact import contract, files
 
 from .chat import ChatTemplate, Message, TemplateLimits, load_chat_template, read_json
-from .classify import LabelScore, TokenLabel, classification_logits, ranked, scores
+from .classify import LabelScore, TokenLabel, classification_logits, embeddings, ranked, scores
 from .errors import RuntimeInputError
 from .generate import DecodeLoop, Generation, Timings, pad_token_id
 from .kv_cache import KVCache
@@ -190,11 +192,9 @@ class Model(ModelText):
         """A classification artifact's scores for each text (or ids), as one padded batch: the `top_k` best
         labels (None: all) of each text (text-classification), or each token's best label
         (token-classification). Scores: softmax, or sigmoid for a multi-label head (runtime/classify.py)."""
-        if isinstance(texts, str) or not isinstance(texts, list):
-            raise RuntimeInputError("classify takes a list of texts (or of token-id lists)")
+        prompts = self.encode_all(texts, "classify")
         if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
             raise RuntimeInputError(f"top_k={top_k!r} must be a positive number of labels, or None for all")
-        prompts = [self.encode(text) for text in texts]
         logits = classification_logits(self.session, self.manifest, prompts)
         head = self.manifest.head
         if self.manifest.task == contract.TEXT_CLASSIFICATION:
@@ -205,6 +205,16 @@ class Model(ModelText):
             results.append([TokenLabel(token, self.tokenizer.decode([token], skip_special_tokens=False), b.label, b.score)
                             for token, b in zip(prompt, best)])
         return results
+
+    def embed(self, texts: list[Prompt]) -> np.ndarray:
+        """A feature-extraction artifact's embedding of each text (or ids), as one padded batch: [texts, hidden]
+        float32, the last real token's final hidden state, L2-normalised (gte-Qwen2's pooling)."""
+        return embeddings(self.session, self.manifest, self.encode_all(texts, "embed"))
+
+    def encode_all(self, texts: list[Prompt], method: str) -> list[list[int]]:
+        if isinstance(texts, str) or not isinstance(texts, list):
+            raise RuntimeInputError(f"{method} takes a list of texts (or of token-id lists)")
+        return [self.encode(text) for text in texts]
 
     def chat(self, system: str | None = None) -> "ChatSession":
         return ChatSession(self, [{"role": "system", "content": system}] if system else [])

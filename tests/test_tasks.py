@@ -1,7 +1,8 @@
-"""Classification artifacts (issue 17): tiny seeded Qwen2 and Qwen2-MoE checkpoints with a sequence or token
-classification head, exported, against transformers' own classes on the same weights: logits of padded
-batches (right and left padding, transformers' pad-token rule), Model.classify's labels and scores, a
-head without pad_token_id, and the command."""
+"""Classification and embedding artifacts (issue 17): tiny seeded Qwen2 and Qwen2-MoE checkpoints with a
+sequence or token classification head, or exported for feature extraction, against transformers' own
+classes on the same weights: logits and hidden states of padded batches (right and left padding,
+transformers' pad-token rule, last-token pooling), Model.classify's labels and scores, Model.embed, a
+head without pad_token_id, and the commands."""
 
 import json
 import subprocess
@@ -11,6 +12,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 
 from qwen2_export.export import export_checkpoint
@@ -139,3 +141,64 @@ def test_the_classify_command(exported, tiny_artifact):
     refused = subprocess.run([sys.executable, "-m", "runtime", "classify", str(tiny_artifact("dense_tied")), "--text", "x"],
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "error: this artifact's task is text-generation" in refused.stderr
+
+
+@pytest.fixture(scope="module")
+def embedding(tmp_path_factory):
+    """(causal LM checkpoint, its feature-extraction artifact) per base, made once."""
+    made = {}
+
+    def get(base: str):
+        if base not in made:
+            folder = tmp_path_factory.mktemp(f"embed-{base}")
+            checkpoint = write_checkpoint(folder / "checkpoint", tiny_config(BASES[base]), seed=5)
+            made[base] = checkpoint, export_checkpoint(checkpoint, folder / "artifact", task="feature-extraction")
+        return made[base]
+
+    return get
+
+
+@pytest.mark.parametrize("base", BASES)
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_feature_extraction_matches_transformers_model_and_last_token_pooling(embedding, base, side):
+    checkpoint, artifact = embedding(base)
+    ids, mask = padded(PROMPTS, side)
+    hidden, pooled = ort.InferenceSession(str(artifact / "onnx/model.onnx")).run(
+        None, {"input_ids": ids, "attention_mask": mask})
+    reference_model = transformers.AutoModel.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = reference_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state
+    np.testing.assert_allclose(hidden[mask == 1], theirs.numpy()[mask == 1], atol=1e-4, rtol=0)
+    last = [row.nonzero()[0][-1] for row in mask]  # gte-Qwen2's last_token_pool, either side
+    expected = F.normalize(theirs[torch.arange(len(ids)), torch.tensor(last)], dim=-1).numpy()
+    np.testing.assert_allclose(pooled, expected, atol=1e-5, rtol=0)
+
+
+def test_embed_gives_each_text_its_vector_alone_and_a_bare_model_checkpoint_exports_the_same(embedding, tmp_path):
+    checkpoint, artifact = embedding("dense")
+    model = Model.load(artifact)
+    vectors = model.embed(PROMPTS)
+    assert vectors.dtype == np.float32 and vectors.shape == (3, model.manifest.model.hidden_size)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-6)
+    np.testing.assert_allclose(model.embed([PROMPTS[1]])[0], vectors[1], atol=1e-6)
+    bare = tmp_path / "bare"  # as transformers saves a Qwen2Model: no lm_head, no "model." prefix
+    transformers.AutoModel.from_pretrained(checkpoint, dtype=torch.float32).save_pretrained(bare)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (bare / name).write_bytes((checkpoint / name).read_bytes())
+    assert json.loads((bare / "config.json").read_text())["architectures"] == ["Qwen2Model"]
+    np.testing.assert_allclose(Model.load(export_checkpoint(bare, tmp_path / "artifact")).embed(PROMPTS), vectors, atol=1e-6)
+    with pytest.raises(RuntimeInputError, match="classify needs"):
+        model.classify(["hi"])
+
+
+def test_the_embed_command_and_a_task_mismatch(embedding, exported):
+    _, artifact = embedding("dense")
+    command = [sys.executable, "-m", "runtime", "embed", str(artifact), "--text", "hello", "--text", "a longer text", "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    vectors = np.array(json.loads(done.stdout))
+    np.testing.assert_allclose(vectors, Model.load(artifact).embed(["hello", "a longer text"]), atol=1e-6)
+    _, classifier = exported(BASES["dense"], "sequence")
+    refused = subprocess.run([sys.executable, "-m", "runtime", "embed", str(classifier), "--text", "x"],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "embed needs a feature-extraction artifact" in refused.stderr
