@@ -475,6 +475,14 @@ def read_manifest(artifact: str | Path) -> Manifest:
            counts.num_key_value_heads, counts.head_dim, counts.context_length) < 1 or \
             len(counts.layer_types) != counts.num_hidden_layers:
         raise ArtifactError(f"{path} describes an impossible model ({counts}); re-export the artifact")
+    tokens = manifest.tokenizer
+    eos = tokens.eos_token_id if isinstance(tokens.eos_token_id, list) else [tokens.eos_token_id]
+    ids = [tokens.bos_token_id, *eos, tokens.pad_token_id, *tokens.stop_token_ids, *tokens.special_tokens.values(),
+           manifest.head.pad_token_id if manifest.head else None]
+    strays = [i for i in ids if i is not None and not 0 <= i < counts.vocab_size]
+    if strays:
+        raise ArtifactError(f"{path} names token ids outside the model's {counts.vocab_size} embedding rows "
+                            f"({strays[:3]}); re-export the artifact")
     return manifest
 
 
