@@ -471,9 +471,9 @@ def read_manifest(artifact: str | Path) -> Manifest:
     except (KeyError, TypeError, AttributeError, ValueError) as error:
         raise ArtifactError(f"{path} lacks or mangles a field ({error}); re-export the artifact") from error
     counts = manifest.model
-    if min(counts.vocab_size, counts.hidden_size, counts.num_hidden_layers, counts.num_attention_heads,
-           counts.num_key_value_heads, counts.head_dim, counts.context_length) < 1 or \
-            len(counts.layer_types) != counts.num_hidden_layers:
+    sizes = (counts.vocab_size, counts.hidden_size, counts.num_hidden_layers, counts.num_attention_heads,
+             counts.num_key_value_heads, counts.head_dim, counts.context_length)
+    if not all(1 <= size < 2**31 for size in sizes) or len(counts.layer_types) != counts.num_hidden_layers:
         raise ArtifactError(f"{path} describes an impossible model ({counts}); re-export the artifact")
     tokens = manifest.tokenizer
     eos = tokens.eos_token_id if isinstance(tokens.eos_token_id, list) else [tokens.eos_token_id]
