@@ -417,6 +417,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "qwen2-onnx", commands: 
         args.run(args)
     except user_errors() as error:
         return fail(prog, args.command, str(error))
+    except BrokenPipeError:  # the reader stopped reading (`| head`): not a failure of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exit does not flush into the pipe
+        return 0
     except OSError as error:
         return fail(prog, args.command, describe_os_error(error))
     except Exception as error:

@@ -194,3 +194,13 @@ def test_the_command_reports_a_bad_artifact_in_one_line(tmp_path):
                             timeout=120)
     assert result.returncode == 2 and result.stderr.startswith("qwen2-onnx inspect: error: ")
     assert len(result.stderr.strip().splitlines()) == 1 and "manifest.json not found" in result.stderr
+
+
+def test_a_reader_that_stops_reading_is_not_an_error(tiny_artifact):
+    """`qwen2-onnx inspect ARTIFACT | head -3` under pipefail (as .ci/run runs it): the pipe closed before
+    the report is written gives status 0 and nothing on stderr."""
+    process = subprocess.Popen([sys.executable, "-m", "qwen2_onnx", "inspect", str(tiny_artifact("dense_tied"))],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # before the first line is written
+    assert process.wait(120) == 0
+    assert process.stderr.read() == b""
