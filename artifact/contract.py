@@ -73,7 +73,6 @@ TOKEN_CLASSIFICATION = "token-classification"  # logits [batch, sequence, labels
 FEATURE_EXTRACTION = "feature-extraction"  # last hidden state, and each row's last real token's, L2-normalised
 TASKS = (TEXT_GENERATION, TEXT_CLASSIFICATION, TOKEN_CLASSIFICATION, FEATURE_EXTRACTION)
 LAST_HIDDEN_STATE, SENTENCE_EMBEDDING = "last_hidden_state", "sentence_embedding"
-LABELS = "labels"  # the number of classes, as a dim
 
 # ---- graph inputs and outputs -----------------------------------------------------------------------
 INPUT_IDS, ATTENTION_MASK, POSITION_IDS = "input_ids", "attention_mask", "position_ids"

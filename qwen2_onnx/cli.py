@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from artifact.contract import TASKS  # the standard library only: no stage is imported with it
+
 Say = Callable[[str], None]
 
 
@@ -176,13 +178,17 @@ def run_generate(args: argparse.Namespace) -> None:
     print()
 
 
-def run_classify(args: argparse.Namespace) -> None:
+def texts_model(args: argparse.Namespace) -> Any:
+    """classify and embed: the loaded model, once there is a --text to give it."""
     from runtime import RuntimeInputError
 
-    model = load_model(args)
     if not args.text:
         raise RuntimeInputError("give at least one --text")
-    results = model.classify(args.text, top_k=None if args.top_k == 0 else args.top_k)
+    return load_model(args)
+
+
+def run_classify(args: argparse.Namespace) -> None:
+    results = texts_model(args).classify(args.text, top_k=None if args.top_k == 0 else args.top_k)
     if args.json:
         print(json.dumps([[vars(item) for item in result] for result in results], ensure_ascii=False))
         return
@@ -193,12 +199,7 @@ def run_classify(args: argparse.Namespace) -> None:
 
 
 def run_embed(args: argparse.Namespace) -> None:
-    from runtime import RuntimeInputError
-
-    model = load_model(args)
-    if not args.text:
-        raise RuntimeInputError("give at least one --text")
-    vectors = model.embed(args.text)
+    vectors = texts_model(args).embed(args.text)
     if args.json:
         print(json.dumps(vectors.tolist()))
         return
@@ -307,6 +308,14 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ignore-eos", action="store_true", help="generate max_new_tokens even past stop tokens (measurements)")
 
 
+def add_texts_options(parser: argparse.ArgumentParser, verb: str, printed: str) -> None:
+    """classify and embed: how the artifact is opened, the texts (one batch), --json."""
+    add_load_options(parser)
+    parser.set_defaults(cuda_graph=False)
+    parser.add_argument("--text", action="append", default=[], help=f"a text to {verb} (repeatable: one batch)")
+    parser.add_argument("--json", action="store_true", help=f"print {printed} as JSON")
+
+
 def add_serve_options(parser: argparse.ArgumentParser) -> None:
     add_load_options(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
@@ -342,8 +351,7 @@ def build_parser(prog: str = "qwen2-onnx", commands: Sequence[str] | None = None
         export.add_argument("-o", "--output", required=True, help="artifact folder to create")
         export.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="weights and activations")
         export.add_argument("--force", action="store_true", help="replace an existing artifact folder")
-        export.add_argument("--task", choices=["text-generation", "text-classification", "token-classification",
-                                               "feature-extraction"],
+        export.add_argument("--task", choices=TASKS,
                             help="what the graph computes (default: from config.json's architectures; feature-extraction "
                                  "of a causal LM gives its embeddings, as gte-Qwen2 uses them)")
         export.add_argument("--target", action="append", choices=["cpu", "cuda"], default=[],
@@ -379,16 +387,10 @@ def build_parser(prog: str = "qwen2-onnx", commands: Sequence[str] | None = None
         generate.add_argument("--chat", action="store_true", help="wrap --prompt as a user turn with the chat template")
         generate.add_argument("--json", action="store_true", help="print ids, text and timings as JSON instead of streaming")
     if classify := add("classify", run_classify, "label texts (or their tokens) with a classification artifact"):
-        add_load_options(classify)
-        classify.set_defaults(cuda_graph=False)
-        classify.add_argument("--text", action="append", default=[], help="a text to classify (repeatable: one batch)")
+        add_texts_options(classify, "classify", "the labels and scores")
         classify.add_argument("--top-k", type=int, default=1, metavar="K", help="labels shown per text (0: all)")
-        classify.add_argument("--json", action="store_true", help="print the labels and scores as JSON")
     if embed := add("embed", run_embed, "embed texts with a feature-extraction artifact (last token, L2-normalised)"):
-        add_load_options(embed)
-        embed.set_defaults(cuda_graph=False)
-        embed.add_argument("--text", action="append", default=[], help="a text to embed (repeatable: one batch)")
-        embed.add_argument("--json", action="store_true", help="print the vectors as JSON")
+        add_texts_options(embed, "embed", "the vectors")
     if serve := add("serve", run_serve, "serve OpenAI's API (chat and completions), requests batched continuously"):
         add_serve_options(serve)
     if chat := add("chat", run_chat, "interactive multi-turn chat (/reset, /exit)"):

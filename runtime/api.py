@@ -192,9 +192,9 @@ class Model(ModelText):
         """A classification artifact's scores for each text (or ids), as one padded batch: the `top_k` best
         labels (None: all) of each text (text-classification), or each token's best label
         (token-classification). Scores: softmax, or sigmoid for a multi-label head (runtime/classify.py)."""
-        prompts = self.encode_all(texts, "classify")
         if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
             raise RuntimeInputError(f"top_k={top_k!r} must be a positive number of labels, or None for all")
+        prompts = self.encode_all(texts, "classify")
         logits = classification_logits(self.session, self.manifest, prompts)
         head = self.manifest.head
         if self.manifest.task == contract.TEXT_CLASSIFICATION:

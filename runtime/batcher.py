@@ -176,9 +176,7 @@ class Batcher:
         self.session.steps.uncaptured_step(PADDINGS[contract.RIGHT](self.pad).prefill([[self.pad] * length] * rows, 0),
                                            self.cache.view(0, rows))
         for size in sorted({self.bucket(n) for n in range(1, len(self.rows) + 1)}):
-            mask = np.zeros((size, self.capacity), np.int64)
-            mask[:, 0] = 1
-            self.session.steps.step(StepInputs(np.full((size, 1), self.pad, np.int64), mask, None), self.decode_view(size))
+            self.session.steps.step(self.decode_inputs(size, []), self.decode_view(size))
 
     def stop(self) -> None:
         """Cancel what runs and waits, and end the thread."""
@@ -256,20 +254,25 @@ class Batcher:
         if not busy:
             return
         size = self.bucket(busy[-1] + 1)
-        view = self.decode_view(size)
-        ids = np.full((size, 1), self.pad, np.int64)
-        mask = np.zeros((size, self.capacity), np.int64)
-        mask[:, 0] = 1  # idle rows: one position
-        for index in busy:
-            row = self.rows[index]
-            ids[index, 0] = row.next_token
-            mask[index, : row.length + 1] = 1
+        inputs = self.decode_inputs(size, busy)
         began = time.perf_counter()
-        scores = self.session.steps.step(StepInputs(ids, mask, None), view)
+        scores = self.session.steps.step(inputs, self.decode_view(size))
         self.stats.decode_seconds += time.perf_counter() - began
         self.stats.decode_steps += 1
         self.stats.decode_rows += len(busy)
         self.accept(busy, scores, offsets=busy)
+
+    def decode_inputs(self, size: int, busy: list[int]) -> StepInputs:
+        """A decode step of the first `size` rows: each busy row feeds its next token over the positions it
+        holds; an idle row feeds the pad token over one position."""
+        ids = np.full((size, 1), self.pad, np.int64)
+        mask = np.zeros((size, self.capacity), np.int64)
+        mask[:, 0] = 1
+        for index in busy:
+            row = self.rows[index]
+            ids[index, 0] = row.next_token
+            mask[index, : row.length + 1] = 1
+        return StepInputs(ids, mask, None)
 
     def bucket(self, rows: int) -> int:
         """The rows a decode step runs to serve the first `rows`: a power of two, or every row of the buffer."""

@@ -17,6 +17,7 @@ import numpy as np
 from artifact import contract
 
 from .errors import RuntimeInputError
+from .padding import RightPadding
 from .sampling import softmax
 from .session import GraphSession
 
@@ -72,11 +73,8 @@ def padded_batch(manifest: contract.Manifest, prompts: list[list[int]], pad: int
     longest = max(map(len, prompts))
     if longest > context:
         raise RuntimeInputError(f"a text of {longest} tokens is past the model's context length {context}")
-    ids = np.full((len(prompts), longest), pad, np.int64)
-    mask = np.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, : len(prompt)], mask[row, : len(prompt)] = prompt, 1
-    return {contract.INPUT_IDS: ids, contract.ATTENTION_MASK: mask}
+    inputs = RightPadding(pad).prefill(prompts, 0)
+    return {contract.INPUT_IDS: inputs.input_ids, contract.ATTENTION_MASK: inputs.attention_mask}
 
 
 def scores(logits: np.ndarray, head: contract.HeadFacts) -> np.ndarray:

@@ -146,10 +146,9 @@ def test_requests_that_join_together_are_prefilled_in_one_step_and_get_their_tok
     batcher = Batcher(model.session, model.manifest, max_batch=5, capacity=64)
     batcher.warm_up()
     assert sorted(batcher.decode_views) == [1, 2, 4, 5]
-    got, done = [[] for _ in prompts], [threading.Event() for _ in prompts]
+    got, _, done, sink = collect(len(prompts))
     for i, (prompt, option) in enumerate(zip(prompts, options)):  # queued before the thread starts
-        sink = (lambda i: lambda token, reason: got[i].append(token) if token is not None else done[i].set())(i)
-        batcher.submit(BatchRequest(prompt, model.sampling(**option), 6, sink, model.manifest.tokenizer.stop_token_ids))
+        batcher.submit(BatchRequest(prompt, model.sampling(**option), 6, sink(i), model.manifest.tokenizer.stop_token_ids))
     batcher.start()
     assert all(event.wait(60) for event in done)
     batcher.stop()

@@ -71,7 +71,12 @@ async def one_stream(port: int, prompt: list[int], new_tokens: int) -> dict:
     writer.close()
     if tokens != len(stamps):
         raise RuntimeError(f"{len(stamps)} token events for {tokens} tokens")
-    return {"ttft": stamps[0] - started, "gaps": np.diff(stamps).tolist(), "tokens": tokens, "end": stamps[-1]}
+    return stream_times(started, stamps)
+
+
+def stream_times(started: float, stamps: list[float]) -> dict:
+    """One stream's time to first token, gaps between its tokens, token count and end, from their arrival times."""
+    return {"ttft": stamps[0] - started, "gaps": np.diff(stamps).tolist(), "tokens": len(stamps), "end": stamps[-1]}
 
 
 def bench_prompts(clients: int, prompt_tokens: int, seed: int) -> list[list[int]]:
@@ -98,8 +103,7 @@ def engine(batcher, sampling, clients: int, prompt_tokens: int, new_tokens: int,
         batcher.submit(BatchRequest(prompt, sampling, new_tokens, sink(i)))
     for event in done:
         event.wait()
-    return summary(clients, started, [{"ttft": s[0] - started, "gaps": np.diff(s).tolist(), "tokens": len(s), "end": s[-1]}
-                                      for s in stamps])
+    return summary(clients, started, [stream_times(started, s) for s in stamps])
 
 
 def summary(clients: int, started: float, results: list[dict]) -> dict:
