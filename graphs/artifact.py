@@ -19,6 +19,7 @@ from artifact import contract, files
 from artifact.hosts import write_host_configs
 
 from .errors import GraphError
+from .facts import TARGET_DTYPES
 from .fusions import packed_matmul
 from .pipeline import PASSES, PassReport, optimize
 
@@ -35,9 +36,6 @@ def optimize_artifact(artifact: str | Path, target: str, dtype: str | None = Non
     portable = manifest.graph(contract.PORTABLE_GRAPH)
     if portable is None:
         raise contract.ArtifactError(f"{artifact} has no portable graph to optimize; re-export it")
-    if manifest.task != contract.TEXT_GENERATION:
-        raise contract.ArtifactError(f"{artifact} is a {manifest.task} artifact; optimized graphs are built for "
-                                     "text generation only so far: run its portable graph (leave out --target)")
     files.check_contained(artifact)
     files.check_files(artifact, portable.files)
     model = ir.load(files.inside(artifact, portable.file))
@@ -47,7 +45,7 @@ def optimize_artifact(artifact: str | Path, target: str, dtype: str | None = Non
     write_graph(model, artifact / graph_file, contract.data_file(target))
     folder = contract.GRAPH_FOLDER
     graph_files = [graph_file, f"{folder}/{contract.data_file(target)}", f"{folder}/{contract.data_file()}"]
-    entry = graph_entry(artifact, model, target, graph_files, reports)
+    entry = graph_entry(artifact, model, manifest.task, target, dtype or TARGET_DTYPES[target][0], graph_files, reports)
     contract.write_manifest(artifact, write_host_configs(artifact, manifest.with_graph(entry)))
     return entry
 
@@ -97,20 +95,22 @@ def tensor_spec(value: ir.Value) -> contract.TensorSpec:
                                tuple(d if isinstance(d, int) else str(d) for d in value.shape))
 
 
-def graph_entry(artifact: Path, model: ir.Model, target: str, files: list[str],
+def graph_entry(artifact: Path, model: ir.Model, task: str, target: str, dtype: str, files: list[str],
                 reports: list[PassReport]) -> contract.GraphEntry:
     outputs = {v.name: v for v in model.graph.outputs}
     candidates = outputs.get(contract.CANDIDATE_OUTPUTS[0])
-    past = next(v for v in model.graph.inputs if v.name.startswith(contract.PAST))
+    generation = task == contract.TEXT_GENERATION
     return contract.GraphEntry(
         name=contract.optimized_graph_name(target), file=files[0], target=target,
         files={f: contract.FileRecord.of(artifact / f) for f in files},
         opset=model.opset_imports.get("", contract.PORTABLE_OPSET),
-        # past and present share one buffer per layer, rows are right-padded, logits come for each row's last token
-        kv_layout=contract.SHARED_BUFFER, padding=contract.RIGHT, logits=contract.LAST_TOKEN,
+        # rows are right-padded (GroupQueryAttention); generation: past and present share one buffer per layer,
+        # logits come for each row's last token; other tasks: no cache, their own outputs
+        kv_layout=contract.SHARED_BUFFER if generation else contract.NO_CACHE, padding=contract.RIGHT,
+        logits=contract.LAST_TOKEN if generation else task,
         inputs=tuple(tensor_spec(v) for v in model.graph.inputs),
         outputs=tuple(tensor_spec(v) for v in model.graph.outputs),
-        activation_dtype=TYPE_NAMES[int(past.dtype)],
+        activation_dtype=dtype,
         token_candidates=candidates.shape[-1] if candidates is not None else 0,
         passes=tuple(r.count() for r in reports),
     )

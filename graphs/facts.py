@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import onnx_ir as ir
+
 from artifact import contract
 
 from .attention_inputs import AttentionLengths
@@ -14,6 +16,7 @@ TARGET_DTYPES = {"cpu": ("float32",), "cuda": ("float16", "bfloat16")}
 
 @dataclass(frozen=True)
 class ModelFacts:
+    task: str  # contract.TASKS: generation graphs carry a KV cache and logits; the others neither
     num_layers: int
     num_heads: int
     num_kv_heads: int
@@ -35,7 +38,7 @@ class ModelFacts:
     def from_manifest(cls, manifest: contract.Manifest) -> "ModelFacts":
         model, moe = manifest.model, manifest.model.moe
         return cls(
-            num_layers=model.num_hidden_layers, num_heads=model.num_attention_heads,
+            task=manifest.task, num_layers=model.num_hidden_layers, num_heads=model.num_attention_heads,
             num_kv_heads=model.num_key_value_heads, head_dim=model.head_dim, hidden_size=model.hidden_size,
             rms_norm_eps=model.rms_norm_eps, windows=tuple(model.window_of(i) for i in range(model.num_hidden_layers)),
             sparse_layers=moe.sparse_layers if moe else (), experts_per_token=moe.num_experts_per_tok if moe else 0,
@@ -56,3 +59,9 @@ class PassFacts:
     float_type: str  # the target's float type (contract.FLOAT_TYPES): weights, activations and KV
     int4_accuracy: int  # MatMulNBits accuracy_level (int4_matmul.EXACT or INT8_ACTIVATIONS)
     last_token_logits: bool = False  # the final norm and lm_head see one position per row
+    final_hidden: ir.Value | None = None  # the final norm's output, once the norm passes made it
+
+    @property
+    def cached(self) -> bool:
+        """Whether the graph carries past and present keys and values (text generation only)."""
+        return self.model.task == contract.TEXT_GENERATION

@@ -283,16 +283,31 @@ class Qwen2ForTask(nn.Module):
         for i, layer in enumerate(model.layers):
             x, _, _ = layer(x, cos, sin, biases[model.windows[i]], empty, empty)
         hidden = model.norm(x)
-        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        # the heads find positions from the data, not from shapes: shape arithmetic would run on the host
+        positions = (input_ids * 0 + 1).cumsum(-1) - 1
         if config.task == contract.FEATURE_EXTRACTION:
-            pooled = hidden[rows, (indices * attention_mask).argmax(-1)].to(torch.float32)
-            return hidden.to(torch.float32), F.normalize(pooled, p=2.0, dim=-1)
+            pooled = at_position(hidden, last_marked(positions, attention_mask == 1), positions).to(torch.float32)
+            # F.normalize's arithmetic, broadcast rather than expanded to a shape (host arithmetic again)
+            return hidden.to(torch.float32), pooled / torch.linalg.vector_norm(pooled, dim=-1, keepdim=True).clamp_min(1e-12)
         logits = self.score(hidden).to(torch.float32)
         if config.task == contract.TOKEN_CLASSIFICATION:
             return (logits,)
         pad = config.head.pad_token_id
-        last = indices.expand_as(input_ids)[:, -1] if pad is None else (indices * (input_ids != pad)).argmax(-1)
-        return (logits[rows, last],)
+        last = positions[:, -1] if pad is None else last_marked(positions, input_ids != pad)
+        return (at_position(logits, last, positions),)
+
+
+def last_marked(positions: torch.Tensor, marked: torch.Tensor) -> torch.Tensor:
+    """Each row's last marked position of [B, S] (0 when none is). ArgMax over floats, exact below 2**24
+    positions: onnxruntime's CUDA ArgMax takes no integers."""
+    return (positions * marked).to(torch.float32).argmax(-1)
+
+
+def at_position(values: torch.Tensor, position: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Row b of `values` [B, S, N] at `position[b]`, as [B, N]: a masked sum (where, so that a NaN elsewhere
+    in the row stays out), which needs no row indices built from the batch size."""
+    chosen = (positions == position[:, None])[..., None]
+    return torch.where(chosen, values, 0.0).sum(1)
 
 
 def build_model(config: Qwen2Config, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:

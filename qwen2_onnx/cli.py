@@ -38,16 +38,8 @@ def quiet_torch_exporter() -> None:
 
 # ---- export, optimize, inspect, demo ----------------------------------------------------------------
 def run_export(args: argparse.Namespace) -> None:
-    from artifact import contract
-    from qwen2_export.config import load_config
-    from qwen2_export.errors import ConfigError
     from qwen2_export.export import export_checkpoint
 
-    task = load_config(args.checkpoint, args.task).task if args.target and Path(args.checkpoint, "config.json").is_file() \
-        else None
-    if task not in (None, contract.TEXT_GENERATION):  # refused before any work
-        raise ConfigError(f"this export's task is {task}; optimized graphs are built for text generation only "
-                          "so far: export it without --target and run its portable graph")
     quiet_torch_exporter()
     artifact = export_checkpoint(args.checkpoint, args.output, dtype=args.dtype, force=args.force, progress=say,
                                  quantize=args.quantize, block_size=args.block_size, symmetric=args.symmetric,

@@ -17,6 +17,7 @@ import torch
 import transformers
 
 from artifact import contract
+from qwen2_export.synthetic import tiny_config, write_checkpoint
 
 PROMPTS = [[456, 40, 300, 17, 250, 99, 3], [12, 7, 310], [5, 80, 300, 41, 7]]
 
@@ -238,3 +239,33 @@ def run_example(example: str, artifact, *options: str, script: str = "generate",
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])["output_ids"]
+
+
+# ---- classification and embedding checkpoints (issue 17) -------------------------------------------------
+LABELS = {"0": "negative", "1": "neutral", "2": "positive"}
+PAD = 0  # the tiny tokenizer's <|endoftext|>
+BASES = {"dense": "dense_untied_sharded", "moe": "moe_shared"}
+HEADS = {"sequence": "ForSequenceClassification", "token": "ForTokenClassification"}
+
+
+def classification_checkpoint(folder, base: str, head: str, **config):
+    """A tiny checkpoint of `base` (a TINY_VARIANTS name) with a `head` classification head."""
+    family = "Qwen2Moe" if base == "moe_shared" else "Qwen2"
+    raw = {**tiny_config(base), "architectures": [family + HEADS[head]], "id2label": LABELS,
+           "label2id": {v: int(k) for k, v in LABELS.items()}, "pad_token_id": PAD, **config}
+    return write_checkpoint(folder, {k: v for k, v in raw.items() if v is not None}, seed=3)
+
+
+def classification_reference(checkpoint, head: str):
+    classes = {"sequence": transformers.AutoModelForSequenceClassification,
+               "token": transformers.AutoModelForTokenClassification}
+    return classes[head].from_pretrained(checkpoint, dtype=torch.float32).eval()
+
+
+def padded(prompts: list[list[int]], side: str) -> tuple[np.ndarray, np.ndarray]:
+    longest = max(map(len, prompts))
+    ids, mask = np.full((len(prompts), longest), PAD, np.int64), np.zeros((len(prompts), longest), np.int64)
+    for row, prompt in enumerate(prompts):
+        columns = slice(0, len(prompt)) if side == "right" else slice(longest - len(prompt), longest)
+        ids[row, columns], mask[row, columns] = prompt, 1
+    return ids, mask

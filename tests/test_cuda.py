@@ -17,13 +17,14 @@ import transformers
 from artifact.contract import HOST_SHAPE_NODES
 from graphs.artifact import optimize_artifact
 from qwen2_export.export import export_checkpoint
+from qwen2_export.synthetic import tiny_config, write_checkpoint
 from runtime import Model
 from runtime.cuda_graph import CapturedSteps, PipelinedSteps
 from runtime.padding import PADDINGS
 from tools.bench_gpu.peers import top3_agreement
 from tools.bench_gpu.prepare import placement
 
-from helpers import load_reference_model, ours, run_example
+from helpers import BASES, classification_checkpoint, classification_reference, load_reference_model, ours, padded, run_example
 
 pytestmark = pytest.mark.cuda
 
@@ -244,3 +245,37 @@ def test_continuous_batching_on_cuda_gives_each_request_its_tokens_alone(cuda_ar
     batcher.stop()
     assert got == alone
     assert len(batcher.decode_views) > 1  # several batch sizes ran
+
+
+@pytest.mark.parametrize("base", BASES)
+@pytest.mark.parametrize("task", ["sequence", "token", "embedding"])
+def test_classification_and_embedding_graphs_for_cuda_run_on_cuda_and_match_transformers(tmp_path_factory, base, task):
+    """Issue 17's tasks, exported in fp16 and optimized for CUDA (attention, norms, packed projections and
+    experts fused; the head after the final norm in fp32), against transformers' fp32 classes."""
+    folder = tmp_path_factory.mktemp(f"cuda-{base}-{task}")
+    if task == "embedding":
+        checkpoint = write_checkpoint(folder / "checkpoint", tiny_config(BASES[base]), seed=5)
+        artifact = export_checkpoint(checkpoint, folder / "artifact", dtype="fp16", task="feature-extraction")
+    else:
+        checkpoint = classification_checkpoint(folder / "checkpoint", BASES[base], task)
+        artifact = export_checkpoint(checkpoint, folder / "artifact", dtype="fp16")
+    entry = optimize_artifact(artifact, "cuda", "float16")
+    assert_on_cuda(artifact / entry.file)
+    model = Model.load(artifact, device="cuda")
+    assert model.session.graph.name == entry.name
+    prompts = [[5, 6, 7], [40, 41, 42, 43, 44, 45, 46], [300]]
+    ids, mask = padded(prompts, "right")
+    if task == "embedding":
+        with torch.no_grad():
+            hidden = transformers.AutoModel.from_pretrained(checkpoint, dtype=torch.float32).eval()(
+                input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state
+        expected = torch.nn.functional.normalize(hidden[torch.arange(3), torch.tensor(mask.sum(1) - 1)], dim=-1).numpy()
+        np.testing.assert_allclose(model.embed(prompts), expected, atol=0.01)
+        return
+    (ours,) = model.session.session.run(None, {"input_ids": ids, "attention_mask": mask})
+    with torch.no_grad():
+        theirs = classification_reference(checkpoint, task)(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    if task == "token":
+        ours, theirs = ours[mask == 1], theirs[mask == 1]
+    np.testing.assert_allclose(ours, theirs, atol=LOGIT_TOLERANCE["fp16"], rtol=0)
+    assert len(model.classify(prompts)) == 3

@@ -5,6 +5,7 @@ transformers' pad-token rule, last-token pooling), Model.classify's labels and s
 head without pad_token_id, and the commands."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -15,22 +16,14 @@ import torch
 import torch.nn.functional as F
 import transformers
 
+from graphs.artifact import optimize_artifact
+from graphs.fusions.int4_matmul import EXACT
 from qwen2_export.export import export_checkpoint
 from qwen2_export.synthetic import tiny_config, write_checkpoint
 from runtime import Model, RuntimeInputError
+from tools.int4_error import stored_weights
 
-LABELS = {"0": "negative", "1": "neutral", "2": "positive"}
-PAD = 0  # the tiny tokenizer's <|endoftext|>
-BASES = {"dense": "dense_untied_sharded", "moe": "moe_shared"}
-HEADS = {"sequence": "ForSequenceClassification", "token": "ForTokenClassification"}
-
-
-def classification_checkpoint(folder, base: str, head: str, **config):
-    """A tiny checkpoint of `base` (a TINY_VARIANTS name) with a `head` classification head."""
-    family = "Qwen2Moe" if base == "moe_shared" else "Qwen2"
-    raw = {**tiny_config(base), "architectures": [family + HEADS[head]], "id2label": LABELS,
-           "label2id": {v: int(k) for k, v in LABELS.items()}, "pad_token_id": PAD, **config}
-    return write_checkpoint(folder, {k: v for k, v in raw.items() if v is not None}, seed=3)
+from helpers import BASES, HEADS, LABELS, PAD, classification_checkpoint, classification_reference as reference, padded
 
 
 @pytest.fixture(scope="module")
@@ -48,31 +41,42 @@ def exported(tmp_path_factory):
     return get
 
 
-def reference(checkpoint, head: str):
-    classes = {"sequence": transformers.AutoModelForSequenceClassification,
-               "token": transformers.AutoModelForTokenClassification}
-    return classes[head].from_pretrained(checkpoint, dtype=torch.float32).eval()
-
-
-def padded(prompts: list[list[int]], side: str) -> tuple[np.ndarray, np.ndarray]:
-    longest = max(map(len, prompts))
-    ids, mask = np.full((len(prompts), longest), PAD, np.int64), np.zeros((len(prompts), longest), np.int64)
-    for row, prompt in enumerate(prompts):
-        columns = slice(0, len(prompt)) if side == "right" else slice(longest - len(prompt), longest)
-        ids[row, columns], mask[row, columns] = prompt, 1
-    return ids, mask
-
-
 PROMPTS = [[5, 6, 7], [40, 41, 42, 43, 44, 45, 46], [300]]
+
+
+@pytest.fixture(scope="module")
+def optimized(tmp_path_factory):
+    """A copy of an artifact with its CPU-optimized graph added, made once per artifact; (folder, graph entry)."""
+    made = {}
+
+    def get(artifact):
+        if artifact not in made:
+            copy = shutil.copytree(artifact, tmp_path_factory.mktemp("optimized") / artifact.name)
+            made[artifact] = copy, optimize_artifact(copy, "cpu")
+        return made[artifact]
+
+    return get
+
+
+def graph_file(artifact, graph: str, optimized) -> str:
+    """The portable graph of `artifact`, or the graph of its CPU-optimized copy."""
+    if graph == "portable":
+        return str(artifact / "onnx/model.onnx")
+    folder, entry = optimized(artifact)
+    return str(folder / entry.file)
+
+
+# the optimized graphs' attention (GroupQueryAttention) takes right-padded rows only
+GRAPHS_AND_SIDES = [("portable", "right"), ("portable", "left"), ("optimized", "right")]
 
 
 @pytest.mark.parametrize("base", BASES)
 @pytest.mark.parametrize("head", HEADS)
-@pytest.mark.parametrize("side", ["right", "left"])
-def test_graph_logits_match_transformers_on_padded_batches(exported, base, head, side):
+@pytest.mark.parametrize("graph, side", GRAPHS_AND_SIDES)
+def test_graph_logits_match_transformers_on_padded_batches(exported, optimized, base, head, graph, side):
     checkpoint, artifact = exported(BASES[base], head)
     ids, mask = padded(PROMPTS, side)
-    session = ort.InferenceSession(str(artifact / "onnx/model.onnx"))
+    session = ort.InferenceSession(graph_file(artifact, graph, optimized))
     (ours,) = session.run(None, {"input_ids": ids, "attention_mask": mask})
     with torch.no_grad():
         theirs = reference(checkpoint, head)(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
@@ -159,11 +163,11 @@ def embedding(tmp_path_factory):
 
 
 @pytest.mark.parametrize("base", BASES)
-@pytest.mark.parametrize("side", ["right", "left"])
-def test_feature_extraction_matches_transformers_model_and_last_token_pooling(embedding, base, side):
+@pytest.mark.parametrize("graph, side", GRAPHS_AND_SIDES)
+def test_feature_extraction_matches_transformers_model_and_last_token_pooling(embedding, optimized, base, graph, side):
     checkpoint, artifact = embedding(base)
     ids, mask = padded(PROMPTS, side)
-    hidden, pooled = ort.InferenceSession(str(artifact / "onnx/model.onnx")).run(
+    hidden, pooled = ort.InferenceSession(graph_file(artifact, graph, optimized)).run(
         None, {"input_ids": ids, "attention_mask": mask})
     reference_model = transformers.AutoModel.from_pretrained(checkpoint, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -191,14 +195,58 @@ def test_embed_gives_each_text_its_vector_alone_and_a_bare_model_checkpoint_expo
         model.classify(["hi"])
 
 
-def test_the_embed_command_and_a_task_mismatch(embedding, exported):
+def test_the_embed_command_on_the_portable_and_the_optimized_graph_and_a_task_mismatch(embedding, exported, tmp_path):
     _, artifact = embedding("dense")
-    command = [sys.executable, "-m", "runtime", "embed", str(artifact), "--text", "hello", "--text", "a longer text", "--json"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    vectors = np.array(json.loads(done.stdout))
-    np.testing.assert_allclose(vectors, Model.load(artifact).embed(["hello", "a longer text"]), atol=1e-6)
+    optimized = shutil.copytree(artifact, tmp_path / "optimized")
+    done = subprocess.run([sys.executable, "-m", "qwen2_onnx", "optimize", str(optimized), "--target", "cpu"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "GroupQueryAttention x" in done.stderr + done.stdout, done.stderr
+    expected = Model.load(artifact).embed(["hello", "a longer text"])
+    for folder in (artifact, optimized):
+        command = [sys.executable, "-m", "runtime", "embed", str(folder), "--text", "hello", "--text", "a longer text", "--json"]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        np.testing.assert_allclose(np.array(json.loads(done.stdout)), expected, atol=1e-5)
     _, classifier = exported(BASES["dense"], "sequence")
     refused = subprocess.run([sys.executable, "-m", "runtime", "embed", str(classifier), "--text", "x"],
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "embed needs a feature-extraction artifact" in refused.stderr
+
+
+@pytest.mark.parametrize("base", BASES)
+@pytest.mark.parametrize("task", ["sequence", "token", "embedding"])
+def test_optimized_graphs_fuse_attention_norms_projections_and_experts_and_the_runtime_uses_them(
+        exported, embedding, optimized, base, task):
+    _, artifact = embedding(base) if task == "embedding" else exported(BASES[base], task)
+    folder, entry = optimized(artifact)
+    fired = {count.name: count.fired for count in entry.passes}
+    ours, portable = Model.load(folder), Model.load(artifact)
+    layers = ours.manifest.model.num_hidden_layers
+    assert fired["GroupQueryAttention"] == fired["packed_qkv"] == layers and fired["SimplifiedLayerNormalization"] == 2 * layers + 1
+    assert (fired["MoE"] > 0) == (base == "moe") and fired["last_token_logits"] == fired["token_candidates"] == 0
+    assert (entry.kv_layout, entry.padding) == ("none", "right") and not any("past" in spec.name for spec in entry.inputs)
+    assert ours.session.graph.name == "optimized-cpu" and portable.session.graph.name == "portable"
+    if task == "embedding":
+        np.testing.assert_allclose(ours.embed(PROMPTS), portable.embed(PROMPTS), atol=1e-5)
+    else:
+        for mine, theirs in zip(ours.classify(PROMPTS, top_k=None), portable.classify(PROMPTS, top_k=None)):
+            assert [item.label for item in mine] == [item.label for item in theirs]
+            np.testing.assert_allclose([item.score for item in mine], [item.score for item in theirs], atol=1e-5)
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_int4_classification_graphs_match_transformers_on_their_dequantized_weights(base, tmp_path):
+    checkpoint = classification_checkpoint(tmp_path / "checkpoint", BASES[base], "sequence")
+    artifact = export_checkpoint(checkpoint, tmp_path / "artifact", quantize="int4", block_size=16)
+    entry = optimize_artifact(artifact, "cpu", int4_accuracy=EXACT)
+    assert {count.name: count.fired for count in entry.passes}["MatMulNBits"] > 0
+    ref = reference(checkpoint, "sequence")
+    assert not ref.load_state_dict(stored_weights(artifact), strict=False).unexpected_keys
+    ids, mask = padded(PROMPTS, "right")
+    with torch.no_grad():
+        theirs = ref(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    options = ort.SessionOptions()  # float activations in the MatMulNBits onnxruntime fuses, as the runtime asks
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    for graph in ("onnx/model.onnx", entry.file):
+        (ours,) = ort.InferenceSession(str(artifact / graph), options).run(None, {"input_ids": ids, "attention_mask": mask})
+        np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)

@@ -12,6 +12,9 @@ After:
         --> GroupQueryAttention(num_heads, kv_num_heads, scale, do_rotary=1, local_window_size)
         --> out [B, S, H·Dh], present_key, present_value [B, Hkv, P, Dh]
 
+Graphs without a KV cache (classification, embeddings) give the op no past and leave its present
+unread: every call is a first prompt, total_length = S.
+
 Contract (ort-contrib-ops.md §1): right-padded rows; seqlens_k = per-row total length - 1 (int32);
 rotary positions come from seqlens_k; cos/sin caches [context, Dh/2] carry the rope type's scaling and
 attention factor (YaRN). A shared past/present buffer is possible by binding one OrtValue to both.
@@ -42,11 +45,11 @@ class Attention:
     query: ir.Value
     key: ir.Value
     value: ir.Value
-    past_key: ir.Value
-    past_value: ir.Value
+    past_key: ir.Value | None  # None: no KV cache
+    past_value: ir.Value | None
     output: ir.Value
-    present_key: ir.Value
-    present_value: ir.Value
+    present_key: ir.Value | None
+    present_value: ir.Value | None
     window: int | None
 
 
@@ -73,10 +76,12 @@ def check(graph: ir.Graph, candidate: tuple[int, Region], facts: PassFacts) -> A
     query, key, value = projected("q_proj"), projected("k_proj"), projected("v_proj")
     if None in (query, key, value):
         return "q/k/v projections not found at the region's boundary"
-    past = [inputs.get(name) for name in contract.kv_names(layer + 1, contract.PAST)[-2:]]
-    present = [outputs.get(name) for name in contract.kv_names(layer + 1, contract.PRESENT)[-2:]]
-    if None in past or None in present:
-        return "past/present KV values of the layer not found at the region's boundary"
+    past, present = [None, None], [None, None]
+    if facts.cached:
+        past = [inputs.get(name) for name in contract.kv_names(layer + 1, contract.PAST)[-2:]]
+        present = [outputs.get(name) for name in contract.kv_names(layer + 1, contract.PRESENT)[-2:]]
+        if None in past or None in present:
+            return "past/present KV values of the layer not found at the region's boundary"
     to_o_proj = [v for v in region.outputs if any(f"{scope}.o_proj" in scopes_of(user) for user, _ in v.uses())]
     if len(to_o_proj) != 1:
         return "the attention output feeding o_proj was not found"
@@ -105,7 +110,7 @@ def build(graph: ir.Graph, found: list[Attention], facts: PassFacts) -> PassFact
     if not found:
         return facts
     model, lengths = facts.model, facts.lengths
-    cos, sin = rotary_caches(graph, model, found[0].past_key.dtype)
+    cos, sin = rotary_caches(graph, model, found[0].query.dtype)
     for attention in found:
         window = attention.window if attention.window is not None else -1
         out, present_key, present_value = add_node(
@@ -117,8 +122,9 @@ def build(graph: ir.Graph, found: list[Attention], facts: PassFacts) -> PassFact
             name=f"layers.{attention.layer}/attn/GroupQueryAttention", domain=MS_DOMAIN, num_outputs=3,
         )
         replace_value(graph, attention.output, out)
-        replace_value(graph, attention.present_key, present_key)
-        replace_value(graph, attention.present_value, present_value)
+        if attention.present_key is not None:
+            replace_value(graph, attention.present_key, present_key)
+            replace_value(graph, attention.present_value, present_value)
     return facts
 
 

@@ -15,7 +15,7 @@ The op's default epsilon (1e-5 / 1e-12) is wrong for Qwen2, so epsilon always co
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import onnx_ir as ir
 
@@ -25,6 +25,7 @@ from ..fusion import Fusion
 from ..regions import Region, initializers_of, nodes_in_scope, region_of
 
 NAME = "SimplifiedLayerNormalization"
+FINAL_NORM = "model.norm"
 SKIP_NAME = "SkipSimplifiedLayerNormalization"
 
 
@@ -39,7 +40,7 @@ class Norm:
 def norm_scopes(facts: PassFacts) -> list[str]:
     layers = range(facts.model.num_layers)
     per_layer = [f"model.layers.{i}.{name}" for i in layers for name in ("input_layernorm", "post_attention_layernorm")]
-    return per_layer + ["model.norm"]
+    return per_layer + [FINAL_NORM]
 
 
 def find(graph: ir.Graph, facts: PassFacts) -> list[tuple[str, Region]]:
@@ -65,6 +66,8 @@ def build(graph: ir.Graph, found: list[Norm], facts: PassFacts) -> PassFacts:
                           {"axis": -1, "epsilon": facts.model.rms_norm_eps, "stash_type": 1},
                           name=f"{norm.scope.removeprefix('model.')}/SimplifiedLayerNormalization")
         replace_value(graph, norm.output, out)
+        if norm.scope == FINAL_NORM:
+            facts = replace(facts, final_hidden=out)
     return facts
 
 
@@ -96,6 +99,8 @@ def build_residual(graph: ir.Graph, found: list[ResidualNorm], facts: PassFacts)
                                     {"epsilon": facts.model.rms_norm_eps}, name=name, domain=MS_DOMAIN, num_outputs=4)
         _, mean, inv_std, _ = total.producer().outputs
         mean.name, inv_std.name = "", ""  # unused optional outputs
+        if pair.norm.outputs[0] is facts.final_hidden:
+            facts = replace(facts, final_hidden=out)
         replace_value(graph, pair.norm.outputs[0], out)
         replace_value(graph, pair.add.outputs[0], total)
     return facts
