@@ -110,14 +110,15 @@ def bucket(rows: int) -> int:
     return 1 << (rows - 1).bit_length()
 
 
-def prefill_groups(rows: list[int], lengths: list[int], budget: int = PREFILL_TOKENS) -> list[tuple[int, int]]:
+def prefill_groups(rows: list[int], lengths: list[int], budget: int = PREFILL_TOKENS,
+                   size: Callable[[int, int], int] = lambda count, longest: count * longest) -> list[tuple[int, int]]:
     """Split joining requests, given their rows (ascending) and prompt lengths, into prefill steps of
-    consecutive rows (one buffer view each) whose padded size (rows x longest prompt) fits `budget`;
-    as (start, stop) ranges of the lists."""
+    consecutive rows (one buffer view each) whose padded size (`size` of their count and longest prompt)
+    fits `budget`; as (start, stop) ranges of the lists."""
     groups, start, longest = [], 0, 0
     for i, (row, length) in enumerate(zip(rows, lengths)):
         longest = max(longest, length)
-        if i > start and (row != rows[i - 1] + 1 or (i + 1 - start) * longest > budget):
+        if i > start and (row != rows[i - 1] + 1 or size(i + 1 - start, longest) > budget):
             groups.append((start, i))
             start, longest = i, length
     if rows:
@@ -166,17 +167,36 @@ class Batcher:
         self.thread = threading.Thread(target=self.run, name="batcher", daemon=True)
         self.thread.start()
 
-    def warm_up(self) -> None:
+    def warm_up(self) -> list[tuple[int, int]]:
         """Before `start`: run the largest prefill step the batcher can take (one long prompt, or rows of
-        PREFILL_TOKENS together), so onnxruntime's memory arena grows to its peak once, and a decode step
-        of every batch size, so each is captured (on CUDA) before a request waits on it. The rows' old
-        contents need no clearing: the masks of later steps say which positions hold keys."""
+        PREFILL_TOKENS together), so onnxruntime's memory arena grows to its peak once, then every prefill
+        shape prefill_shape can give (a new shape's first run costs more), and a decode step of every
+        batch size, so each is captured (on CUDA) before a request waits on it. Returns the prefill
+        shapes run, as (rows, length). The rows' old contents need no clearing: the masks of later steps
+        say which positions hold keys."""
         length = min(self.capacity - 1, PREFILL_TOKENS)
-        rows = max(1, min(len(self.rows), PREFILL_TOKENS // length))
-        self.session.steps.uncaptured_step(PADDINGS[contract.RIGHT](self.pad).prefill([[self.pad] * length] * rows, 0),
-                                           self.cache.view(0, rows))
+        shapes = [(max(1, min(len(self.rows), PREFILL_TOKENS // length)), length), *self.prefill_shapes()]
+        for rows, length in shapes:
+            self.session.steps.uncaptured_step(PADDINGS[contract.RIGHT](self.pad).prefill([[self.pad] * length] * rows, 0),
+                                               self.cache.view(0, rows))
         for size in sorted({self.bucket(n) for n in range(1, len(self.rows) + 1)}):
             self.session.steps.step(self.decode_inputs(size, []), self.decode_view(size))
+        return shapes
+
+    def prefill_shape(self, count: int, longest: int) -> tuple[int, int]:
+        """The rows and length a prefill step of `count` prompts, the longest of `longest` tokens, runs at:
+        as they are, or, where the step runner pads prompts to a few lengths (on CUDA: a new shape's first
+        run costs 40-90 ms, tools/gpu_notes.md), at that length and a power of two of rows, so that the
+        few shapes warm_up runs serve every step."""
+        length = self.session.steps.prompt_bucket(longest, self.capacity + 1)
+        return (count, longest) if length is None else (self.bucket(count), length)
+
+    def prefill_shapes(self) -> list[tuple[int, int]]:
+        """Every padded shape prefill_shape gives for a step within PREFILL_TOKENS (a longer prompt runs
+        alone, at its own length)."""
+        lengths = self.session.steps.prompt_buckets(self.capacity, self.capacity + 1)
+        sizes = sorted({self.bucket(n) for n in range(1, len(self.rows) + 1)})
+        return [(rows, length) for length in lengths for rows in sizes if rows == 1 or rows * length <= PREFILL_TOKENS]
 
     def stop(self) -> None:
         """Cancel what runs and waits, and end the thread."""
@@ -236,11 +256,17 @@ class Batcher:
         for index, request in zip(rows, joining):  # in their rows before any step: a failure finds them there
             self.rows[index] = Row(request, len(request.prompt_ids) - 1)  # its last prompt token counts as fed
             self.stats.prompt_tokens += len(request.prompt_ids)
-        for start, stop in prefill_groups(rows, [len(request.prompt_ids) for request in joining]):
+        lengths = [len(request.prompt_ids) for request in joining]
+        for start, stop in prefill_groups(rows, lengths, size=lambda count, longest: np.prod(self.prefill_shape(count, longest))):
             prompts = [request.prompt_ids for request in joining[start:stop]]
-            inputs = PADDINGS[contract.RIGHT](self.pad).prefill(prompts, 0)
+            count, length = self.prefill_shape(len(prompts), max(lengths[start:stop]))
+            padding_rows = range(rows[start] + len(prompts), rows[start] + count)
+            if padding_rows.stop > len(self.rows) or any(self.rows[row] is not None for row in padding_rows):
+                count = len(prompts)  # no free rows to pad with: a shape of its own
+            # rows padded on feed the pad token over one position into free rows, as idle decode rows do
+            inputs = PADDINGS[contract.RIGHT](self.pad).prefill(prompts + [[self.pad]] * (count - len(prompts)), 0, length)
             began = time.perf_counter()
-            scores = self.session.steps.uncaptured_step(inputs, self.cache.view(rows[start], stop - start))
+            scores = self.session.steps.uncaptured_step(inputs, self.cache.view(rows[start], count))
             self.stats.prefill_seconds += time.perf_counter() - began
             self.stats.prefill_steps += 1
             self.accept(rows[start:stop], scores, offsets=range(stop - start))

@@ -19,11 +19,12 @@ uvicorn = pytest.importorskip("uvicorn", reason="the serve extra: pip install -e
 openai = pytest.importorskip("openai", reason="a test dependency: pip install -e '.[test]'")
 
 from runtime import Model  # noqa: E402
-from runtime.batcher import FAILED, Batcher, BatchRequest, prefill_groups  # noqa: E402
+from runtime.batcher import FAILED, PREFILL_TOKENS, Batcher, BatchRequest, prefill_groups  # noqa: E402
+from runtime.cuda_graph import CapturedSteps  # noqa: E402
 from runtime.engine import EngineProcess, EngineSpec  # noqa: E402
 from runtime.errors import RuntimeInputError  # noqa: E402
 from runtime.server import ServeConfig, build_app  # noqa: E402
-from runtime.steps import StepScores  # noqa: E402
+from runtime.steps import PlainSteps, StepScores  # noqa: E402
 
 NAME = "tiny"
 GREEDY = {"temperature": 0, "extra_body": {"repetition_penalty": 1.0}}
@@ -156,6 +157,36 @@ def test_requests_that_join_together_are_prefilled_in_one_step_and_get_their_tok
     assert batcher.stats.prefill_steps == 1 and batcher.stats.prompt_tokens == 62
 
 
+def test_where_the_runner_pads_prompts_prefills_run_only_shapes_the_warm_up_ran(tiny_optimized, model):
+    """With a step runner that pads prompts to a few lengths (CapturedSteps, as on CUDA, where a new
+    prefill shape's first run costs 40-90 ms), joining requests are prefilled at a bucket length and a
+    power of two of rows, which the warm-up ran, and each still gets its tokens alone."""
+    padded = Model.load(tiny_optimized("moe_shared"), steps=CapturedSteps)
+    batcher = Batcher(padded.session, padded.manifest, max_batch=8, capacity=64)
+    warmed = batcher.warm_up()
+    assert (8, 32) in warmed and (1, 64) in warmed and all(rows * length <= PREFILL_TOKENS for rows, length in warmed)
+    shapes, run = [], batcher.session.steps.uncaptured_step
+    batcher.session.steps.uncaptured_step = lambda inputs, cache: shapes.append(inputs.input_ids.shape) or run(inputs, cache)
+    got, _, done, sink = collect(8)
+    greedy = padded.sampling(greedy=True, repetition_penalty=1.0)
+    bursts = [[[(3 * i + j) % 400 for j in range(length)] for i, length in enumerate(lengths)]
+              for lengths in ([3, 9, 17, 30, 5], [2, 21, 6])]
+    for burst, first in zip(bursts, (0, 5)):  # queued before the thread starts, then joining a running batch
+        for i, prompt in enumerate(burst, first):
+            batcher.submit(BatchRequest(prompt, greedy, 6 + 20 * (first == 0), sink(i)))
+        if first == 0:
+            batcher.start()
+            while batcher.stats.decode_steps < 2:
+                time.sleep(0.001)
+    assert all(event.wait(60) for event in done)
+    batcher.stop()
+    prompts = bursts[0] + bursts[1]
+    assert got == [model.generate(prompt, max_new_tokens=len(tokens), greedy=True, repetition_penalty=1.0).output_ids
+                   for prompt, tokens in zip(prompts, got)]
+    # five rows padded to eight with the longest prompt's bucket, then three joining rows 5-7 (no free row past them)
+    assert shapes == [(8, 32), (3, 24)] and (4, 24) in warmed
+
+
 def test_prefill_groups_keep_to_consecutive_rows_and_the_token_budget():
     assert prefill_groups([0, 1, 2, 5, 6], [3, 3, 4, 4, 9], budget=100) == [(0, 3), (3, 5)]
     assert prefill_groups([0, 1, 2, 3], [10, 20, 30, 40], budget=60) == [(0, 2), (2, 3), (3, 4)]
@@ -241,9 +272,7 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "description"
 def scripted(reply: str, prefix: str = ""):
     """A step-runner factory whose every row's next token is the next of `reply`'s tokens (after `prefix`,
     which the server put in the prompt), then the stop token: the graph is not run."""
-    class ScriptedSteps:
-        full_logits_reads = 0
-
+    class ScriptedSteps(PlainSteps):  # prompts at their own length, as PlainSteps runs them
         def __init__(self, session, graph, device):
             self.k = graph.token_candidates
             self.prompt_lengths: dict[int, int] = {}
@@ -410,7 +439,7 @@ def test_an_engine_whose_server_process_is_killed_ends_too(tiny_optimized):
 
 
 def test_a_failing_step_ends_its_requests_with_500_and_health_says_503(tiny_optimized):
-    class FailingSteps:
+    class FailingSteps(PlainSteps):
         full_logits_reads = 0
 
         def __init__(self, session, graph, device):
