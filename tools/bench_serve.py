@@ -7,8 +7,9 @@ rows per decode step, prefill steps and their ms.
 
 The server runs as users run it (`python -m runtime serve`, its own process); the clients are asyncio
 streams of /v1/completions (token-id prompts of --prompt-tokens, --new-tokens each, greedy, stop tokens
-ignored so every stream has the same length) in this process. The same requests are first given to a
-batcher in this process, without HTTP ("engine"): the difference is what the server's side costs.
+ignored so every stream has the same length) in this process. The same requests are also given to a
+batcher in this process, without HTTP ("engine"), loaded beside the server and run in turn with it for
+each client count: the difference is what the server's side costs.
 
     PYTHONPATH=. python tools/bench_serve.py ARTIFACT --device cuda --clients 1,4,16,64 --out OUT
 """
@@ -197,27 +198,29 @@ def main() -> None:
     batcher.start()
     sampling = model.sampling(greedy=True, repetition_penalty=1.0)
     report["engine"], report["runs"] = [], []
-    for clients in counts:  # each batch size's first decode step is captured here, not in a timed run
-        engine(batcher, sampling, clients, args.prompt_tokens, 8, seed=99)
-    for clients in counts:
-        before = asdict(batcher.stats)
-        run = engine(batcher, sampling, clients, args.prompt_tokens, args.new_tokens, seed=clients)
-        run.update(where_time_went(before, asdict(batcher.stats)))
-        report["engine"].append(run)
-        print(json.dumps({"engine": run}), flush=True)
-    batcher.stop()
-    del batcher, model  # the server process holds its own
+    # both loaded at once, each count run on one then the other, the first of the two alternating, so
+    # neither side gets the machine's better minutes (clocks, heat)
     with serve_process(args.artifact, "--device", args.device, "--served-model-name", "bench",
                        "--max-batch", str(max(counts)), "--max-context", str(context)) as (_, port):
-        for clients in counts:
+        for clients in counts:  # each batch size's first decode step is captured here, not in a timed run
+            engine(batcher, sampling, clients, args.prompt_tokens, 8, seed=99)
             asyncio.run(concurrent(port, clients, args.prompt_tokens, 8, seed=99))
-        for clients in counts:
-            before = scrape(port)
-            run = asyncio.run(concurrent(port, clients, args.prompt_tokens, args.new_tokens, seed=clients))
-            run.update(where_time_went(before, scrape(port)))
-            run["single_stream_itl_over_generate"] = run["itl_ms_p50"] / report["generate_decode_ms_per_token"]
-            report["runs"].append(run)
-            print(json.dumps(run), flush=True)
+        for index, clients in enumerate(counts):
+            for side in ("engine", "served")[:: 1 if index % 2 == 0 else -1]:
+                if side == "engine":
+                    before = asdict(batcher.stats)
+                    run = engine(batcher, sampling, clients, args.prompt_tokens, args.new_tokens, seed=clients)
+                    run.update(where_time_went(before, asdict(batcher.stats)))
+                    report["engine"].append(run)
+                    print(json.dumps({"engine": run}), flush=True)
+                else:
+                    before = scrape(port)
+                    run = asyncio.run(concurrent(port, clients, args.prompt_tokens, args.new_tokens, seed=clients))
+                    run.update(where_time_went(before, scrape(port)))
+                    run["single_stream_itl_over_generate"] = run["itl_ms_p50"] / report["generate_decode_ms_per_token"]
+                    report["runs"].append(run)
+                    print(json.dumps(run), flush=True)
+    batcher.stop()
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "bench_serve.json").write_text(json.dumps(report, indent=2))
