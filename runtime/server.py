@@ -23,7 +23,9 @@ import contextlib
 import hmac
 import json
 import logging
+import sys
 import threading
+import time
 from dataclasses import asdict, dataclass
 from typing import Any, AsyncIterator
 
@@ -303,5 +305,10 @@ def serve(model: ModelText, spec: EngineSpec, host: str, port: int, config: Serv
     """Start the engine process (it loads the graph), then run the server until SIGTERM or Ctrl-C."""
     import uvicorn
 
-    app = build_app(model, EngineProcess(spec, model.manifest), config)
+    began = time.perf_counter()
+    engine = EngineProcess(spec, model.manifest)
+    # the warm-up runs every padded prefill shape on CUDA (tens of seconds for a 7B graph): say what it was
+    print(f"engine ready in {time.perf_counter() - began:.1f} s: graph loaded, prefill shapes and decode batch sizes "
+          "warmed up", file=sys.stderr, flush=True)
+    app = build_app(model, engine, config)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
