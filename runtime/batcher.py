@@ -3,7 +3,8 @@
 One shared KV buffer of `max_batch` rows by `capacity` positions. Requests join at a step boundary:
 those waiting there are prefilled together into free rows (views of the buffer's contiguous free rows:
 runtime/kv_cache.py), then each row takes part in every decode step until its request finishes, and is
-free for the next one. Nobody waits for another request to finish and nobody is prefilled twice. A
+free for the next one. Nobody waits for another request to finish and nobody is prefilled twice. On
+CUDA a prefill step is padded to one of a few shapes (prefill_shape), each run once at warm-up. A
 decode step runs the first `bucket` rows, the smallest power of two that covers the highest busy row
 (or all `max_batch`); rows are taken lowest first so it stays small. Each bucket's step is one shape,
 so a capturing runner (CUDA graphs) replays it; an idle row inside the bucket feeds the pad token over
@@ -186,7 +187,7 @@ class Batcher:
     def prefill_shape(self, count: int, longest: int) -> tuple[int, int]:
         """The rows and length a prefill step of `count` prompts, the longest of `longest` tokens, runs at:
         as they are, or, where the step runner pads prompts to a few lengths (on CUDA: a new shape's first
-        run costs 40-90 ms, tools/gpu_notes.md), at that length and a power of two of rows, so that the
+        run costs 40-120 ms more, tools/gpu_notes.md session 13), at that length and a power of two of rows, so that the
         few shapes warm_up runs serve every step."""
         length = self.session.steps.prompt_bucket(longest, self.capacity + 1)
         return (count, longest) if length is None else (self.bucket(count), length)
