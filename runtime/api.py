@@ -99,7 +99,6 @@ class ModelText:
                                     f"model's context length {context:,}; shorten it")
 
 
-
 @dataclass(kw_only=True)
 class Model(ModelText):
     session: GraphSession

@@ -17,6 +17,7 @@ candidates when they decide it, as in runtime/generate.py.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -180,15 +181,15 @@ class Batcher:
         for rows, length in shapes:
             self.session.steps.uncaptured_step(PADDINGS[contract.RIGHT](self.pad).prefill([[self.pad] * length] * rows, 0),
                                                self.cache.view(0, rows))
-        for size in sorted({self.bucket(n) for n in range(1, len(self.rows) + 1)}):
+        for size in self.batch_sizes():
             self.session.steps.step(self.decode_inputs(size, []), self.decode_view(size))
         return shapes
 
     def prefill_shape(self, count: int, longest: int) -> tuple[int, int]:
         """The rows and length a prefill step of `count` prompts, the longest of `longest` tokens, runs at:
         as they are, or, where the step runner pads prompts to a few lengths (on CUDA: a new shape's first
-        run costs 40-120 ms more, tools/gpu_notes.md session 13), at that length and a power of two of rows, so that the
-        few shapes warm_up runs serve every step."""
+        run costs 40-120 ms more, tools/gpu_notes.md session 13), at that length and a power of two of rows,
+        so that the few shapes warm_up runs serve every step."""
         length = self.session.steps.prompt_bucket(longest, self.capacity + 1)
         return (count, longest) if length is None else (self.bucket(count), length)
 
@@ -196,8 +197,8 @@ class Batcher:
         """Every padded shape prefill_shape gives for a step within PREFILL_TOKENS (a longer prompt runs
         alone, at its own length)."""
         lengths = self.session.steps.prompt_buckets(self.capacity, self.capacity + 1)
-        sizes = sorted({self.bucket(n) for n in range(1, len(self.rows) + 1)})
-        return [(rows, length) for length in lengths for rows in sizes if rows == 1 or rows * length <= PREFILL_TOKENS]
+        return [(rows, length) for length in lengths for rows in self.batch_sizes()
+                if rows == 1 or rows * length <= PREFILL_TOKENS]
 
     def stop(self) -> None:
         """Cancel what runs and waits, and end the thread."""
@@ -258,7 +259,7 @@ class Batcher:
             self.rows[index] = Row(request, len(request.prompt_ids) - 1)  # its last prompt token counts as fed
             self.stats.prompt_tokens += len(request.prompt_ids)
         lengths = [len(request.prompt_ids) for request in joining]
-        for start, stop in prefill_groups(rows, lengths, size=lambda count, longest: np.prod(self.prefill_shape(count, longest))):
+        for start, stop in prefill_groups(rows, lengths, size=lambda count, longest: math.prod(self.prefill_shape(count, longest))):
             prompts = [request.prompt_ids for request in joining[start:stop]]
             count, length = self.prefill_shape(len(prompts), max(lengths[start:stop]))
             padding_rows = range(rows[start] + len(prompts), rows[start] + count)
@@ -300,6 +301,10 @@ class Batcher:
             ids[index, 0] = row.next_token
             mask[index, : row.length + 1] = 1
         return StepInputs(ids, mask, None)
+
+    def batch_sizes(self) -> list[int]:
+        """Every row count `bucket` gives: the decode steps' batch sizes, and the padded prefills' rows."""
+        return sorted({self.bucket(n) for n in range(1, len(self.rows) + 1)})
 
     def bucket(self, rows: int) -> int:
         """The rows a decode step runs to serve the first `rows`: a power of two, or every row of the buffer."""

@@ -33,7 +33,7 @@ class FinalHidden:
 
 
 def find(graph: ir.Graph, facts: PassFacts) -> list[list[ir.Node]]:
-    if facts.model.task != contract.TEXT_GENERATION:  # the other tasks' heads pick their own positions
+    if not facts.cached:  # the other tasks' heads pick their own positions
         return []
     nodes = nodes_in_scope(graph, "model.norm")
     return [nodes] if nodes else []
@@ -73,4 +73,4 @@ def build(graph: ir.Graph, found: list[FinalHidden], facts: PassFacts) -> PassFa
     return replace(facts, last_token_logits=bool(found))
 
 
-FUSION = Fusion(NAME, lambda facts: int(facts.model.task == contract.TEXT_GENERATION), find, check, build)
+FUSION = Fusion(NAME, lambda facts: int(facts.cached), find, check, build)
