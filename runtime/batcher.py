@@ -165,12 +165,33 @@ class Batcher:
         """The running totals, and how many requests run and wait now."""
         return self.stats, sum(row is not None for row in self.rows), self.waiting.qsize()
 
-    def start(self) -> None:
-        self.thread = threading.Thread(target=self.run, name="batcher", daemon=True)
+    def start(self, warm_up: bool = False) -> list[tuple[int, int]]:
+        """Start the thread that runs every step. With `warm_up`, that thread first runs warm_up, and this
+        returns its shapes once it is done (or raises what it raised): the work a new shape costs once is
+        kept per thread (cuDNN's attention plans, see prefill_shape), so a warm-up on another thread
+        would leave the batcher's own cold."""
+        warmed: list[tuple[int, int]] = []
+        failure: list[BaseException] = []
+        ready = threading.Event()
+
+        def warm_then_serve() -> None:
+            try:
+                warmed.extend(self.warm_up() if warm_up else [])
+            except BaseException as error:  # handed to the caller of start; nothing served
+                failure.append(error)
+            ready.set()
+            if not failure:
+                self.run()
+
+        self.thread = threading.Thread(target=warm_then_serve, name="batcher", daemon=True)
         self.thread.start()
+        ready.wait()
+        if failure:
+            raise failure[0]
+        return warmed
 
     def warm_up(self) -> list[tuple[int, int]]:
-        """Before `start`: run the largest prefill step the batcher can take (one long prompt, or rows of
+        """Before serving, on the batcher's thread (start(warm_up=True)): run the largest prefill step the batcher can take (one long prompt, or rows of
         PREFILL_TOKENS together), so onnxruntime's memory arena grows to its peak once, then every prefill
         shape prefill_shape can give (a new shape's first run costs more), and a decode step of every
         batch size, so each is captured (on CUDA) before a request waits on it. Returns the prefill
@@ -188,8 +209,9 @@ class Batcher:
     def prefill_shape(self, count: int, longest: int) -> tuple[int, int]:
         """The rows and length a prefill step of `count` prompts, the longest of `longest` tokens, runs at:
         as they are, or, where the step runner pads prompts to a few lengths (on CUDA: a new shape's first
-        run costs 40-120 ms more, tools/gpu_notes.md session 13), at that length and a power of two of rows,
-        so that the few shapes warm_up runs serve every step."""
+        run costs 40-120 ms more: onnxruntime builds a cuDNN attention plan for each (rows, length) and keeps
+        it per thread, tools/gpu_notes.md sessions 13-14), at that length and a power of two of rows, so
+        that the few shapes warm_up runs serve every step."""
         length = self.session.steps.prompt_bucket(longest, self.capacity + 1)
         return (count, longest) if length is None else (self.bucket(count), length)
 

@@ -63,7 +63,6 @@ def engine_main(spec: EngineSpec, connection) -> None:
     try:
         model = Model.load(spec.artifact, **spec.load_options)
         batcher = Batcher(model.session, model.manifest, spec.max_batch, spec.capacity)
-        batcher.warm_up()
     except RuntimeInputError as error:
         connection.send(("failed", str(error)))
         return
@@ -83,7 +82,7 @@ def engine_main(spec: EngineSpec, connection) -> None:
             outbox.clear()
 
     batcher.on_step = flush
-    batcher.start()
+    batcher.start(warm_up=True)
     connection.send(("ready", spec.capacity))
     requests: dict[int, BatchRequest] = {}
     while not batcher.ended:  # a failed batcher ends the process: the front process then refuses requests

@@ -229,8 +229,7 @@ def test_continuous_batching_on_cuda_gives_each_request_its_tokens_alone(cuda_ar
     alone = [model.generate(p, max_new_tokens=20, greedy=True, repetition_penalty=1.0, ignore_eos=True).output_ids
              for p in prompts]
     batcher = Batcher(model.session, model.manifest, max_batch=8, capacity=256)
-    batcher.warm_up()
-    batcher.start()
+    batcher.start(warm_up=True)
     got, done = [[] for _ in prompts], [threading.Event() for _ in prompts]
 
     def sink(i):

@@ -135,7 +135,7 @@ def test_a_client_that_leaves_mid_stream_frees_its_row(server, model):
     assert client(url).completions.create(model=NAME, prompt="Hi", max_tokens=2, **GREEDY).usage.completion_tokens >= 1
 
 
-def test_requests_that_join_together_are_prefilled_in_one_step_and_get_their_tokens_alone(model):
+def test_requests_that_join_together_are_prefilled_in_one_step_and_get_their_tokens_alone(model, monkeypatch):
     """Five requests queued before the batcher starts, in a buffer of five rows that a warm-up has used: one
     prefill step, then each gets what generate gives it alone, greedy (two share their settings), with a
     repetition penalty, or sampled with its seed; decode steps never bind rows past the buffer."""
@@ -145,16 +145,31 @@ def test_requests_that_join_together_are_prefilled_in_one_step_and_get_their_tok
                {"temperature": 0.7, "top_k": 5, "seed": 8}]
     expected = [model.generate(prompt, max_new_tokens=6, **option).output_ids for prompt, option in zip(prompts, options)]
     batcher = Batcher(model.session, model.manifest, max_batch=5, capacity=64)
-    batcher.warm_up()
-    assert sorted(batcher.decode_views) == [1, 2, 4, 5]
+    threads, run = set(), model.session.steps.uncaptured_step
+    monkeypatch.setattr(model.session.steps, "uncaptured_step",
+                        lambda *step: threads.add(threading.current_thread().name) or run(*step))
     got, _, done, sink = collect(len(prompts))
     for i, (prompt, option) in enumerate(zip(prompts, options)):  # queued before the thread starts
         batcher.submit(BatchRequest(prompt, model.sampling(**option), 6, sink(i), model.manifest.tokenizer.stop_token_ids))
-    batcher.start()
+    assert batcher.start(warm_up=True) == [(5, 63)]  # the largest prefill, before any of them; no padded shapes here
+    assert sorted(batcher.decode_views) == [1, 2, 4, 5]
     assert all(event.wait(60) for event in done)
     batcher.stop()
     assert got == expected
     assert batcher.stats.prefill_steps == 1 and batcher.stats.prompt_tokens == 62
+    assert threads == {"batcher"}  # warm-up and prefills on one thread: onnxruntime keeps per-thread plans
+
+
+def test_a_warm_up_that_fails_is_raised_by_start_and_nothing_is_served(model, monkeypatch):
+    def broken(*step):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(model.session.steps, "uncaptured_step", broken)
+    batcher = Batcher(model.session, model.manifest, max_batch=2, capacity=64)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        batcher.start(warm_up=True)
+    batcher.thread.join(10)
+    assert not batcher.thread.is_alive() and batcher.stats.decode_steps == 0
 
 
 def test_where_the_runner_pads_prompts_prefills_run_only_shapes_the_warm_up_ran(tiny_optimized, model):

@@ -192,10 +192,9 @@ def main() -> None:
     context = args.prompt_tokens + args.new_tokens + 64
     batcher = Batcher(model.session, model.manifest, max(counts), context)
     began = time.perf_counter()
-    report["warm_up_prefill_shapes"] = len(batcher.warm_up())  # as the server's engine process does
+    report["warm_up_prefill_shapes"] = len(batcher.start(warm_up=True))  # as the server's engine process does
     report["warm_up_s"] = time.perf_counter() - began
     print(json.dumps({key: report[key] for key in ("warm_up_prefill_shapes", "warm_up_s")}), flush=True)
-    batcher.start()
     sampling = model.sampling(greedy=True, repetition_penalty=1.0)
     report["engine"], report["runs"] = [], []
     # both loaded at once, each count run on one then the other, the first of the two alternating, so
