@@ -21,7 +21,7 @@ import math
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -32,7 +32,7 @@ from .errors import RuntimeInputError
 from .generate import check_request, next_tokens, pad_token_id
 from .kv_cache import KVCache, new_cache
 from .padding import PADDINGS
-from .sampling import SamplingConfig
+from .sampling import SamplingConfig, Seen
 from .session import GraphSession, one_line
 from .steps import StepInputs, StepScores
 
@@ -60,25 +60,31 @@ class BatchRequest:
 
 @dataclass
 class Row:
-    """A busy row: its request, how many positions its KV holds, the token to feed next, and the ids seen
-    so far (the prompt, then each token chosen: the repetition penalty's history)."""
+    """A busy row: its request, how many positions its KV holds, the token to feed next, its own random
+    stream (the request's seed) and its sampling settings but the seed (rows alike are chosen together)."""
 
     request: BatchRequest
     length: int
     next_token: int = 0
     generated: int = 0
-    history: np.ndarray = field(init=False)
     rng: np.random.Generator = field(init=False)
+    settings: SamplingConfig = field(init=False)
 
     def __post_init__(self) -> None:
-        prompt = self.request.prompt_ids
-        self.history = np.zeros(len(prompt) + self.request.max_new_tokens, np.int64)
-        self.history[: len(prompt)] = prompt
         self.rng = np.random.default_rng(self.request.sampling.seed)
+        self.settings = replace(self.request.sampling, seed=None)
 
-    @property
-    def seen(self) -> np.ndarray:
-        return self.history[: self.length + 1]
+
+@dataclass(frozen=True)
+class RowDraws:
+    """The draw's uniform numbers for rows chosen together: one from each row's own stream, as each
+    would draw alone (sampling.Draws)."""
+
+    rows: list[Row]
+
+    def random(self, n: int) -> np.ndarray:
+        assert n == len(self.rows)
+        return np.array([row.rng.random() for row in self.rows])
 
 
 @dataclass
@@ -145,6 +151,7 @@ class Batcher:
         self.cache = new_cache(manifest, session.graph, max_batch, session.device, capacity)
         self.decode_views: dict[int, KVCache] = {}  # per bucket, kept: the runner's captures are keyed by them
         self.rows: list[Row | None] = [None] * max_batch
+        self.seen = np.zeros((max_batch, self.vocab), bool)  # ids each row's request has seen: sampling.Seen
         self.waiting: queue.Queue[BatchRequest | None] = queue.Queue()
         self.thread: threading.Thread | None = None
         self.stats = BatcherStats()
@@ -279,6 +286,8 @@ class Batcher:
         rows = [index for index, row in enumerate(self.rows) if row is None][: len(joining)]
         for index, request in zip(rows, joining):  # in their rows before any step: a failure finds them there
             self.rows[index] = Row(request, len(request.prompt_ids) - 1)  # its last prompt token counts as fed
+            self.seen[index] = False
+            self.seen[index, request.prompt_ids] = True
             self.stats.prompt_tokens += len(request.prompt_ids)
         lengths = [len(request.prompt_ids) for request in joining]
         for start, stop in prefill_groups(rows, lengths, size=lambda count, longest: math.prod(self.prefill_shape(count, longest))):
@@ -342,10 +351,12 @@ class Batcher:
         each to its request, and free the rows that finished."""
         rows = [self.rows[index] for index in indices]
         self.stats.generated_tokens += len(rows)  # counted before a sink hears of them
-        for index, row, token in zip(indices, rows, self.choose(scores, rows, list(offsets))):
+        tokens = self.choose(scores, indices, list(offsets))
+        self.seen[indices, tokens] = True
+        for index, row, token in zip(indices, rows, tokens):
             request = row.request
             row.length += 1
-            row.history[row.length] = row.next_token = token
+            row.next_token = token
             row.generated += 1
             request.sink(token, None)
             if token in request.stop_token_ids:
@@ -353,19 +364,18 @@ class Batcher:
             elif row.generated >= request.max_new_tokens:
                 self.finish(index, "length")
 
-    def choose(self, scores: StepScores, rows: list[Row], offsets: list[int]) -> list[int]:
-        """Each row's next token from its row of the scores, with its request's sampling, seed and history:
-        greedy rows that share their settings in one call (a greedy choice draws nothing, so no seed
-        needs keeping apart), sampled rows one by one with their own generator."""
-        groups: dict[object, list[int]] = {}
-        for position, row in enumerate(rows):
-            sampling = row.request.sampling
-            groups.setdefault(("row", position) if sampling.do_sample else sampling, []).append(position)
-        tokens = [0] * len(rows)
-        for positions in groups.values():
-            first = rows[positions[0]]
-            picked = next_tokens(scores, np.array([offsets[p] for p in positions]), first.request.sampling,
-                                 [rows[p].seen for p in positions], first.rng, self.vocab)
+    def choose(self, scores: StepScores, indices: list[int], offsets: list[int]) -> list[int]:
+        """The next token of rows `indices` from their rows `offsets` of the scores, each with its request's
+        sampling, seed and seen ids, as it would get alone: rows whose settings are the same but for the
+        seed are chosen in one call, each sampled row drawing from its own stream (RowDraws)."""
+        groups: dict[SamplingConfig, list[int]] = {}
+        for position, index in enumerate(indices):
+            groups.setdefault(self.rows[index].settings, []).append(position)
+        tokens = [0] * len(indices)
+        for sampling, positions in groups.items():
+            rows = np.array([indices[p] for p in positions])
+            picked = next_tokens(scores, np.array([offsets[p] for p in positions]), sampling, Seen(self.seen, rows),
+                                 RowDraws([self.rows[index] for index in rows]), self.vocab)
             for position, token in zip(positions, picked.tolist()):
                 tokens[position] = token
         return tokens

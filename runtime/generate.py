@@ -17,7 +17,7 @@ from artifact import contract
 from .errors import RuntimeInputError
 from .kv_cache import KVCache
 from .padding import PADDINGS
-from .sampling import SamplingConfig, choose_from_candidates, choose_tokens
+from .sampling import Draws, SamplingConfig, Seen, choose_from_candidates, choose_tokens
 from .session import GraphSession
 from .steps import StepScores
 from .tokenizer import TextTokenizer
@@ -114,7 +114,7 @@ class DecodeLoop:
             inputs = self.padding.prefill(self.prompts, 0, self.prompt_bucket)
         else:
             inputs = self.padding.prefill(self.prompts, self._prefill_leading_chunks())
-        seen = [np.array(prompt, dtype=np.int64) for prompt in self.prompts]
+        seen = Seen.of(self.prompts, self.manifest.tokenizer.vocab_size)
         done = [False] * len(self.prompts)
         new = self._accept(self._choose(self.steps.step(inputs, self.cache), seen, rng), seen, done)
         self.timings.time_to_first_token_s = time.perf_counter() - started
@@ -133,7 +133,7 @@ class DecodeLoop:
         # the last sampled token was never fed, so the cache holds everything before it
         self.cache.tokens = [g.prompt_ids + g.output_ids[:-1] for g in self.generations]
 
-    def _accept(self, tokens: np.ndarray, seen: list[np.ndarray], done: list[bool]) -> list[int | None]:
+    def _accept(self, tokens: np.ndarray, seen: Seen, done: list[bool]) -> list[int | None]:
         """Record each unfinished row's token; None for rows already done."""
         new: list[int | None] = []
         for row, token in enumerate(tokens.tolist()):
@@ -141,11 +141,11 @@ class DecodeLoop:
                 new.append(None)
                 continue
             new.append(token)
-            seen[row] = np.append(seen[row], token)
+            seen.table[row, token] = True
             done[row] = self._record(self.generations[row], token)
         return new
 
-    def _choose(self, scores: StepScores, seen: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    def _choose(self, scores: StepScores, seen: Seen, rng: np.random.Generator) -> np.ndarray:
         return next_tokens(scores, slice(None), self.sampling, seen, rng, self.manifest.tokenizer.vocab_size)
 
     def _prefill_leading_chunks(self) -> int:
@@ -177,8 +177,8 @@ class DecodeLoop:
         return len(generation.output_ids) >= self.max_new_tokens
 
 
-def next_tokens(scores: StepScores, rows: slice, sampling: SamplingConfig, seen: list[np.ndarray],
-                rng: np.random.Generator, vocab: int) -> np.ndarray:
+def next_tokens(scores: StepScores, rows: slice | np.ndarray, sampling: SamplingConfig, seen: Seen, rng: Draws,
+                vocab: int) -> np.ndarray:
     """The next token of each of `rows`: from the device's candidates when they decide it, else from the
     full logits (copied to the host), never an id at or past `vocab` (the embedding's padding rows)."""
     if scores.top_logits is not None:

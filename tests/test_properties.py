@@ -19,7 +19,7 @@ from qwen2_export.errors import ConfigError
 from qwen2_export.synthetic import tiny_config
 from runtime import Model
 from runtime.errors import RuntimeInputError
-from runtime.sampling import SAMPLING_OPTIONS, SamplingConfig, choose_tokens, sampling_from_generation_config
+from runtime.sampling import SAMPLING_OPTIONS, SamplingConfig, Seen, choose_tokens, sampling_from_generation_config
 from runtime.tokenizer import TextTokenizer
 
 ANY_VALUE = st.one_of(
@@ -45,7 +45,7 @@ def test_sampling_options_end_in_our_error_or_a_valid_choice(overrides, generati
     assert math.isfinite(config.temperature) and config.temperature > 0 and 0 < config.top_p <= 1
     logits = np.random.default_rng(0).standard_normal((2, 40)).astype(np.float32)
     with np.errstate(over="ignore", divide="ignore"):  # extreme values overflow to inf on purpose
-        tokens = choose_tokens(logits, config, [np.array([1, 2]), np.array([3])], np.random.default_rng(config.seed))
+        tokens = choose_tokens(logits, config, Seen.of([[1, 2], [3]], 40), np.random.default_rng(config.seed))
     assert tokens.shape == (2,) and all(0 <= t < 40 for t in tokens)
 
 
@@ -55,7 +55,7 @@ def test_a_tiny_temperature_draws_the_best_token_not_token_0():
     for temperature in (1e-30, 1e-300, 5e-324):
         config = SamplingConfig(do_sample=True, temperature=temperature)
         with np.errstate(over="ignore", divide="ignore"):
-            tokens = choose_tokens(logits, config, [np.array([], np.int64)] * 3, np.random.default_rng(0))
+            tokens = choose_tokens(logits, config, Seen.of([[]] * 3, 50), np.random.default_rng(0))
         assert tokens.tolist() == logits.argmax(axis=-1).tolist()
 
 

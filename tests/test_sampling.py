@@ -14,6 +14,7 @@ from transformers.generation.logits_process import (
 
 from runtime import RuntimeInputError, SamplingConfig
 from runtime.sampling import (
+    Seen,
     apply_repetition_penalty,
     choose_from_candidates,
     choose_tokens,
@@ -57,7 +58,7 @@ def test_min_p_matches_transformers(min_p):
 
 def test_repetition_penalty_matches_transformers():
     seen = [[0, 3, 3], [4, 5, 1]]
-    ours = apply_repetition_penalty(LOGITS, [np.array(ids) for ids in seen], 1.3)
+    ours = apply_repetition_penalty(LOGITS, Seen.of(seen, LOGITS.shape[1]), 1.3)
     np.testing.assert_allclose(ours, reference(RepetitionPenaltyLogitsProcessor(1.3), LOGITS, seen), rtol=1e-6)
     assert ours[0, 0] == pytest.approx(2.0 / 1.3) and ours[0, 3] == pytest.approx(-1.3)
 
@@ -69,22 +70,22 @@ def test_full_chain_in_transformers_order():
         RepetitionPenaltyLogitsProcessor(1.05), TemperatureLogitsWarper(0.7), TopKLogitsWarper(20),
         TopPLogitsWarper(0.8), MinPLogitsWarper(0.05),
     ])
-    ours = filtered_logits(RANDOM, config, [np.array(ids) for ids in seen])
+    ours = filtered_logits(RANDOM, config, Seen.of(seen, RANDOM.shape[1]))
     np.testing.assert_allclose(ours, reference(chain, RANDOM, seen), rtol=1e-5)
 
 
 def test_greedy_takes_argmax_after_the_penalty():
     config = SamplingConfig(do_sample=False, repetition_penalty=10.0)
     logits = np.array([[3.0, 2.9, 0.0]], dtype=np.float32)
-    assert choose_tokens(logits, config, [np.array([0])], np.random.default_rng()).tolist() == [1]
+    assert choose_tokens(logits, config, Seen.of([[0]], 3), np.random.default_rng()).tolist() == [1]
 
 
 def test_draws_follow_the_filtered_distribution_and_a_seed_repeats():
     config = SamplingConfig(do_sample=True, top_k=2)
     logits = np.array([[np.log(0.7), np.log(0.3), 5.0 - 100]], dtype=np.float32).repeat(4000, axis=0)
-    draws = choose_tokens(logits, config, [np.array([], dtype=np.int64)] * 4000, np.random.default_rng(7))
+    draws = choose_tokens(logits, config, Seen.of([[]] * 4000, 3), np.random.default_rng(7))
     assert set(draws.tolist()) == {0, 1} and abs((draws == 0).mean() - 0.7) < 0.03
-    again = choose_tokens(logits, config, [np.array([], dtype=np.int64)] * 4000, np.random.default_rng(7))
+    again = choose_tokens(logits, config, Seen.of([[]] * 4000, 3), np.random.default_rng(7))
     np.testing.assert_array_equal(draws, again)
 
 
@@ -130,7 +131,7 @@ def test_candidates_choose_what_the_full_row_chooses(config):
         logits = (rng.normal(size=(3, 300)) * 2).astype(np.float32)
         if trial % 4 == 0:
             logits = np.round(logits)  # many ties
-        seen = [rng.integers(0, 300, size=rng.integers(1, 60)) for _ in range(3)]
+        seen = Seen.of([rng.integers(0, 300, size=rng.integers(1, 60)) for _ in range(3)], 300)
         values, ids = candidates_of(logits, 16 if trial % 2 else 64)
         chosen = choose_from_candidates(values, ids, config, seen, np.random.default_rng(trial))
         if chosen is None:
@@ -143,7 +144,7 @@ def test_candidates_choose_what_the_full_row_chooses(config):
 def test_candidates_refuse_what_needs_the_full_row():
     logits = RANDOM[:, :40]
     values, ids = candidates_of(logits, 8)
-    seen = [np.array([0])] * len(logits)
+    seen = Seen.of([[0]] * len(logits), 40)
     rng = np.random.default_rng(0)
     assert choose_from_candidates(values, ids, SamplingConfig(do_sample=True), seen, rng) is None  # no top_k
     assert choose_from_candidates(values, ids, SamplingConfig(do_sample=True, top_k=9), seen, rng) is None  # k > K
@@ -152,5 +153,5 @@ def test_candidates_refuse_what_needs_the_full_row():
     flat = np.zeros((1, 40), np.float32)
     flat[0, :8] = 1.0
     values, ids = candidates_of(flat, 8)
-    assert choose_from_candidates(values, ids, SamplingConfig(repetition_penalty=2.0), [np.arange(8)], rng) is None
+    assert choose_from_candidates(values, ids, SamplingConfig(repetition_penalty=2.0), Seen.of([range(8)], 40), rng) is None
     assert rng.random() == np.random.default_rng(0).random()  # nothing was drawn

@@ -160,6 +160,25 @@ def test_requests_that_join_together_are_prefilled_in_one_step_and_get_their_tok
     assert threads == {"batcher"}  # warm-up and prefills on one thread: onnxruntime keeps per-thread plans
 
 
+def test_sampled_rows_alike_but_for_their_seed_are_chosen_together_and_each_gets_its_tokens_alone(model):
+    """Rows with the same settings share one token choice per step, each drawing from its own seeded stream
+    (from the candidates with top_k, from the full row without), and with a repetition penalty over the
+    ids each has seen: every request still gets what generate gives it alone."""
+    settings = [{"temperature": 0.8, "top_k": 5, "repetition_penalty": 1.3}, {"temperature": 1.2, "top_k": 0}]
+    options = [{**settings[i % 2], "seed": seed} for i, seed in enumerate([3, 3, 8, 5, 11])]
+    prompts = [[(7 * i + j) % 400 for j in range(3 + 4 * i)] for i in range(len(options))]
+    expected = [model.generate(p, max_new_tokens=8, **o).output_ids for p, o in zip(prompts, options)]
+    batcher = Batcher(model.session, model.manifest, max_batch=8, capacity=64)
+    got, _, done, sink = collect(len(prompts))
+    for i, (prompt, option) in enumerate(zip(prompts, options)):
+        batcher.submit(BatchRequest(prompt, model.sampling(**option), 8, sink(i)))
+    batcher.start()
+    assert all(event.wait(60) for event in done)
+    batcher.stop()
+    assert got == expected
+    assert len({tuple(tokens) for tokens in got}) == len(got)  # the seeds made a difference
+
+
 def test_a_warm_up_that_fails_is_raised_by_start_and_nothing_is_served(model, monkeypatch):
     def broken(*step):
         raise RuntimeError("out of memory")
