@@ -11,7 +11,9 @@ so a capturing runner (CUDA graphs) replays it; an idle row inside the bucket fe
 a mask of one position.
 
 Token choice is per row (its own sampling options, seed and repetition history), from the graph's
-candidates when they decide it, as in runtime/generate.py.
+candidates when they decide it, as in runtime/generate.py; rows alike but for their seed are chosen in
+one call. A step's tokens reach their requests while the next decode step runs: the runner launches it
+first (on CUDA the launch returns before the GPU is done) and is waited for after the hand-out.
 """
 
 from __future__ import annotations
@@ -156,6 +158,8 @@ class Batcher:
         self.thread: threading.Thread | None = None
         self.stats = BatcherStats()
         self.on_step: Callable[[], None] = lambda: None  # after each step's tokens went to their sinks
+        # (sink, token, reason) chosen but not yet handed out: deliver() sends them while the next step runs
+        self.events: list[tuple[TokenSink, int | None, str | None]] = []
         self.ended: str | None = None  # why the thread ended on a failure
 
     def submit(self, request: BatchRequest) -> None:
@@ -242,11 +246,12 @@ class Batcher:
             log.exception("the batcher failed")
             self.ended = f"the batcher failed: {one_line(error)}"
             self.cancel_all(FAILED)
-            self.on_step()
 
     def serve(self) -> None:
         while True:
-            taken = [] if any(self.rows) else [self.waiting.get()]  # idle: wait for a request
+            if not any(self.rows):  # idle: hand out the last step's tokens, then wait for a request
+                self.deliver()
+            taken = [] if any(self.rows) else [self.waiting.get()]
             started = time.perf_counter()
             joining, stopping = self.take_waiting(taken)
             if stopping:
@@ -256,8 +261,14 @@ class Batcher:
             self.admit(joining)
             self.decode()
             self.stats.busy_seconds += time.perf_counter() - started
-            self.on_step()
         self.cancel_all()
+
+    def deliver(self) -> None:
+        """Hand the tokens and endings chosen since the last call to their requests' sinks, in order,
+        then on_step."""
+        events, self.events = self.events, []
+        for sink, token, reason in events:
+            sink(token, reason)
         self.on_step()
 
     def take_waiting(self, taken: list[BatchRequest | None]) -> tuple[list[BatchRequest], bool]:
@@ -315,7 +326,9 @@ class Batcher:
         size = self.bucket(busy[-1] + 1)
         inputs = self.decode_inputs(size, busy)
         began = time.perf_counter()
-        scores = self.session.steps.step(inputs, self.decode_view(size))
+        pending = self.session.steps.launch(inputs, self.decode_view(size))
+        self.deliver()  # the previous steps' tokens go out while this one runs (where the runner queues it)
+        scores = pending()
         self.stats.decode_seconds += time.perf_counter() - began
         self.stats.decode_steps += 1
         self.stats.decode_rows += len(busy)
@@ -358,7 +371,7 @@ class Batcher:
             row.length += 1
             row.next_token = token
             row.generated += 1
-            request.sink(token, None)
+            self.events.append((request.sink, token, None))
             if token in request.stop_token_ids:
                 self.finish(index, "stop_token")
             elif row.generated >= request.max_new_tokens:
@@ -381,11 +394,12 @@ class Batcher:
         return tokens
 
     def finish(self, index: int, reason: str) -> None:
-        request = self.rows[index].request
+        """Free the row now; its request hears `reason` with the step's tokens (deliver)."""
+        self.events.append((self.rows[index].request.sink, None, reason))
         self.rows[index] = None
-        request.sink(None, reason)
 
     def cancel_all(self, reason: str = "cancelled") -> None:
+        """End every running and waiting request with `reason`, after the tokens already chosen."""
         for index, row in enumerate(self.rows):
             if row is not None:
                 self.finish(index, reason)
@@ -393,6 +407,7 @@ class Batcher:
             try:
                 request = self.waiting.get_nowait()
             except queue.Empty:
-                return
+                break
             if request is not None:
-                request.sink(None, reason)
+                self.events.append((request.sink, None, reason))
+        self.deliver()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 import weakref
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnxruntime as ort
@@ -74,11 +74,16 @@ class CapturedSteps(PlainSteps):
         prompt = batch == 1 and 1 < tokens == width <= LONGEST_CAPTURED_PROMPT
         if not (decode or prompt):
             return super().step(inputs, cache)
+        logits, candidates = self.captured_step(cache, batch, tokens, width).step(
+            self.session, inputs.input_ids, inputs.attention_mask, self.write)
+        return self.scores(logits, candidates)
+
+    def captured_step(self, cache: KVCache, batch: int, tokens: int, width: int) -> CapturedStep:
+        """The captured step of `cache` that feeds `tokens` per row, made on first use."""
         steps = self.captured.setdefault(cache, {})
         if tokens not in steps:
             steps[tokens] = CapturedStep(self.session, cache, batch, tokens, width, self.vocab, self.graph, self.device)
-        logits, candidates = steps[tokens].step(self.session, inputs.input_ids, inputs.attention_mask, self.write)
-        return self.scores(logits, candidates)
+        return steps[tokens]
 
     def run_options(self) -> ort.RunOptions:
         return self.uncaptured
@@ -111,6 +116,20 @@ class PipelinedSteps(CapturedSteps):
                                                               self.stream, self.device)
         logits, candidates = pipeline.step(int(inputs.input_ids[0, 0]), inputs.attention_mask, next_mask)
         return self.scores(logits, candidates)
+
+    def launch(self, inputs: StepInputs, cache: KVCache) -> Callable[[], StepScores]:
+        """A decode step queued on the stream (its replay returns once launched); the returned call waits
+        for this step alone and reads its candidates. Other steps run at once."""
+        (batch, tokens), width = inputs.input_ids.shape, inputs.attention_mask.shape[1]
+        if not (tokens == 1 and width == cache.capacity):
+            return super().launch(inputs, cache)
+        captured = self.captured_step(cache, batch, tokens, width)
+        event = captured.queue(self.session, inputs.input_ids, inputs.attention_mask, self.write, self.stream)
+
+        def collect() -> StepScores:
+            self.stream.wait(event)
+            return self.scores(captured.logits, captured.read_candidates() if captured.k else [])
+        return collect
 
     def settle(self, cache: KVCache) -> None:
         pipeline = self.pipelines.get(cache)
@@ -155,6 +174,7 @@ class CapturedStep:
             bind(name, device, 0, dtype, shape, base.data_ptr() + offset_bytes)
 
         self.batch, self.width, self.k = batch, width, graph.token_candidates
+        self.runs = 0  # replays before capture: the first two runs are onnxruntime's warm-up and capture
         self.binding = session.io_binding()
         if ids_from is None:
             self.inputs = device_buffer([batch * (tokens + self.width)], np.int64, device)  # [input_ids | attention_mask]
@@ -189,11 +209,26 @@ class CapturedStep:
         """Write this step's inputs into the bound buffer with `write` (through onnxruntime's compute
         stream when it is ours, so the write is ordered before the run), run (capture or replay);
         returns the device logits and the candidates [top_logits, top_ids] on the host (empty when none)."""
-        write(self.inputs, np.concatenate([np.ravel(input_ids), np.ravel(attention_mask)]).astype(np.int64, copy=False))
+        self.write_inputs(input_ids, attention_mask, write)
         session.run_with_iobinding(self.binding, self.run_options)
+        self.runs += 1
         if self.candidates is None:
             return self.logits, []
         return self.logits, self.read_candidates()
+
+    def queue(self, session: ort.InferenceSession, input_ids: np.ndarray, attention_mask: np.ndarray, write,
+              stream) -> Any:
+        """As step, but return once the replay is queued on `stream` (its first two runs are synchronous:
+        onnxruntime runs the graph once before capturing it on the second); an event of `stream` that
+        completes with the step."""
+        self.write_inputs(input_ids, attention_mask, write)
+        warming = self.runs < 2
+        session.run_with_iobinding(self.binding, self.run_options if warming else self.queue_options)
+        self.runs += 1
+        return stream.record()
+
+    def write_inputs(self, input_ids: np.ndarray, attention_mask: np.ndarray, write) -> None:
+        write(self.inputs, np.concatenate([np.ravel(input_ids), np.ravel(attention_mask)]).astype(np.int64, copy=False))
 
     def read_candidates(self) -> list[np.ndarray]:
         """[top_logits, top_ids], each [batch, K], copied to the host (after the step has run)."""
@@ -223,7 +258,6 @@ class DecodePipeline:
                       for i in range(2)]
         self.session, self.stream = session, stream
         self.events: list = [None, None]
-        self.runs = [0, 0]  # per step: the first two run synchronously (see launch)
         self.reruns = 0  # steps queued again because the host chose another token than the best candidate
         self.queued: int | None = None  # the step queued ahead, fed by the current step's best candidate
         self.fed_with = -1  # that candidate's id
@@ -261,9 +295,9 @@ class DecodePipeline:
         captured = self.steps[step]
         if attention_mask is not None:
             self.stream.write(captured.inputs, np.ravel(attention_mask).astype(np.int64, copy=False))
-        warming = self.runs[step] < 2
+        warming = captured.runs < 2
         self.session.run_with_iobinding(captured.binding, captured.run_options if warming else captured.queue_options)
-        self.runs[step] += 1
+        captured.runs += 1
         self.events[step] = self.stream.record()
 
     def rerun(self, step: int, token: int) -> None:

@@ -43,12 +43,13 @@ class Sampling:
     seed: int | None = None
 
     def options(self) -> dict[str, Any]:
-        """Model.sampling's options: temperature 0 is greedy, as OpenAI defines it."""
+        """Model.sampling's options: temperature 0 is greedy and any other samples, as OpenAI defines it and
+        vLLM does (whatever do_sample generation_config.json holds)."""
         options = {key: value for key, value in self.__dict__.items() if value is not None and key != "temperature"}
         if self.temperature == 0:
             options["do_sample"] = False
         elif self.temperature is not None:
-            options["temperature"] = self.temperature
+            options["temperature"], options["do_sample"] = self.temperature, True
         if self.top_k == -1:  # vLLM's "off"
             options["top_k"] = 0
         return options

@@ -10,6 +10,9 @@ The decode loop (runtime/generate.py) calls the same methods whatever the runner
     step(inputs, cache, next_mask)   run one step, advance `cache`, return the last token's scores;
                                      next_mask, when given, is the mask of the decode step that will
                                      follow (a runner may queue that step before the host has chosen)
+    launch(inputs, cache)            start a step; returns the call that waits for its scores (a runner
+                                     with its own stream returns before the GPU is done: the batcher
+                                     hands out the previous step's tokens meanwhile)
     settle(cache)                    wait for anything still queued on `cache`
     uncaptured_step(inputs, cache)   a step run as it is, never captured (runtime/batcher.py's prefills)
 
@@ -59,6 +62,8 @@ class StepRunner(Protocol):
 
     def step(self, inputs: StepInputs, cache: KVCache, next_mask: np.ndarray | None = None) -> StepScores: ...
 
+    def launch(self, inputs: StepInputs, cache: KVCache) -> Callable[[], StepScores]: ...
+
     def uncaptured_step(self, inputs: StepInputs, cache: KVCache) -> StepScores: ...
 
     def settle(self, cache: KVCache) -> None: ...
@@ -102,6 +107,10 @@ class PlainSteps:
         if not shared:
             cache.values = outputs[1 + len(self.candidates):]
         return self.scores(outputs[0], [value.numpy() for value in outputs[1 : 1 + len(self.candidates)]])
+
+    def launch(self, inputs: StepInputs, cache: KVCache) -> Callable[[], StepScores]:
+        scores = self.step(inputs, cache)  # run to the end here
+        return lambda: scores
 
     def settle(self, cache: KVCache) -> None:
         pass  # every step ran to the end

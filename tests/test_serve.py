@@ -179,6 +179,37 @@ def test_sampled_rows_alike_but_for_their_seed_are_chosen_together_and_each_gets
     assert len({tuple(tokens) for tokens in got}) == len(got)  # the seeds made a difference
 
 
+def test_a_decode_steps_tokens_go_out_while_the_next_step_runs(model, monkeypatch):
+    """The batcher launches step n+1 before it hands out step n's tokens and waits for n+1 after (on CUDA
+    the launch returns before the GPU is done: the hand-out overlaps the step); each request still ends
+    after its last token."""
+    order, launch = [], model.session.steps.launch
+
+    def traced(inputs, cache):
+        order.append("launch")
+        pending = launch(inputs, cache)
+        return lambda: order.append("wait") or pending()
+
+    monkeypatch.setattr(model.session.steps, "launch", traced)
+    batcher = Batcher(model.session, model.manifest, max_batch=2, capacity=64)
+    greedy = model.sampling(greedy=True, repetition_penalty=1.0)
+    batcher.submit(BatchRequest([5, 6, 7], greedy, 3, lambda token, reason: order.append(reason or "token")))
+    batcher.start()
+    while "length" not in order:
+        time.sleep(0.01)
+    batcher.stop()
+    # the prefill's token, then each decode step's while the next one runs; the last after the loop
+    assert order == ["launch", "token", "wait", "launch", "token", "wait", "token", "length"]
+
+
+def test_a_temperature_above_0_samples_whatever_generation_config_says_and_0_is_greedy():
+    from runtime.openai_api import Sampling
+
+    assert Sampling(temperature=0.7, top_p=0.8).options() == {"temperature": 0.7, "do_sample": True, "top_p": 0.8}
+    assert Sampling(temperature=0).options() == {"do_sample": False}
+    assert Sampling(top_k=-1).options() == {"top_k": 0}  # no temperature: generation_config.json decides
+
+
 def test_a_warm_up_that_fails_is_raised_by_start_and_nothing_is_served(model, monkeypatch):
     def broken(*step):
         raise RuntimeError("out of memory")

@@ -41,11 +41,17 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-async def one_stream(port: int, prompt: list[int], new_tokens: int) -> dict:
+# token choice of every request: greedy (the issue's measurement), or Qwen2.5-Instruct's sampling defaults
+# (generation_config.json), which puts the host's per-row work (filters, seeded draws, penalty) in the loop
+SAMPLINGS = {"greedy": {"temperature": 0, "repetition_penalty": 1.0},
+             "qwen": {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}}
+
+
+async def one_stream(port: int, prompt: list[int], new_tokens: int, sampling: dict) -> dict:
     """One streamed completion over a plain HTTP/1.1 connection (standard library only: nothing to carry to
     the device); the arrival time of each event that carries text."""
-    body = json.dumps({"model": "bench", "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": True,
-                       "stream_options": {"include_usage": True}, "ignore_eos": True, "repetition_penalty": 1.0}).encode()
+    body = json.dumps({"model": "bench", "prompt": prompt, "max_tokens": new_tokens, "stream": True,
+                       "stream_options": {"include_usage": True}, "ignore_eos": True, **sampling}).encode()
     started, stamps, tokens = time.perf_counter(), [], 0
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
@@ -85,9 +91,10 @@ def bench_prompts(clients: int, prompt_tokens: int, seed: int) -> list[list[int]
     return [rng.integers(0, 400, size=prompt_tokens).tolist() for _ in range(clients)]
 
 
-async def concurrent(port: int, clients: int, prompt_tokens: int, new_tokens: int, seed: int) -> dict:
+async def concurrent(port: int, clients: int, prompt_tokens: int, new_tokens: int, seed: int, sampling: dict) -> dict:
     started = time.perf_counter()
-    results = await asyncio.gather(*(one_stream(port, p, new_tokens) for p in bench_prompts(clients, prompt_tokens, seed)))
+    results = await asyncio.gather(*(one_stream(port, p, new_tokens, sampling)
+                                     for p in bench_prompts(clients, prompt_tokens, seed)))
     return summary(clients, started, results)
 
 
@@ -181,11 +188,12 @@ def main() -> None:
     parser.add_argument("--clients", default="1,4,16,64")
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--sampling", choices=sorted(SAMPLINGS), default="greedy")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     counts = [int(n) for n in args.clients.split(",")]
     report = {"artifact": str(args.artifact), "device": args.device, "prompt_tokens": args.prompt_tokens,
-              "new_tokens": args.new_tokens}
+              "new_tokens": args.new_tokens, "sampling": args.sampling}
     model = Model.load(args.artifact, device=args.device, cuda_graph=args.device == "cuda")
     report["generate_decode_ms_per_token"] = generate_decode_ms(model, args.prompt_tokens, args.new_tokens)
     print(json.dumps(report), flush=True)
@@ -195,7 +203,8 @@ def main() -> None:
     report["warm_up_prefill_shapes"] = len(batcher.start(warm_up=True))  # as the server's engine process does
     report["warm_up_s"] = time.perf_counter() - began
     print(json.dumps({key: report[key] for key in ("warm_up_prefill_shapes", "warm_up_s")}), flush=True)
-    sampling = model.sampling(greedy=True, repetition_penalty=1.0)
+    options = SAMPLINGS[args.sampling]
+    sampling = model.sampling(greedy=True, repetition_penalty=1.0) if args.sampling == "greedy" else model.sampling(do_sample=True, **options)
     report["engine"], report["runs"] = [], []
     # both loaded at once, each count run on one then the other, the first of the two alternating, so
     # neither side gets the machine's better minutes (clocks, heat)
@@ -203,7 +212,7 @@ def main() -> None:
                        "--max-batch", str(max(counts)), "--max-context", str(context)) as (_, port):
         for clients in counts:  # each batch size's first decode step is captured here, not in a timed run
             engine(batcher, sampling, clients, args.prompt_tokens, 8, seed=99)
-            asyncio.run(concurrent(port, clients, args.prompt_tokens, 8, seed=99))
+            asyncio.run(concurrent(port, clients, args.prompt_tokens, 8, seed=99, sampling=options))
         for index, clients in enumerate(counts):
             for side in ("engine", "served")[:: 1 if index % 2 == 0 else -1]:
                 if side == "engine":
@@ -214,7 +223,8 @@ def main() -> None:
                     print(json.dumps({"engine": run}), flush=True)
                 else:
                     before = scrape(port)
-                    run = asyncio.run(concurrent(port, clients, args.prompt_tokens, args.new_tokens, seed=clients))
+                    run = asyncio.run(concurrent(port, clients, args.prompt_tokens, args.new_tokens, seed=clients,
+                                                 sampling=options))
                     run.update(where_time_went(before, scrape(port)))
                     run["single_stream_itl_over_generate"] = run["itl_ms_p50"] / report["generate_decode_ms_per_token"]
                     report["runs"].append(run)
