@@ -62,12 +62,11 @@ class BatchRequest:
 
 @dataclass
 class Row:
-    """A busy row: its request, how many positions its KV holds, the token to feed next, its own random
-    stream (the request's seed) and its sampling settings but the seed (rows alike are chosen together)."""
+    """A busy row: its request, how many positions its KV holds, its own random stream (the request's
+    seed) and its sampling settings but the seed (rows alike are chosen together)."""
 
     request: BatchRequest
     length: int
-    next_token: int = 0
     generated: int = 0
     rng: np.random.Generator = field(init=False)
     settings: SamplingConfig = field(init=False)
@@ -154,6 +153,11 @@ class Batcher:
         self.decode_views: dict[int, KVCache] = {}  # per bucket, kept: the runner's captures are keyed by them
         self.rows: list[Row | None] = [None] * max_batch
         self.seen = np.zeros((max_batch, self.vocab), bool)  # ids each row's request has seen: sampling.Seen
+        # the decode step's inputs, kept up to date row by row (not rebuilt each step): each busy row's
+        # next token over the positions it holds, an idle row's pad token over one position
+        self.step_ids = np.full((max_batch, 1), self.pad, np.int64)
+        self.step_mask = np.zeros((max_batch, capacity), np.int64)
+        self.step_mask[:, 0] = 1
         self.waiting: queue.Queue[BatchRequest | None] = queue.Queue()
         self.thread: threading.Thread | None = None
         self.stats = BatcherStats()
@@ -214,7 +218,7 @@ class Batcher:
             self.session.steps.uncaptured_step(PADDINGS[contract.RIGHT](self.pad).prefill([[self.pad] * length] * rows, 0),
                                                self.cache.view(0, rows))
         for size in self.batch_sizes():
-            self.session.steps.step(self.decode_inputs(size, []), self.decode_view(size))
+            self.session.steps.step(self.decode_inputs(size), self.decode_view(size))
         return shapes
 
     def prefill_shape(self, count: int, longest: int) -> tuple[int, int]:
@@ -299,6 +303,8 @@ class Batcher:
             self.rows[index] = Row(request, len(request.prompt_ids) - 1)  # its last prompt token counts as fed
             self.seen[index] = False
             self.seen[index, request.prompt_ids] = True
+            self.step_mask[index] = 0
+            self.step_mask[index, : len(request.prompt_ids)] = 1  # accept adds the position its first token takes
             self.stats.prompt_tokens += len(request.prompt_ids)
         lengths = [len(request.prompt_ids) for request in joining]
         for start, stop in prefill_groups(rows, lengths, size=lambda count, longest: math.prod(self.prefill_shape(count, longest))):
@@ -324,7 +330,7 @@ class Batcher:
         if not busy:
             return
         size = self.bucket(busy[-1] + 1)
-        inputs = self.decode_inputs(size, busy)
+        inputs = self.decode_inputs(size)
         began = time.perf_counter()
         pending = self.session.steps.launch(inputs, self.decode_view(size))
         self.deliver()  # the previous steps' tokens go out while this one runs (where the runner queues it)
@@ -334,17 +340,10 @@ class Batcher:
         self.stats.decode_rows += len(busy)
         self.accept(busy, scores, offsets=busy)
 
-    def decode_inputs(self, size: int, busy: list[int]) -> StepInputs:
-        """A decode step of the first `size` rows: each busy row feeds its next token over the positions it
-        holds; an idle row feeds the pad token over one position."""
-        ids = np.full((size, 1), self.pad, np.int64)
-        mask = np.zeros((size, self.capacity), np.int64)
-        mask[:, 0] = 1
-        for index in busy:
-            row = self.rows[index]
-            ids[index, 0] = row.next_token
-            mask[index, : row.length + 1] = 1
-        return StepInputs(ids, mask, None)
+    def decode_inputs(self, size: int) -> StepInputs:
+        """A decode step of the first `size` rows (views of step_ids and step_mask: a runner copies them
+        before they change, which is after the step)."""
+        return StepInputs(self.step_ids[:size], self.step_mask[:size], None)
 
     def batch_sizes(self) -> list[int]:
         """Every row count `bucket` gives: the decode steps' batch sizes, and the padded prefills' rows."""
@@ -366,10 +365,11 @@ class Batcher:
         self.stats.generated_tokens += len(rows)  # counted before a sink hears of them
         tokens = self.choose(scores, indices, list(offsets))
         self.seen[indices, tokens] = True
+        self.step_ids[indices, 0] = tokens
         for index, row, token in zip(indices, rows, tokens):
             request = row.request
             row.length += 1
-            row.next_token = token
+            self.step_mask[index, row.length] = 1
             row.generated += 1
             self.events.append((request.sink, token, None))
             if token in request.stop_token_ids:
@@ -397,6 +397,9 @@ class Batcher:
         """Free the row now; its request hears `reason` with the step's tokens (deliver)."""
         self.events.append((self.rows[index].request.sink, None, reason))
         self.rows[index] = None
+        self.step_ids[index] = self.pad
+        self.step_mask[index] = 0
+        self.step_mask[index, 0] = 1
 
     def cancel_all(self, reason: str = "cancelled") -> None:
         """End every running and waiting request with `reason`, after the tokens already chosen."""
