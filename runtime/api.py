@@ -171,7 +171,9 @@ class Model(ModelText):
         for each prompt size happens here instead of inside a request. On CUDA that is the MoE
         kernel's GEMM tactic profiling, which runs once per MoE node for each power-of-two token count
         up to 8,192 (10.4 s for the first 4,096-token prompt at Qwen2-57B-A14B shapes with 4 layers),
-        and each bucket's capture (0.1-1.2 s at 7B shapes). Returns the prompt lengths run."""
+        and each bucket's capture (0.1-1.2 s at 7B shapes). onnxruntime keeps its cuDNN attention plans
+        per thread, so an uncaptured prompt (a batch, or past the captured buckets) is warm only on the
+        thread that ran this. Returns the prompt lengths run."""
         context = self.manifest.model.context_length
         limit = min(context - 1, WARM_UP_LIMIT) if max_prompt_tokens is None else max_prompt_tokens
         if not 0 < limit < context:
