@@ -6,8 +6,9 @@ in the batcher's whole loop (the rest is token choice, hand-over to the event lo
 rows per decode step, prefill steps and their ms.
 
 The server runs as users run it (`python -m runtime serve`, its own process); the clients are asyncio
-streams of /v1/completions (token-id prompts of --prompt-tokens, --new-tokens each, greedy, stop tokens
-ignored so every stream has the same length) in this process. The same requests are also given to a
+streams of /v1/completions (token-id prompts of --prompt-tokens, --new-tokens each, greedy or with
+`--sampling qwen` Qwen2.5-Instruct's sampling defaults, stop tokens ignored so every stream has the same
+length) in this process. The same requests are also given to a
 batcher in this process, without HTTP ("engine"), loaded beside the server and run in turn with it for
 each client count: the difference is what the server's side costs.
 
