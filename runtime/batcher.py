@@ -206,10 +206,11 @@ class Batcher:
         return warmed
 
     def warm_up(self) -> list[tuple[int, int]]:
-        """Before serving, on the batcher's thread (start(warm_up=True)): run the largest prefill step the batcher can take (one long prompt, or rows of
-        PREFILL_TOKENS together), so onnxruntime's memory arena grows to its peak once, then every prefill
-        shape prefill_shape can give (a new shape's first run costs more), and a decode step of every
-        batch size, so each is captured (on CUDA) before a request waits on it. Returns the prefill
+        """Before serving, on the batcher's thread (start(warm_up=True)): run the largest prefill step the
+        batcher can take (one long prompt, or rows of PREFILL_TOKENS together), so onnxruntime's memory
+        arena grows to its peak once, then every prefill shape prefill_shape can give (a new shape's
+        first run costs more), and a decode step of every batch size, so each is captured (on CUDA)
+        before a request waits on it. Returns the prefill
         shapes run, as (rows, length). The rows' old contents need no clearing: the masks of later steps
         say which positions hold keys."""
         length = min(self.capacity - 1, PREFILL_TOKENS)
@@ -253,9 +254,10 @@ class Batcher:
 
     def serve(self) -> None:
         while True:
+            taken: list[BatchRequest | None] = []
             if not any(self.rows):  # idle: hand out the last step's tokens, then wait for a request
                 self.deliver()
-            taken = [] if any(self.rows) else [self.waiting.get()]
+                taken.append(self.waiting.get())
             started = time.perf_counter()
             joining, stopping = self.take_waiting(taken)
             if stopping:

@@ -128,7 +128,7 @@ class PipelinedSteps(CapturedSteps):
 
         def collect() -> StepScores:
             self.stream.wait(event)
-            return self.scores(captured.logits, captured.read_candidates() if captured.k else [])
+            return self.scores(*captured.results())
         return collect
 
     def settle(self, cache: KVCache) -> None:
@@ -212,20 +212,27 @@ class CapturedStep:
         self.write_inputs(input_ids, attention_mask, write)
         session.run_with_iobinding(self.binding, self.run_options)
         self.runs += 1
-        if self.candidates is None:
-            return self.logits, []
-        return self.logits, self.read_candidates()
+        return self.results()
 
     def queue(self, session: ort.InferenceSession, input_ids: np.ndarray, attention_mask: np.ndarray, write,
               stream) -> Any:
-        """As step, but return once the replay is queued on `stream` (its first two runs are synchronous:
-        onnxruntime runs the graph once before capturing it on the second); an event of `stream` that
-        completes with the step."""
+        """As step, but return once the replay is queued on `stream`: an event of `stream` that completes
+        with the step (then `results`)."""
         self.write_inputs(input_ids, attention_mask, write)
+        return self.enqueue(session, stream)
+
+    def enqueue(self, session: ort.InferenceSession, stream) -> Any:
+        """Run with the inputs as they are in the bound buffers, returning once queued on `stream`; an
+        event that completes with the step. The first two runs are synchronous: onnxruntime runs the
+        graph once before capturing it on the second."""
         warming = self.runs < 2
         session.run_with_iobinding(self.binding, self.run_options if warming else self.queue_options)
         self.runs += 1
         return stream.record()
+
+    def results(self) -> tuple[ort.OrtValue, list[np.ndarray]]:
+        """The device logits and, when the graph makes them, the candidates on the host (after the step ran)."""
+        return self.logits, self.read_candidates() if self.candidates is not None else []
 
     def write_inputs(self, input_ids: np.ndarray, attention_mask: np.ndarray, write) -> None:
         write(self.inputs, np.concatenate([np.ravel(input_ids), np.ravel(attention_mask)]).astype(np.int64, copy=False))
@@ -290,15 +297,11 @@ class DecodePipeline:
         self.stream.write(source, words)
 
     def launch(self, step: int, attention_mask: np.ndarray | None) -> None:
-        """Queue `step` with this mask (None: the mask it last ran with). The first two runs of each
-        step are synchronous: onnxruntime runs the graph once before capturing it on the second."""
+        """Queue `step` with this mask (None: the mask it last ran with)."""
         captured = self.steps[step]
         if attention_mask is not None:
             self.stream.write(captured.inputs, np.ravel(attention_mask).astype(np.int64, copy=False))
-        warming = captured.runs < 2
-        self.session.run_with_iobinding(captured.binding, captured.run_options if warming else captured.queue_options)
-        captured.runs += 1
-        self.events[step] = self.stream.record()
+        self.events[step] = captured.enqueue(self.session, self.stream)
 
     def rerun(self, step: int, token: int) -> None:
         self.reruns += 1
