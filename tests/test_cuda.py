@@ -81,15 +81,26 @@ def test_greedy_tokens_match_transformers_on_the_gpu(cuda_artifact, tiny_checkpo
 
 
 @pytest.mark.parametrize("variant, dtype", CASES)
-def test_captured_pipelined_and_chunked_steps_give_the_plain_tokens(cuda_artifact, variant, dtype):
+def test_captured_pipelined_and_chunked_steps_give_the_plain_tokens(cuda_artifact, tiny_checkpoint, variant, dtype):
+    """The same tokens from every way of stepping. MoE graphs are compared up to near ties: onnxruntime's
+    MoE kernel picks its GEMM tactics by timing them in each session, so two sessions may round apart
+    (bf16, seen only with other tests loading the GPU: a token flipped where transformers' top 3 holds both)."""
     artifact = cuda_artifact(variant, dtype)
     plain = Model.load(artifact, device="cuda").generate(PROMPT * 3, **GREEDY).output_ids
     pipelined = Model.load(artifact, device="cuda", cuda_graph=True)
     assert isinstance(pipelined.session.steps, PipelinedSteps)  # libcuda opens on a GPU machine
     captured = Model.load(artifact, device="cuda", cuda_graph=True, steps=CapturedSteps)
+    vocab = pipelined.manifest.tokenizer.vocab_size
+
+    def plain_tokens(tokens: list[int]) -> bool:
+        if tokens == plain or not variant.startswith("moe"):
+            return tokens == plain
+        reference = transformers_on_gpu(tiny_checkpoint(variant), TORCH_DTYPES[dtype])
+        return top3_agreement(reference, PROMPT * 3, tokens, plain, vocab)
+
     for model in (pipelined, captured):
-        assert model.generate(PROMPT * 3, **GREEDY).output_ids == plain
-        assert model.generate(PROMPT * 3, **GREEDY, prefill_chunk=5).output_ids == plain
+        assert plain_tokens(model.generate(PROMPT * 3, **GREEDY).output_ids)
+        assert plain_tokens(model.generate(PROMPT * 3, **GREEDY, prefill_chunk=5).output_ids)
     penalized = dict(GREEDY, repetition_penalty=1.8)  # the host often overrules the device's candidate
     assert pipelined.generate(PROMPT, **penalized).output_ids == captured.generate(PROMPT, **penalized).output_ids
     assert sum(p.reruns for p in pipelined.session.steps.pipelines.values()) > 0
