@@ -20,17 +20,15 @@ from artifact.hosts import write_host_configs
 
 from .errors import GraphError
 from .facts import TARGET_DTYPES
-from .fusions import packed_matmul
 from .pipeline import PASSES, PassReport, optimize
 
 TYPE_NAMES = {number: name for name, number in contract.ELEMENT_TYPES.items()}
 
 
 def optimize_artifact(artifact: str | Path, target: str, dtype: str | None = None,
-                      pack_gate_up: bool = True, int4_accuracy: int | None = None) -> contract.GraphEntry:
+                      int4_accuracy: int | None = None) -> contract.GraphEntry:
     """Build `onnx/model_{target}.onnx` from the portable graph; returns the manifest's new graph entry.
-    `pack_gate_up=False` computes gate and up with two GEMMs instead of one and a Split (faster prefill
-    of long prompts, slower decode on the H100: tools/gpu_notes.md). `int4_accuracy`: see pipeline.optimize."""
+    `int4_accuracy`: see pipeline.optimize."""
     artifact = Path(artifact)
     manifest = contract.read_manifest(artifact)
     portable = manifest.graph(contract.PORTABLE_GRAPH)
@@ -39,8 +37,7 @@ def optimize_artifact(artifact: str | Path, target: str, dtype: str | None = Non
     files.check_contained(artifact)
     files.check_files(artifact, portable.files)
     model = ir.load(files.inside(artifact, portable.file))
-    passes = PASSES if pack_gate_up else tuple(p for p in PASSES if p is not packed_matmul.GATE_UP)
-    reports = optimize(model, manifest, target, dtype, passes, int4_accuracy)
+    reports = optimize(model, manifest, target, dtype, PASSES, int4_accuracy)
     graph_file = contract.graph_file(target)
     write_graph(model, artifact / graph_file, contract.data_file(target))
     folder = contract.GRAPH_FOLDER

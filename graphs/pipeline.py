@@ -2,7 +2,7 @@
 fired, and fails when a count differs from what the model implies (one attention per layer, ...).
 
     portable graph --GroupQueryAttention--> --last_token_logits--> --tied_lm_head--> --MoE--> --MatMulNBits--> --packed_qkv-->
-                   --packed_gate_up--> --SimplifiedLayerNormalization--> --SkipSimplifiedLayerNormalization-->
+                   --packed_gate_up (CPU, int4)--> --SimplifiedLayerNormalization--> --SkipSimplifiedLayerNormalization-->
                    --precision--> --token_candidates--> optimized graph
 """
 
@@ -48,6 +48,13 @@ def run_pass(graph: ir.Graph, fusion: Fusion, facts: PassFacts) -> tuple[PassFac
     return facts, PassReport(fusion.name, len(accepted), expected, tuple(r for r in results if isinstance(r, str)))
 
 
+def packs_gate_up(target: str, model: ModelFacts) -> bool:
+    """Whether gate and up become one GEMM and a Split. Float weights on CUDA stay two GEMMs: at Qwen2-7B
+    shapes on the H200 they prefill 16 x 512 tokens 7% faster and decode as fast (tools/gpu_notes.md,
+    session 15). CPU and int4 graphs keep the one GEMM (not re-measured)."""
+    return target == "cpu" or model.quantized_linears > 0
+
+
 def optimize(model: ir.Model, manifest: contract.Manifest, target: str, dtype: str | None = None,
              passes: tuple[Fusion, ...] = PASSES, int4_accuracy: int | None = None) -> list[PassReport]:
     """Rewrite the portable `model` in place for `target` ("cpu" or "cuda") with `passes` (a subset of
@@ -67,6 +74,8 @@ def optimize(model: ir.Model, manifest: contract.Manifest, target: str, dtype: s
         raise GraphError(f"int4 accuracy level {int4_accuracy} is not supported; choose one of {int4_matmul.ACCURACY_LEVELS}")
     graph = model.graph
     facts = PassFacts(ModelFacts.from_manifest(manifest), attention_lengths(graph), dtype, int4_accuracy)
+    if not packs_gate_up(target, facts.model):
+        passes = tuple(p for p in passes if p is not packed_matmul.GATE_UP)
     reports = []
     for fusion in passes:
         facts, report = run_pass(graph, fusion, facts)

@@ -48,18 +48,18 @@ def run_export(args: argparse.Namespace) -> None:
         say("note: onnxruntime has no bf16 kernels for the CPU, so this artifact runs on CUDA only; for a CPU add "
             f"its CPU graph: qwen2-onnx optimize {artifact} --target cpu")
     for target in args.target:
-        optimize_and_report(artifact, target, None, True, args.int4_accuracy_level)
+        optimize_and_report(artifact, target, None, args.int4_accuracy_level)
 
 
-def optimize_and_report(artifact: Path, target: str, dtype: str | None, pack_gate_up: bool, int4_accuracy: int | None) -> None:
+def optimize_and_report(artifact: Path, target: str, dtype: str | None, int4_accuracy: int | None) -> None:
     from graphs.artifact import optimize_artifact
 
-    entry = optimize_artifact(artifact, target, dtype, pack_gate_up, int4_accuracy)
+    entry = optimize_artifact(artifact, target, dtype, int4_accuracy)
     say(f"optimized for {target}: {entry.file} (" + ", ".join(f"{p.name} x{p.fired}" for p in entry.passes if p.fired) + ")")
 
 
 def run_optimize(args: argparse.Namespace) -> None:
-    optimize_and_report(args.artifact, args.target, args.dtype, not args.separate_gate_up, args.int4_accuracy_level)
+    optimize_and_report(args.artifact, args.target, args.dtype, args.int4_accuracy_level)
 
 
 def run_verify(args: argparse.Namespace) -> None:
@@ -360,9 +360,6 @@ def build_parser(prog: str = "qwen2-onnx", commands: Sequence[str] | None = None
         optimize.add_argument("--target", choices=["cpu", "cuda"], required=True)
         optimize.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                               help="cpu: float32; cuda: float16 (default) or bfloat16")
-        optimize.add_argument("--separate-gate-up", action="store_true",
-                              help="gate and up as two GEMMs instead of one GEMM + Split: faster prefill of long "
-                                   "prompts, slower decode (Qwen2-7B shapes on an H100: 4,096-token prefill -10%%, decode +4%%)")
         add_int4_accuracy(optimize)
     if verify := add("verify", run_verify, "check every file of an artifact against the manifest's sizes and sha256"):
         verify.add_argument("artifact")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import time
 import traceback
 import warnings
@@ -20,7 +19,7 @@ from .int4 import int4_speed
 from .measure import DEVICE, GREEDY, PeakMemory
 from .ours import bucket_sweep, long_context, ours_timings, padded_prompt_same_tokens, replay_timings, variant_timings
 from .peers import peer_timings
-from .prepare import SHAPES, VARIANTS, bandwidth, decode_read_bytes, environment, graph_variant, prepare, yarn_artifact
+from .prepare import SHAPES, VARIANTS, bandwidth, decode_read_bytes, environment, prepare, yarn_artifact
 from .profiles import kernel_profiles, prefill_node_profile
 from .report import Report, print_table, with_ratios
 from .whole_moe import whole_moe_int4
@@ -76,11 +75,9 @@ def speed(workdir: Path, shape: str, prompt_tokens: int, new_tokens: int, copy_t
                                    report["ours_cuda_graph"]["tokens"], genai))
     profiles.append(lambda: report["ours_replay"].update(kernel_profiles(Model.load(artifact, device=DEVICE, cuda_graph=True), context)))
     profiles.append(lambda: report.update(ours_prefill_nodes=prefill_node_profile(Model.load(artifact, device=DEVICE), prompt_tokens)))
-    for variant in variants:  # after genai, whose build needs the disk a variant takes
+    for variant in variants:
         report[f"ours_{variant}"], model = variant_timings(artifact, variant, prompt, long_prompt, new_tokens, context,
                                                            report["ours_cuda_graph"]["tokens"])
-        if "optimize" in VARIANTS[variant]:
-            shutil.rmtree(graph_variant(artifact, variant))  # the loaded session keeps what it needs
         profiles.append(lambda replay=report[f"ours_{variant}"]["replay"], model=model: replay.update(kernel_profiles(model, context)))
     return with_ratios(report) if peers else report
 
@@ -96,7 +93,7 @@ def main() -> None:
     parser.add_argument("--long-context", default="", help="comma-separated prompt lengths for the YaRN run, e.g. 32768,130944")
     parser.add_argument("--prefill-chunk", type=int, default=8192)
     parser.add_argument("--prepare", action="store_true", help="only write the checkpoints and build the artifacts")
-    parser.add_argument("--variants", default="", help="also time ours built or loaded these ways: " + ", ".join(VARIANTS))
+    parser.add_argument("--variants", default="", help="also time ours loaded these ways: " + ", ".join(VARIANTS))
     parser.add_argument("--bucket-sweep", default="", help="comma-separated prompt lengths: first and warm prefill, "
                         "memory, captured against plain steps, at each shape of --shapes")
     parser.add_argument("--ours-only", action="store_true", help="skip transformers and onnxruntime-genai")

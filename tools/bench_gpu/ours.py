@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .measure import DEVICE, GREEDY, PeakMemory, device_used_gib, gc_collect
-from .prepare import VARIANTS, graph_variant, prepare, yarn_artifact
+from .prepare import VARIANTS, prepare, yarn_artifact
 from .profiles import captured_step
 
 
@@ -91,9 +91,8 @@ def variant_timings(artifact: Path, variant: str, prompt: list[int], long_prompt
     from runtime import Model
 
     options = VARIANTS[variant]
-    folder = graph_variant(artifact, variant) if "optimize" in options else artifact
     with PeakMemory() as memory:  # load, and a first prefill of each timed length (captures, if any)
-        model = Model.load(folder, device=DEVICE, **options.get("load", {}), cuda_graph=True)
+        model = Model.load(artifact, device=DEVICE, **options["load"], cuda_graph=True)
         first_prefill_ms = []
         for first in (prompt, long_prompt):
             model.generate(first, max_new_tokens=2, **GREEDY)

@@ -4,8 +4,6 @@ random checkpoints at published shapes and their CUDA artifacts, and the floor o
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +19,8 @@ from runtime.cuda_graph import CapturedSteps
 
 SHAPES = {"qwen2-0.5b": QWEN2_0_5B, "qwen2-7b": QWEN2_7B,
           "qwen2-57b-a14b-4l": {**QWEN2_57B_A14B, "num_hidden_layers": 4, "max_window_layers": 4}}
-# other ways to build or load ours, timed beside the default with --variants: graphs/ optimize options
-# (a sibling artifact is built) and Model.load options (same artifact)
-VARIANTS = {"two_gemm_gate_up": {"optimize": {"pack_gate_up": False}},
-            # captured steps without the pipelined pair
-            "unpipelined_decode": {"load": {"steps": CapturedSteps}}}
+# other ways to load ours (Model.load options), timed beside the default with --variants
+VARIANTS = {"unpipelined_decode": {"load": {"steps": CapturedSteps}}}  # captured steps without the pipelined pair
 
 
 def environment() -> dict:
@@ -67,29 +62,8 @@ def build_artifact(checkpoint: Path, folder: Path, dtype: str) -> Path:
     return artifact
 
 
-def graph_variant(artifact: Path, variant: str) -> Path:
-    """A sibling artifact optimized as VARIANTS[variant] says. It shares the portable graph's data
-    with `artifact` through a hard link (the device's disk holds one large shape at a time); the data
-    moves into the sibling while it is optimized, as onnx_ir refuses to read a file with two links."""
-    folder = artifact.with_name(f"{artifact.name}-{variant}")
-    if (folder / "onnx" / "model_cuda.onnx").is_file():
-        return folder
-    shutil.rmtree(folder, ignore_errors=True)
-    shutil.copytree(artifact, folder, ignore=shutil.ignore_patterns("*.onnx_data", "model_cuda.onnx"))
-    data = [path.relative_to(artifact) for path in artifact.rglob("*.onnx_data") if not path.name.startswith("model_cuda.")]
-    for name in data:
-        os.rename(artifact / name, folder / name)
-    try:
-        optimize_artifact(folder, "cuda", "float16", **VARIANTS[variant]["optimize"])
-    finally:
-        for name in data:
-            os.link(folder / name, artifact / name)
-    return folder
-
-
 def prepare(workdir: Path, shape: str) -> tuple[Path, Path]:
-    """Random checkpoint at the shape (bf16, 4 shards) and its fp16 CUDA artifact; CPU work only.
-    (Graph variants are built when timed: with genai's build they would not fit the device's disk.)"""
+    """Random checkpoint at the shape (bf16, 4 shards) and its fp16 CUDA artifact; CPU work only."""
     checkpoint = workdir / f"{shape}-checkpoint"
     if not (checkpoint / "config.json").is_file():
         write_checkpoint(checkpoint, SHAPES[shape], seed=0, dtype=torch.bfloat16, shards=4)
