@@ -344,8 +344,10 @@ class Batcher:
 
     def decode_inputs(self, size: int) -> StepInputs:
         """A decode step of the first `size` rows (views of step_ids and step_mask: a runner copies them
-        before they change, which is after the step)."""
-        return StepInputs(self.step_ids[:size], self.step_mask[:size], None)
+        before they change, which is after the step), with the mask's used columns: a busy row's
+        positions and its new token's, an idle row's one."""
+        columns = max((row.length + 1 for row in self.rows[:size] if row is not None), default=1)
+        return StepInputs(self.step_ids[:size], self.step_mask[:size], None, columns)
 
     def batch_sizes(self) -> list[int]:
         """Every row count `bucket` gives: the decode steps' batch sizes, and the padded prefills' rows."""

@@ -124,7 +124,11 @@ class PipelinedSteps(CapturedSteps):
         if not (tokens == 1 and width == cache.capacity):
             return super().launch(inputs, cache)
         captured = self.captured_step(cache, batch, tokens, width)
-        event = captured.queue(self.session, inputs.input_ids, inputs.attention_mask, self.write, self.stream)
+        if inputs.mask_columns is None:
+            captured.write_inputs(inputs.input_ids, inputs.attention_mask, self.write)
+        else:
+            captured.write_used_columns(inputs.input_ids, inputs.attention_mask, inputs.mask_columns, self.stream)
+        event = captured.enqueue(self.session, self.stream)
 
         def collect() -> StepScores:
             self.stream.wait(event)
@@ -158,7 +162,8 @@ class CapturedStep:
     with a mask `width` wide.
 
     A step moves two small transfers, not four: input_ids and the attention mask are two views of one
-    int64 buffer (one upload), and the candidates' ids and logits two views of another (one download);
+    int64 buffer (one upload; the batcher's steps upload the ids and the mask's used columns apart,
+    write_used_columns), and the candidates' ids and logits two views of another (one download);
     each transfer costs a synchronous copy's latency whatever its size. `device` is "cuda" for capture;
     the same bookkeeping runs on "cpu" (tests), where onnxruntime ignores the graph id."""
 
@@ -175,6 +180,7 @@ class CapturedStep:
 
         self.batch, self.width, self.k = batch, width, graph.token_candidates
         self.runs = 0  # replays before capture: the first two runs are onnxruntime's warm-up and capture
+        self.mask_columns = width  # the mask's columns the device buffer may hold ones in
         self.binding = session.io_binding()
         if ids_from is None:
             self.inputs = device_buffer([batch * (tokens + self.width)], np.int64, device)  # [input_ids | attention_mask]
@@ -214,13 +220,6 @@ class CapturedStep:
         self.runs += 1
         return self.results()
 
-    def queue(self, session: ort.InferenceSession, input_ids: np.ndarray, attention_mask: np.ndarray, write,
-              stream) -> Any:
-        """As step, but return once the replay is queued on `stream`: an event of `stream` that completes
-        with the step (then `results`)."""
-        self.write_inputs(input_ids, attention_mask, write)
-        return self.enqueue(session, stream)
-
     def enqueue(self, session: ort.InferenceSession, stream) -> Any:
         """Run with the inputs as they are in the bound buffers, returning once queued on `stream`; an
         event that completes with the step. The first two runs are synchronous: onnxruntime runs the
@@ -236,6 +235,17 @@ class CapturedStep:
 
     def write_inputs(self, input_ids: np.ndarray, attention_mask: np.ndarray, write) -> None:
         write(self.inputs, np.concatenate([np.ravel(input_ids), np.ravel(attention_mask)]).astype(np.int64, copy=False))
+        self.mask_columns = self.width
+
+    def write_used_columns(self, input_ids: np.ndarray, attention_mask: np.ndarray, columns: int, stream) -> None:
+        """As write_inputs, through `stream`, for a mask whose rows are zero past `columns`: the ids, then
+        only the mask's first columns, as many as this step or the last upload used. A decode step of a
+        wide KV buffer (serve's 8,192 positions) then moves kilobytes instead of megabytes, and the host
+        builds no copy of the mask."""
+        uploaded = max(columns, self.mask_columns)
+        stream.write(self.inputs, np.ravel(input_ids).astype(np.int64, copy=False))
+        stream.write_rows(self.inputs, 8 * input_ids.size, attention_mask[:, :uploaded], 8 * self.width)
+        self.mask_columns = columns
 
     def read_candidates(self) -> list[np.ndarray]:
         """[top_logits, top_ids], each [batch, K], copied to the host (after the step has run)."""

@@ -18,6 +18,19 @@ import onnxruntime as ort
 
 _NON_BLOCKING = 1  # CU_STREAM_NON_BLOCKING: no implicit ordering against the legacy default stream
 _DISABLE_TIMING = 2  # CU_EVENT_DISABLE_TIMING: the cheapest event to record and wait on
+_HOST, _DEVICE = 1, 2  # CUmemorytype
+
+
+class _Copy2D(ctypes.Structure):
+    """cuda.h's CUDA_MEMCPY2D: rows of WidthInBytes from src to dst, each side with its own pitch."""
+
+    _fields_ = [("srcXInBytes", ctypes.c_size_t), ("srcY", ctypes.c_size_t), ("srcMemoryType", ctypes.c_int),
+                ("srcHost", ctypes.c_void_p), ("srcDevice", ctypes.c_uint64), ("srcArray", ctypes.c_void_p),
+                ("srcPitch", ctypes.c_size_t),
+                ("dstXInBytes", ctypes.c_size_t), ("dstY", ctypes.c_size_t), ("dstMemoryType", ctypes.c_int),
+                ("dstHost", ctypes.c_void_p), ("dstDevice", ctypes.c_uint64), ("dstArray", ctypes.c_void_p),
+                ("dstPitch", ctypes.c_size_t),
+                ("WidthInBytes", ctypes.c_size_t), ("Height", ctypes.c_size_t)]
 
 
 class DeviceStream:
@@ -44,6 +57,16 @@ class DeviceStream:
         host memory has been staged, so `data` may change afterwards."""
         data = np.ascontiguousarray(data)
         self._call("cuMemcpyHtoDAsync_v2", target.data_ptr(), data.ctypes.data, data.nbytes, self._stream)
+
+    def write_rows(self, target: ort.OrtValue, offset: int, rows: np.ndarray, pitch: int) -> None:
+        """Copy each row of the 2-D `rows` (a view whose rows may lie apart, as a slice of columns does)
+        into `target`, the first `offset` bytes in and each next one `pitch` bytes further, after the
+        work already queued. Returns once the host memory has been staged."""
+        assert rows.ndim == 2 and rows.strides[1] == rows.itemsize
+        copy = _Copy2D(srcMemoryType=_HOST, srcHost=rows.ctypes.data, srcPitch=rows.strides[0],
+                       dstMemoryType=_DEVICE, dstDevice=target.data_ptr() + offset, dstPitch=pitch,
+                       WidthInBytes=rows.shape[1] * rows.itemsize, Height=rows.shape[0])
+        self._call("cuMemcpy2DAsync_v2", ctypes.byref(copy), self._stream)
 
     def record(self) -> ctypes.c_void_p:
         """An event that completes when the work queued so far has run."""

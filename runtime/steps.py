@@ -41,6 +41,9 @@ class StepInputs:
     input_ids: np.ndarray  # [B, S] int64
     attention_mask: np.ndarray  # [B, T] int64
     position_ids: np.ndarray | None  # [B, S] int64, for left-padded graphs
+    # the attention mask's columns that may hold ones (every row is zero past them); None: not known.
+    # A runner that keeps the mask on the device uploads only these (and what its last upload left)
+    mask_columns: int | None = None
 
 
 @dataclass

@@ -173,14 +173,29 @@ def last_logits_per_step(session, manifest, ids: np.ndarray, prefill: int) -> li
     return [row.astype(np.float32) for row in rows]
 
 
+def pipelined(session, graph, device, stream: "SyncStream | None" = None):
+    """Pipelined steps on the CPU (onnxruntime's CPU provider ignores the graph ids and runs synchronously)."""
+    from runtime.cuda_graph import PipelinedSteps
+
+    return PipelinedSteps(session, graph, device, stream or SyncStream())
+
+
 class SyncStream:
     """cuda_stream.DeviceStream's interface on the CPU, where onnxruntime runs synchronously: writes are
     immediate and events already complete. Drives the pipelined decode loop in CPU tests."""
 
     handle = None
 
-    def write(self, target: ort.OrtValue, data: np.ndarray) -> None:
-        target.update_inplace(np.ascontiguousarray(data))
+    def write(self, target: ort.OrtValue, data: np.ndarray) -> None:  # the buffer's first bytes, as on CUDA
+        SyncStream.write_rows(self, target, 0, np.ascontiguousarray(data).reshape(1, -1), 0)
+
+    def write_rows(self, target: ort.OrtValue, offset: int, rows: np.ndarray, pitch: int) -> None:
+        data = target.numpy().view(np.uint8).copy()
+        width = rows.shape[1] * rows.itemsize
+        for index, row in enumerate(np.ascontiguousarray(rows)):
+            start = offset + index * pitch
+            data[start : start + width] = row.view(np.uint8)
+        target.update_inplace(data.view(target.numpy().dtype))
 
     def record(self) -> None:
         return None

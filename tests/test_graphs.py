@@ -22,11 +22,11 @@ from graphs.fusions import packed_matmul
 from graphs.fusions.moe import interleave_gate_up
 from graphs.pipeline import PASSES, optimize
 from runtime import Model
-from runtime.cuda_graph import CapturedSteps, PipelinedSteps, captured_prompt_buckets, captured_prompt_length
+from runtime.cuda_graph import CapturedSteps, captured_prompt_buckets, captured_prompt_length
 from runtime.padding import RightPadding
 
 from conftest import VARIANTS
-from helpers import PROMPTS, SyncStream, counting_steps, last_logits_per_step, open_session, transformers_generate, with_stop_tokens
+from helpers import PROMPTS, counting_steps, last_logits_per_step, open_session, pipelined, transformers_generate, with_stop_tokens
 
 TOLERANCE = 1e-4  # fp32, fused graph vs portable graph
 
@@ -164,11 +164,6 @@ def test_32_greedy_tokens_through_the_optimized_graph_equal_transformers(tiny_ch
     assert [g.output_ids for g in batch] == transformers_generate(tiny_checkpoint(variant), PROMPTS, 32, config,
                                                                   model.manifest.tokenizer.vocab_size)
     assert model.session.steps.full_logits_reads == 0  # every token was chosen from the graph's candidates
-
-
-def pipelined(session, graph, device):
-    """Pipelined steps on the CPU (onnxruntime's CPU provider ignores the graph ids and runs synchronously)."""
-    return PipelinedSteps(session, graph, device, SyncStream())
 
 
 def test_the_captured_step_bookkeeping_gives_the_plain_steps_tokens(tiny_optimized):

@@ -26,6 +26,8 @@ from runtime.errors import RuntimeInputError  # noqa: E402
 from runtime.server import ServeConfig, build_app  # noqa: E402
 from runtime.steps import PlainSteps, StepScores  # noqa: E402
 
+from helpers import SyncStream, pipelined  # noqa: E402
+
 NAME = "tiny"
 GREEDY = {"temperature": 0, "extra_body": {"repetition_penalty": 1.0}}
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Tell me a story"}]
@@ -250,6 +252,39 @@ def test_where_the_runner_pads_prompts_prefills_run_only_shapes_the_warm_up_ran(
                    for prompt, tokens in zip(prompts, got)]
     # five rows padded to eight with the longest prompt's bucket, then three joining rows 5-7 (no free row past them)
     assert shapes == [(8, 32), (3, 24)] and (4, 24) in warmed
+
+
+def test_decode_steps_upload_only_the_mask_columns_in_use_and_clear_what_a_longer_row_left(tiny_optimized, model):
+    """Through a stream (as on CUDA) a decode step uploads the mask's first columns only: those of its
+    longest row, or more where the last upload reached further, so a row freed by a long request and
+    taken by a short one holds no stale ones. Every request still gets its tokens alone."""
+    class Recording(SyncStream):
+        def write_rows(self, target, offset, rows, pitch):
+            widths.append((target.data_ptr(), rows.shape[1]))
+            super().write_rows(target, offset, rows, pitch)
+
+    widths = []
+    streamed = Model.load(tiny_optimized("moe_shared"), steps=lambda *args: pipelined(*args, stream=Recording()))
+    batcher = Batcher(streamed.session, streamed.manifest, max_batch=2, capacity=64)
+    greedy = streamed.sampling(greedy=True, repetition_penalty=1.0)
+    prompts = [[(5 * i + j) % 400 for j in range(length)] for i, length in enumerate([50, 3, 4])]
+    new_tokens = [3, 30, 6]  # the second runs on alone long enough for the third to join it
+    got, _, done, sink = collect(3)
+    for i in (0, 1):
+        batcher.submit(BatchRequest(prompts[i], greedy, new_tokens[i], sink(i)))
+    batcher.start()
+    assert done[0].wait(60)  # the long request is done and its row free: the short one takes it
+    batcher.submit(BatchRequest(prompts[2], greedy, new_tokens[2], sink(2)))
+    assert all(event.wait(60) for event in done)
+    batcher.stop()
+    assert got == [ours(model, prompt, n).output_ids for prompt, n in zip(prompts, new_tokens)]
+    per_buffer: dict[int, list[int]] = {}  # columns uploaded, per captured step (batch size)
+    for address, columns in widths:
+        per_buffer.setdefault(address, []).append(columns)
+    two_rows, one_row = per_buffer.values()
+    assert one_row[0] == 64 and max(one_row[1:]) < 64  # a buffer's first upload fills it, later ones do not
+    # two rows: the long one's 51 and 52 columns, then (the short one joined) 52 again to clear, then fewer
+    assert two_rows[:3] == [64, 52, 52] and max(two_rows[3:]) < 52
 
 
 def test_prefill_groups_keep_to_consecutive_rows_and_the_token_budget():

@@ -190,15 +190,17 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--sampling", choices=sorted(SAMPLINGS), default="greedy")
+    parser.add_argument("--max-context", type=int, help="positions per row, server and engine alike (default: "
+                        "prompt + new tokens + 64; `serve` itself defaults to 8,192, whose decode masks are that wide)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     counts = [int(n) for n in args.clients.split(",")]
+    context = args.max_context or args.prompt_tokens + args.new_tokens + 64
     report = {"artifact": str(args.artifact), "device": args.device, "prompt_tokens": args.prompt_tokens,
-              "new_tokens": args.new_tokens, "sampling": args.sampling}
+              "new_tokens": args.new_tokens, "sampling": args.sampling, "max_context": context}
     model = Model.load(args.artifact, device=args.device, cuda_graph=args.device == "cuda")
     report["generate_decode_ms_per_token"] = generate_decode_ms(model, args.prompt_tokens, args.new_tokens)
     print(json.dumps(report), flush=True)
-    context = args.prompt_tokens + args.new_tokens + 64
     batcher = Batcher(model.session, model.manifest, max(counts), context)
     began = time.perf_counter()
     report["warm_up_prefill_shapes"] = len(batcher.start(warm_up=True))  # as the server's engine process does
