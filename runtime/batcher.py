@@ -13,7 +13,10 @@ a mask of one position.
 Token choice is per row (its own sampling options, seed and repetition history), from the graph's
 candidates when they decide it, as in runtime/generate.py; rows alike but for their seed are chosen in
 one call. A step's tokens reach their requests while the next decode step runs: the runner launches it
-first (on CUDA the launch returns before the GPU is done) and is waited for after the hand-out.
+first (on CUDA the launch returns before the GPU is done) and is waited for after the hand-out. While
+every row takes the best candidate (greedy, no penalty), the step after is queued before this one is
+read, fed by its best candidates on the device (launch_ahead), and run again where the host chose
+another token (check_ahead).
 """
 
 from __future__ import annotations
@@ -88,6 +91,16 @@ class RowDraws:
         return np.array([row.rng.random() for row in self.rows])
 
 
+@dataclass(frozen=True)
+class Ahead:
+    """A decode step launched and not yet read: how to wait for it, its batch size, and the rows it serves
+    with their requests (a row may finish, or be taken by another request, before it is read)."""
+
+    queued: Callable[[], StepScores]
+    size: int
+    served: list[tuple[int, BatchRequest]]
+
+
 @dataclass
 class BatcherStats:
     """Running totals (server metrics, benchmarks): what the batcher's thread did and the time it took."""
@@ -99,6 +112,8 @@ class BatcherStats:
     decode_steps: int = 0
     decode_rows: int = 0  # busy rows over all decode steps
     decode_seconds: float = 0.0  # in the step runner
+    decode_steps_fed_on_device: int = 0  # queued before the host read the step before (Batcher.launch_ahead)
+    decode_steps_refed: int = 0  # of those, run again: the host broke a tie another way
     busy_seconds: float = 0.0  # the thread's time while any row was busy: steps, token choice, hand-over
 
 
@@ -164,6 +179,7 @@ class Batcher:
         self.on_step: Callable[[], None] = lambda: None  # after each step's tokens went to their sinks
         # (sink, token, reason) chosen but not yet handed out: deliver() sends them while the next step runs
         self.events: list[tuple[TokenSink, int | None, str | None]] = []
+        self.ahead: Ahead | None = None  # the decode step queued before the host read the one before it
         self.ended: str | None = None  # why the thread ended on a failure
 
     def submit(self, request: BatchRequest) -> None:
@@ -220,6 +236,12 @@ class Batcher:
                                                self.cache.view(0, rows))
         for size in self.batch_sizes():
             self.session.steps.step(self.decode_inputs(size), self.decode_view(size))
+            for _ in range(2):  # where the runner queues steps ahead, the pair's other step too
+                launched = self.session.steps.launch(self.decode_inputs(size), self.decode_view(size))
+                ahead = self.session.steps.launch_next(self.decode_inputs(size), self.decode_view(size))
+                launched()
+                if ahead is not None:
+                    ahead()
         return shapes
 
     def prefill_shape(self, count: int, longest: int) -> tuple[int, int]:
@@ -324,23 +346,76 @@ class Batcher:
             self.accept(rows[start:stop], scores, offsets=range(stop - start))
 
     def decode(self) -> None:
-        """One step for every busy row (the first `bucket` rows of the buffer)."""
+        """One step for every busy row (the first `bucket` rows of the buffer): the one the last call queued
+        ahead, if any, else one launched now; and where launch_ahead may, the step after it is queued
+        before this one is read, so the GPU does not wait for the host between them."""
         for index, row in enumerate(self.rows):
             if row is not None and row.request.cancelled.is_set():
                 self.finish(index, "cancelled")
-        busy = [index for index, row in enumerate(self.rows) if row is not None]
-        if not busy:
-            return
-        size = self.bucket(busy[-1] + 1)
-        inputs = self.decode_inputs(size)
         began = time.perf_counter()
-        pending = self.session.steps.launch(inputs, self.decode_view(size))
+        if self.ahead is not None:
+            step, self.ahead = self.ahead, None
+        else:
+            busy = [index for index, row in enumerate(self.rows) if row is not None]
+            if not busy:
+                return
+            size = self.bucket(busy[-1] + 1)
+            step = Ahead(self.session.steps.launch(self.decode_inputs(size), self.decode_view(size)), size,
+                         [(index, self.rows[index].request) for index in busy])
+        self.ahead = self.launch_ahead(step)
         self.deliver()  # the previous steps' tokens go out while this one runs (where the runner queues it)
-        scores = pending()
+        scores = step.queued()
         self.stats.decode_seconds += time.perf_counter() - began
+        rows = self.still_running(step.served)
         self.stats.decode_steps += 1
-        self.stats.decode_rows += len(busy)
-        self.accept(busy, scores, offsets=busy)
+        self.stats.decode_rows += len(rows)
+        self.accept(rows, scores, offsets=rows)
+        if self.ahead is not None:
+            self.check_ahead(scores)
+
+    def still_running(self, served: list[tuple[int, BatchRequest]]) -> list[int]:
+        """The rows of `served` that still run the request they ran then."""
+        return [index for index, request in served if self.rows[index] is not None and self.rows[index].request is request]
+
+    def launch_ahead(self, step: Ahead) -> Ahead | None:
+        """Queue the decode step after `step` (just launched, not yet read), fed by its best candidates on
+        the device, where that is what the host will choose: `step` serves every busy row, each takes the
+        best candidate (greedy without a penalty; a tie the host breaks another way is refed, check_ahead)
+        and nobody waits to join, and the rows going on keep the batch size. Its mask is what accept will
+        make it: each row one position longer, a row that ends by length with this step idle. None where
+        the runner cannot queue ahead."""
+        busy = [index for index, row in enumerate(self.rows) if row is not None]
+        if (not self.waiting.empty() or busy != [index for index, _ in step.served] or len(self.still_running(step.served)) != len(busy)
+                or not all(self.rows[index].settings.takes_best_candidate for index in busy)):
+            return None
+        ending = [index for index in busy if self.rows[index].generated + 1 >= self.rows[index].request.max_new_tokens]
+        going_on = [index for index in busy if index not in ending]
+        if not going_on or self.bucket(going_on[-1] + 1) != step.size:
+            return None  # the host launches the next step, at its own batch size
+        for index in ending:
+            self.step_mask[index] = 0  # as finish leaves it
+            self.step_mask[index, 0] = 1
+        for index in going_on:
+            self.step_mask[index, self.rows[index].length + 1] = 1  # as accept will set it
+        columns = max(self.rows[index].length + 2 for index in going_on)
+        inputs = StepInputs(self.step_ids[: step.size], self.step_mask[: step.size], None, columns)
+        queued = self.session.steps.launch_next(inputs, self.decode_view(step.size))
+        if queued is None:
+            return None
+        self.stats.decode_steps_fed_on_device += 1
+        return Ahead(queued, step.size, [(index, self.rows[index].request) for index in going_on])
+
+    def check_ahead(self, scores: StepScores) -> None:
+        """After accept: the step queued ahead was fed each row's best candidate; where the host chose
+        another (a tie, broken by id), run it again with the host's tokens. With no row left to serve,
+        wait for it and drop it."""
+        rows = self.still_running(self.ahead.served)
+        if not rows:
+            self.ahead.queued()
+            self.ahead = None
+        elif (self.step_ids[rows, 0] != scores.top_ids[rows, 0]).any():
+            self.stats.decode_steps_refed += 1
+            self.ahead.queued.refeed(self.step_ids[: self.ahead.size])
 
     def decode_inputs(self, size: int) -> StepInputs:
         """A decode step of the first `size` rows (views of step_ids and step_mask: a runner copies them
@@ -407,6 +482,9 @@ class Batcher:
 
     def cancel_all(self, reason: str = "cancelled") -> None:
         """End every running and waiting request with `reason`, after the tokens already chosen."""
+        if self.ahead is not None:  # nothing is read from it, but it runs to its end before the rows go
+            ahead, self.ahead = self.ahead, None
+            ahead.queued()
         for index, row in enumerate(self.rows):
             if row is not None:
                 self.finish(index, reason)

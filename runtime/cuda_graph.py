@@ -103,6 +103,9 @@ class PipelinedSteps(CapturedSteps):
         super().__init__(session, graph, device)
         self.stream = stream
         self.pipelines: weakref.WeakKeyDictionary[KVCache, DecodePipeline] = weakref.WeakKeyDictionary()
+        # launch_next: each cache's second decode step (the pair alternates) and the step launched last
+        self.twins: weakref.WeakKeyDictionary[KVCache, CapturedStep] = weakref.WeakKeyDictionary()
+        self.last: weakref.WeakKeyDictionary[KVCache, CapturedStep] = weakref.WeakKeyDictionary()
 
     def step(self, inputs: StepInputs, cache: KVCache, next_mask: np.ndarray | None = None) -> StepScores:
         pipeline = self.pipelines.get(cache)
@@ -128,12 +131,25 @@ class PipelinedSteps(CapturedSteps):
             captured.write_inputs(inputs.input_ids, inputs.attention_mask, self.write)
         else:
             captured.write_used_columns(inputs.input_ids, inputs.attention_mask, inputs.mask_columns, self.stream)
-        event = captured.enqueue(self.session, self.stream)
+        self.last[cache] = captured
+        return QueuedStep(self, captured)
 
-        def collect() -> StepScores:
-            self.stream.wait(event)
-            return self.scores(*captured.results())
-        return collect
+    def launch_next(self, inputs: StepInputs, cache: KVCache) -> QueuedStep | None:
+        """Queue the decode step after the one last launched on `cache`, before the host has read that
+        one: its input ids are that step's best candidates, copied on the device, its mask is `inputs`'
+        (whose ids are not read). The two steps are a pair of captured steps used in turn, so the host
+        reads one's candidates while the other runs. None where the graph makes no candidates."""
+        previous = self.last.get(cache)
+        if previous is None or not previous.k:
+            return None
+        if cache not in self.twins:
+            self.twins[cache] = CapturedStep(self.session, cache, previous.batch, 1, previous.width, self.vocab,
+                                             self.graph, self.device)
+        step = self.twins[cache] if previous is not self.twins[cache] else self.captured_step(cache, previous.batch, 1, previous.width)
+        self.stream.copy_rows(step.inputs, 8, previous.candidates, 8 * previous.k, 8, previous.batch)
+        step.write_used_columns(None, inputs.attention_mask, inputs.mask_columns, self.stream)
+        self.last[cache] = step
+        return QueuedStep(self, step)
 
     def settle(self, cache: KVCache) -> None:
         pipeline = self.pipelines.get(cache)
@@ -179,6 +195,7 @@ class CapturedStep:
             bind(name, device, 0, dtype, shape, base.data_ptr() + offset_bytes)
 
         self.batch, self.width, self.k = batch, width, graph.token_candidates
+        self.ids_words = 0 if ids_from is not None else batch * tokens  # input_ids' words at the start of `inputs`
         self.runs = 0  # replays before capture: the first two runs are onnxruntime's warm-up and capture
         self.mask_columns = width  # the mask's columns the device buffer may hold ones in
         self.binding = session.io_binding()
@@ -188,7 +205,7 @@ class CapturedStep:
         else:
             self.inputs = device_buffer([batch * self.width], np.int64, device)  # [attention_mask]
             bind_view(self.binding.bind_input, contract.INPUT_IDS, ids_from, 0, np.int64, [batch, tokens])
-        mask_offset = 0 if ids_from is not None else 8 * batch * tokens
+        mask_offset = 8 * self.ids_words
         bind_view(self.binding.bind_input, contract.ATTENTION_MASK, self.inputs, mask_offset, np.int64, [batch, self.width])
         if contract.TOTAL_SEQUENCE_LENGTH in graph.input_names:  # optimized graphs written by earlier versions
             self._total_length = ort.OrtValue.ortvalue_from_numpy(np.array(self.width, np.int32))  # kept alive here
@@ -237,14 +254,17 @@ class CapturedStep:
         write(self.inputs, np.concatenate([np.ravel(input_ids), np.ravel(attention_mask)]).astype(np.int64, copy=False))
         self.mask_columns = self.width
 
-    def write_used_columns(self, input_ids: np.ndarray, attention_mask: np.ndarray, columns: int, stream) -> None:
-        """As write_inputs, through `stream`, for a mask whose rows are zero past `columns`: the ids, then
-        only the mask's first columns, as many as this step or the last upload used. A decode step of a
-        wide KV buffer (serve's 8,192 positions) then moves kilobytes instead of megabytes, and the host
-        builds no copy of the mask."""
+    def write_used_columns(self, input_ids: np.ndarray | None, attention_mask: np.ndarray, columns: int | None,
+                           stream) -> None:
+        """As write_inputs, through `stream`, for a mask whose rows are zero past `columns`: the ids (unless
+        None: written on the device), then only the mask's first columns, as many as this step or the
+        last upload used. A decode step of a wide KV buffer (serve's 8,192 positions) then moves
+        kilobytes instead of megabytes, and the host builds no copy of the mask."""
+        columns = self.width if columns is None else columns
         uploaded = max(columns, self.mask_columns)
-        stream.write(self.inputs, np.ravel(input_ids).astype(np.int64, copy=False))
-        stream.write_rows(self.inputs, 8 * input_ids.size, attention_mask[:, :uploaded], 8 * self.width)
+        if input_ids is not None:
+            stream.write(self.inputs, np.ravel(input_ids).astype(np.int64, copy=False))
+        stream.write_rows(self.inputs, 8 * self.ids_words, attention_mask[:, :uploaded], 8 * self.width)
         self.mask_columns = columns
 
     def read_candidates(self) -> list[np.ndarray]:
@@ -254,6 +274,26 @@ class CapturedStep:
         top_ids = words[:cells].reshape(self.batch, self.k)
         top_logits = words[cells:].view(np.float32)[:cells].reshape(self.batch, self.k)
         return [top_logits, top_ids]
+
+
+class QueuedStep:
+    """A decode step queued on the stream (PipelinedSteps.launch, launch_next): calling it waits for this
+    step alone and reads its scores. `refeed` runs it again with other input ids."""
+
+    def __init__(self, steps: PipelinedSteps, captured: CapturedStep):
+        self.steps, self.captured = steps, captured
+        self.event = captured.enqueue(steps.session, steps.stream)
+
+    def refeed(self, input_ids: np.ndarray) -> None:
+        """Run the step again with `input_ids` and the mask it has (fed a token the host did not choose:
+        its KV slots and outputs are rewritten), once its first run is done."""
+        self.steps.stream.wait(self.event)
+        self.steps.stream.write(self.captured.inputs, np.ravel(input_ids).astype(np.int64, copy=False))
+        self.event = self.captured.enqueue(self.steps.session, self.steps.stream)
+
+    def __call__(self) -> StepScores:
+        self.steps.stream.wait(self.event)
+        return self.steps.scores(*self.captured.results())
 
 
 class DecodePipeline:

@@ -68,6 +68,15 @@ class DeviceStream:
                        WidthInBytes=rows.shape[1] * rows.itemsize, Height=rows.shape[0])
         self._call("cuMemcpy2DAsync_v2", ctypes.byref(copy), self._stream)
 
+    def copy_rows(self, target: ort.OrtValue, pitch: int, source: ort.OrtValue, source_pitch: int, width: int,
+                  height: int) -> None:
+        """Copy `height` rows of `width` bytes from the device buffer `source` (rows `source_pitch` apart)
+        to the start of `target` (rows `pitch` apart), after the work already queued."""
+        copy = _Copy2D(srcMemoryType=_DEVICE, srcDevice=source.data_ptr(), srcPitch=source_pitch,
+                       dstMemoryType=_DEVICE, dstDevice=target.data_ptr(), dstPitch=pitch,
+                       WidthInBytes=width, Height=height)
+        self._call("cuMemcpy2DAsync_v2", ctypes.byref(copy), self._stream)
+
     def record(self) -> ctypes.c_void_p:
         """An event that completes when the work queued so far has run."""
         event = ctypes.c_void_p()

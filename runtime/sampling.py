@@ -26,6 +26,12 @@ class SamplingConfig:
     repetition_penalty: float = 1.0  # 1 = off
     seed: int | None = None
 
+    @property
+    def takes_best_candidate(self) -> bool:
+        """Whether the choice is the device's best candidate but for ties (greedy, no repetition penalty),
+        so the device may feed it to the next step before the host has chosen."""
+        return not self.do_sample and self.repetition_penalty == 1.0
+
     def __post_init__(self) -> None:
         checks = [
             (isinstance(self.do_sample, bool), f"do_sample={self.do_sample!r} must be true or false"),

@@ -67,6 +67,8 @@ class StepRunner(Protocol):
 
     def launch(self, inputs: StepInputs, cache: KVCache) -> Callable[[], StepScores]: ...
 
+    def launch_next(self, inputs: StepInputs, cache: KVCache) -> Callable[[], StepScores] | None: ...
+
     def uncaptured_step(self, inputs: StepInputs, cache: KVCache) -> StepScores: ...
 
     def settle(self, cache: KVCache) -> None: ...
@@ -114,6 +116,11 @@ class PlainSteps:
     def launch(self, inputs: StepInputs, cache: KVCache) -> Callable[[], StepScores]:
         scores = self.step(inputs, cache)  # run to the end here
         return lambda: scores
+
+    def launch_next(self, inputs: StepInputs, cache: KVCache) -> Callable[[], StepScores] | None:
+        """The step after the last one launched, fed by its best candidates on the device: only a runner
+        with a stream of its own queues steps ahead (cuda_graph.PipelinedSteps)."""
+        return None
 
     def settle(self, cache: KVCache) -> None:
         pass  # every step ran to the end

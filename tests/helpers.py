@@ -197,6 +197,12 @@ class SyncStream:
             data[start : start + width] = row.view(np.uint8)
         target.update_inplace(data.view(target.numpy().dtype))
 
+    def copy_rows(self, target: ort.OrtValue, pitch: int, source: ort.OrtValue, source_pitch: int, width: int,
+                  height: int) -> None:
+        data = source.numpy().view(np.uint8)
+        rows = np.stack([data[row * source_pitch : row * source_pitch + width] for row in range(height)])
+        SyncStream.write_rows(self, target, 0, rows, pitch)
+
     def record(self) -> None:
         return None
 

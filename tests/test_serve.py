@@ -257,7 +257,8 @@ def test_where_the_runner_pads_prompts_prefills_run_only_shapes_the_warm_up_ran(
 def test_decode_steps_upload_only_the_mask_columns_in_use_and_clear_what_a_longer_row_left(tiny_optimized, model):
     """Through a stream (as on CUDA) a decode step uploads the mask's first columns only: those of its
     longest row, or more where the last upload reached further, so a row freed by a long request and
-    taken by a short one holds no stale ones. Every request still gets its tokens alone."""
+    taken by a short one holds no stale ones (else its tokens would differ). Every request still gets
+    its tokens alone."""
     class Recording(SyncStream):
         def write_rows(self, target, offset, rows, pitch):
             widths.append((target.data_ptr(), rows.shape[1]))
@@ -278,13 +279,52 @@ def test_decode_steps_upload_only_the_mask_columns_in_use_and_clear_what_a_longe
     assert all(event.wait(60) for event in done)
     batcher.stop()
     assert got == [ours(model, prompt, n).output_ids for prompt, n in zip(prompts, new_tokens)]
-    per_buffer: dict[int, list[int]] = {}  # columns uploaded, per captured step (batch size)
+    per_buffer: dict[int, list[int]] = {}  # columns uploaded, per captured step's buffer
     for address, columns in widths:
         per_buffer.setdefault(address, []).append(columns)
-    two_rows, one_row = per_buffer.values()
-    assert one_row[0] == 64 and max(one_row[1:]) < 64  # a buffer's first upload fills it, later ones do not
-    # two rows: the long one's 51 and 52 columns, then (the short one joined) 52 again to clear, then fewer
-    assert two_rows[:3] == [64, 52, 52] and max(two_rows[3:]) < 52
+    assert all(uploads[0] == 64 for uploads in per_buffer.values())  # a buffer's first upload fills it
+    later = [columns for uploads in per_buffer.values() for columns in uploads[1:]]
+    assert max(later) < 64 and max(later) >= 51 and min(later) < 12  # the long row's columns, the short ones'
+
+
+@pytest.mark.parametrize("refeed", [False, True])
+def test_greedy_decode_steps_are_queued_ahead_fed_on_the_device_and_refed_where_the_host_chose_otherwise(
+        tiny_optimized, model, monkeypatch, refeed):
+    """Through a stream (as on CUDA), while every row is greedy without a penalty, the batcher queues the
+    next decode step fed by this one's best candidates before reading this one: requests joining and
+    leaving at different steps still get their tokens alone, and a sampled request stops it. Where the
+    host chooses another token than the best candidate (here: a repetition penalty let through, as a
+    tie would be), the queued step runs again with the host's tokens."""
+    from runtime.sampling import SamplingConfig
+
+    if refeed:
+        monkeypatch.setattr(SamplingConfig, "takes_best_candidate", property(lambda config: not config.do_sample))
+    streamed = Model.load(tiny_optimized("moe_shared"), steps=pipelined)
+    batcher = Batcher(streamed.session, streamed.manifest, max_batch=4, capacity=64)
+    greedy = dict(greedy=True, repetition_penalty=1.8 if refeed else 1.0)
+    prompts = [[(3 * i + j) % 400 for j in range(length)] for i, length in enumerate([5, 12, 3, 7])]
+    new_tokens = [20, 6, 14, 9]
+    got, _, done, sink = collect(4)
+    for i in (0, 1):
+        batcher.submit(BatchRequest(prompts[i], streamed.sampling(**greedy), new_tokens[i], sink(i)))
+    batcher.start(warm_up=True)
+    while batcher.stats.decode_steps < 3:  # the others join a running batch
+        time.sleep(0.001)
+    for i in (2, 3):
+        batcher.submit(BatchRequest(prompts[i], streamed.sampling(**greedy), new_tokens[i], sink(i)))
+    assert all(event.wait(60) for event in done)
+    assert got == [model.generate(prompt, max_new_tokens=n, **greedy).output_ids for prompt, n in zip(prompts, new_tokens)]
+    assert batcher.stats.decode_steps_fed_on_device > 5
+    assert (batcher.stats.decode_steps_refed > 0) == refeed
+    fed = batcher.stats.decode_steps_fed_on_device
+    sampled = streamed.sampling(temperature=0.8, top_k=5, seed=1)
+    got, _, done, sink = collect(2)
+    for i, prompt in enumerate(prompts[:2]):
+        batcher.submit(BatchRequest(prompt, sampled if i else streamed.sampling(**greedy), 8, sink(i)))
+    assert all(event.wait(60) for event in done)
+    batcher.stop()
+    assert batcher.stats.decode_steps_fed_on_device == fed  # a sampled row: the host feeds every step
+    assert got[1] == model.generate(prompts[1], max_new_tokens=8, temperature=0.8, top_k=5, seed=1).output_ids
 
 
 def test_prefill_groups_keep_to_consecutive_rows_and_the_token_budget():

@@ -137,6 +137,8 @@ def where_time_went(before: dict[str, float], after: dict[str, float]) -> dict[s
     return {"decode_step_ms": 1e3 * delta["decode_seconds"] / steps,
             "loop_ms_per_decode_step": 1e3 * (delta["busy_seconds"] - delta["prefill_seconds"]) / steps,
             "rows_per_decode_step": delta["decode_rows"] / steps,
+            "decode_steps_fed_on_device": delta["decode_steps_fed_on_device"],
+            "decode_steps_refed": delta["decode_steps_refed"],
             "prefill_steps": delta["prefill_steps"],
             "prefill_ms_per_step": 1e3 * delta["prefill_seconds"] / prefills,
             "prefill_ms_total": 1e3 * delta["prefill_seconds"]}
