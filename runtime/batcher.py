@@ -240,8 +240,9 @@ class Batcher:
                 launched = self.session.steps.launch(self.decode_inputs(size), self.decode_view(size))
                 ahead = self.session.steps.launch_next(self.decode_inputs(size), self.decode_view(size))
                 launched()
-                if ahead is not None:
-                    ahead()
+                if ahead is None:
+                    break
+                ahead()
         return shapes
 
     def prefill_shape(self, count: int, longest: int) -> tuple[int, int]:
@@ -393,8 +394,7 @@ class Batcher:
         if not going_on or self.bucket(going_on[-1] + 1) != step.size:
             return None  # the host launches the next step, at its own batch size
         for index in ending:
-            self.step_mask[index] = 0  # as finish leaves it
-            self.step_mask[index, 0] = 1
+            self.idle_mask(index)  # as finish leaves it
         for index in going_on:
             self.step_mask[index, self.rows[index].length + 1] = 1  # as accept will set it
         columns = max(self.rows[index].length + 2 for index in going_on)
@@ -477,6 +477,10 @@ class Batcher:
         self.events.append((self.rows[index].request.sink, None, reason))
         self.rows[index] = None
         self.step_ids[index] = self.pad
+        self.idle_mask(index)
+
+    def idle_mask(self, index: int) -> None:
+        """An idle row's mask: one position, where the pad token it feeds is written."""
         self.step_mask[index] = 0
         self.step_mask[index, 0] = 1
 
