@@ -82,7 +82,9 @@ INPUT_IDS, ATTENTION_MASK, POSITION_IDS = "input_ids", "attention_mask", "positi
 TOTAL_SEQUENCE_LENGTH = "total_sequence_length"
 HOST_SHAPE_NODES = "host_shape/"
 LOGITS = "logits"
-CANDIDATE_OUTPUTS = ("top_logits", "top_ids")  # [batch, K]: each row's K best logits (fp32) and their ids
+# [batch, K]: each row's K best logits (fp32) and their ids, best first, and first of all the lowest id
+# among the best (the greedy token)
+CANDIDATE_OUTPUTS = ("top_logits", "top_ids")
 PAST, PRESENT = "past_key_values", "present"
 BATCH, SEQUENCE, PAST_LENGTH, TOTAL_LENGTH = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
 KV_CAPACITY = "kv_capacity"  # optimized graphs: the length of the shared KV buffer the host allocates

@@ -113,7 +113,7 @@ class BatcherStats:
     decode_rows: int = 0  # busy rows over all decode steps
     decode_seconds: float = 0.0  # in the step runner
     decode_steps_fed_on_device: int = 0  # queued before the host read the step before (Batcher.launch_ahead)
-    decode_steps_refed: int = 0  # of those, run again: the host broke a tie another way
+    decode_steps_refed: int = 0  # of those, run again: the host chose another token (check_ahead)
     busy_seconds: float = 0.0  # the thread's time while any row was busy: steps, token choice, hand-over
 
 
@@ -381,7 +381,7 @@ class Batcher:
     def launch_ahead(self, step: Ahead) -> Ahead | None:
         """Queue the decode step after `step` (just launched, not yet read), fed by its best candidates on
         the device, where that is what the host will choose: `step` serves every busy row, each takes the
-        best candidate (greedy without a penalty; a tie the host breaks another way is refed, check_ahead)
+        best candidate (greedy without a penalty; where the host chooses another, check_ahead refeeds it)
         and nobody waits to join, and the rows going on keep the batch size. Its mask is what accept will
         make it: each row one position longer, a row that ends by length with this step idle. None where
         the runner cannot queue ahead."""
@@ -406,9 +406,10 @@ class Batcher:
         return Ahead(queued, step.size, [(index, self.rows[index].request) for index in going_on])
 
     def check_ahead(self, scores: StepScores) -> None:
-        """After accept: the step queued ahead was fed each row's best candidate; where the host chose
-        another (a tie, broken by id), run it again with the host's tokens. With no row left to serve,
-        wait for it and drop it."""
+        """After accept: the step queued ahead was fed each row's first candidate; where the host chose
+        another, run it again with the host's tokens. The host takes the lowest id at a tie, which graphs
+        list first (token_candidates) unless more than K ids tie or the graph was optimized before they
+        did; TopK on CUDA orders ties its own way. With no row left to serve, wait for it and drop it."""
         rows = self.still_running(self.ahead.served)
         if not rows:
             self.ahead.queued()

@@ -28,8 +28,9 @@ class SamplingConfig:
 
     @property
     def takes_best_candidate(self) -> bool:
-        """Whether the choice is the device's best candidate but for ties (greedy, no repetition penalty),
-        so the device may feed it to the next step before the host has chosen."""
+        """Whether the choice is the graph's first candidate (greedy, no repetition penalty; the graph lists
+        the lowest of the best ids first), so the device may feed it to the next step before the host
+        has chosen."""
         return not self.do_sample and self.repetition_penalty == 1.0
 
     def __post_init__(self) -> None:

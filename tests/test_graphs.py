@@ -114,6 +114,29 @@ def test_interleave_gate_up_pins_the_layout():
     assert out[0, :, 0].tolist() == [0, 100, 2, 102, 4, 104]
 
 
+def test_candidates_put_the_lowest_of_the_best_ids_first():
+    """TopK on CUDA leaves tied scores in any order; the candidates' first id must be the greedy token
+    (the lowest id among the best scores), with every (id, score) pair kept. Run on TopK outputs whose
+    ties are out of order, as CUDA's can be, on onnxruntime's CPU."""
+    from graphs.fusions.token_candidates import lowest_best_id_first
+
+    k = 5
+    values_in = ir.Value(name="values", shape=ir.Shape([3, 1, k]), type=ir.TensorType(ir.DataType.FLOAT))
+    ids_in = ir.Value(name="ids", shape=ir.Shape([3, 1, k]), type=ir.TensorType(ir.DataType.INT64))
+    graph = ir.Graph([values_in, ids_in], [], nodes=[], opset_imports={"": contract.PORTABLE_OPSET})
+    out = lowest_best_id_first(graph, values_in, ids_in, k)
+    out.name = "reordered"
+    graph.outputs.append(out)
+    session = ort.InferenceSession(ir.to_proto(ir.Model(graph, ir_version=10)).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    values = np.array([[[2, 2, 2, 1, 0]], [[3, 1, 1, 0, 0]], [[5, 5, 4, 4, 4]]], np.float32)
+    ids = np.array([[[9, 4, 7, 1, 0]], [[8, 2, 0, 5, 6]], [[151000, 151001, 3, 2, 1]]], np.int64)
+    (got,) = session.run(None, {"values": values, "ids": ids})
+    assert got[:, 0, 0].tolist() == [4, 8, 151000]
+    for row in range(3):
+        assert sorted(zip(got[row, 0], values[row, 0])) == sorted(zip(ids[row, 0], values[row, 0]))
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_full_pipeline_structure(tiny_optimized, variant):
     artifact = tiny_optimized(variant)
@@ -123,7 +146,8 @@ def test_full_pipeline_structure(tiny_optimized, variant):
     ops = histogram(artifact / graph.file)
     assert ops["GroupQueryAttention"] == layers and ops["MoE"] == sparse
     assert ops["SkipSimplifiedLayerNormalization"] == 2 * layers - 1 and ops["SimplifiedLayerNormalization"] == 2
-    assert not {"Softmax", "ReduceMean", "Cos", "Sin", "Where"} & set(ops)
+    assert not {"Softmax", "ReduceMean", "Cos", "Sin"} & set(ops)
+    assert ops["Where"] == 3  # the candidates' (lowest_best_id_first); none of the mask's is left
     assert ops["TopK"] == 1 and graph.token_candidates == 64  # the next-token candidates; the router's is inside MoE
     # the total length comes from the mask's shape, so hosts that feed only the usual inputs can drive it
     assert not {"position_ids", "total_sequence_length"} & set(graph.input_names)
