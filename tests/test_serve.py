@@ -269,13 +269,18 @@ def test_decode_steps_upload_only_the_mask_columns_in_use_and_clear_what_a_longe
     batcher = Batcher(streamed.session, streamed.manifest, max_batch=2, capacity=64)
     greedy = streamed.sampling(greedy=True, repetition_penalty=1.0)
     prompts = [[(5 * i + j) % 400 for j in range(length)] for i, length in enumerate([50, 3, 4])]
-    new_tokens = [3, 30, 6]  # the second runs on alone long enough for the third to join it
+    new_tokens = [3, 30, 6]  # the second still runs when the third joins
     got, _, done, sink = collect(3)
-    for i in (0, 1):
-        batcher.submit(BatchRequest(prompts[i], greedy, new_tokens[i], sink(i)))
+    third = BatchRequest(prompts[2], greedy, new_tokens[2], sink(2))
+
+    def long_then_third(token, reason):  # once the long request is done, its row is free: the third takes it
+        sink(0)(token, reason)
+        if token is None:
+            batcher.submit(third)  # on the batcher's thread, before its next step: no race with the second's end
+
+    batcher.submit(BatchRequest(prompts[0], greedy, new_tokens[0], long_then_third))
+    batcher.submit(BatchRequest(prompts[1], greedy, new_tokens[1], sink(1)))
     batcher.start()
-    assert done[0].wait(60)  # the long request is done and its row free: the short one takes it
-    batcher.submit(BatchRequest(prompts[2], greedy, new_tokens[2], sink(2)))
     assert all(event.wait(60) for event in done)
     batcher.stop()
     assert got == [ours(model, prompt, n).output_ids for prompt, n in zip(prompts, new_tokens)]
