@@ -65,17 +65,19 @@ def build(graph: ir.Graph, found: list[ir.Value], facts: PassFacts) -> PassFacts
 def lowest_best_id_first(graph: ir.Graph, values: ir.Value, ids: ir.Value, k: int) -> ir.Value:
     """`ids` (TopK's, [..., K], best first) with the lowest id among those scoring `values[..., 0]` swapped
     into the first place; the (id, score) pairs stay the same, as the two scores swapped are equal. On ids
-    as floats (exact below 2**24, past any vocabulary), the type every provider's ReduceMin takes."""
+    as floats (exact below 2**24, past any vocabulary), which onnxruntime's ReduceMin and Where take on the
+    CPU and on CUDA alike (pytest -m cuda loads these graphs with every node on CUDA)."""
     name = "candidates/lowest_first"
-    front = [constant(graph, f"{name}/zero", np.array([0], np.int64)), constant(graph, f"{name}/one", np.array([1], np.int64)),
-             constant(graph, f"{name}/last_axis", np.array([-1], np.int64))]
+    last_axis = constant(graph, f"{name}/last_axis", np.array([-1], np.int64))
+    first_column = [constant(graph, f"{name}/zero", np.array([0], np.int64)),
+                    constant(graph, f"{name}/one", np.array([1], np.int64)), last_axis]  # Slice's starts, ends, axes
     (id_values,) = add_node(graph, "Cast", [ids], {"to": ir.DataType.FLOAT}, name=f"{name}/ids_as_float")
-    (best,) = add_node(graph, "Slice", [values, *front], name=f"{name}/best")
+    (best,) = add_node(graph, "Slice", [values, *first_column], name=f"{name}/best")
     (tied,) = add_node(graph, "Equal", [values, best], name=f"{name}/tied")
     (tied_ids,) = add_node(graph, "Where", [tied, id_values, constant(graph, f"{name}/inf", np.array(np.inf, np.float32))],
                            name=f"{name}/tied_ids")
-    (lowest,) = add_node(graph, "ReduceMin", [tied_ids, front[2]], {"keepdims": 1}, name=f"{name}/lowest")
-    (first,) = add_node(graph, "Slice", [id_values, *front], name=f"{name}/first")
+    (lowest,) = add_node(graph, "ReduceMin", [tied_ids, last_axis], {"keepdims": 1}, name=f"{name}/lowest")
+    (first,) = add_node(graph, "Slice", [id_values, *first_column], name=f"{name}/first")
     (is_lowest,) = add_node(graph, "Equal", [id_values, lowest], name=f"{name}/is_lowest")
     (swapped,) = add_node(graph, "Where", [is_lowest, first, id_values], name=f"{name}/first_to_its_place")
     (reordered,) = add_node(graph, "Where", [constant(graph, f"{name}/at_front", np.arange(k) == 0), lowest, swapped],
