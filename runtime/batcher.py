@@ -2,9 +2,10 @@
 
 One shared KV buffer of `max_batch` rows by `capacity` positions. Requests join at a step boundary:
 those waiting there are prefilled together into free rows (views of the buffer's contiguous free rows:
-runtime/kv_cache.py), then each row takes part in every decode step until its request finishes, and is
+runtime/kv_cache.py), and those that arrived during that prefill next, before the decode step (up to
+PREFILL_TOKENS); then each row takes part in every decode step until its request finishes, and is
 free for the next one. Nobody waits for another request to finish and nobody is prefilled twice. On
-CUDA a prefill step is padded to one of a few shapes (prefill_shape), each run once at warm-up. A
+CUDA a prefill step is padded to one of the shapes prefill_shape gives, each run once at warm-up. A
 decode step runs the first `bucket` rows, the smallest power of two that covers the highest busy row
 (or all `max_batch`); rows are taken lowest first so it stays small. Each bucket's step is one shape,
 so a capturing runner (CUDA graphs) replays it; an idle row inside the bucket feeds the pad token over
@@ -117,8 +118,16 @@ class BatcherStats:
     busy_seconds: float = 0.0  # the thread's time while any row was busy: steps, token choice, hand-over
 
 
-# padded prompt tokens one prefill step may take; a longer prompt gets a step of its own
+# padded prompt tokens one prefill step may take; a longer prompt gets a step of its own. Also what
+# requests joining one after another may prefill between two decode steps (Batcher.serve)
 PREFILL_TOKENS = 8192
+# a padded prefill step of at least this many tokens keeps its row count, up to EXACT_ROWS rows: there the
+# GPU's time grows with every row (a 16 x 512 step of Qwen2-7B on an H200 takes 11.6 ms a row, 1 x 512 13.6
+# ms), so a padding row costs what a prompt does; below, a step mostly reads the weights and a row
+# more costs little. Past EXACT_ROWS rows counts are padded to a power of two even so: each row count is
+# one more shape to warm up at every length
+COMPUTE_BOUND_TOKENS = 2048
+EXACT_ROWS = 16
 
 
 def check_fits(manifest: contract.Manifest, capacity: int, request: BatchRequest) -> None:
@@ -249,17 +258,22 @@ class Batcher:
         """The rows and length a prefill step of `count` prompts, the longest of `longest` tokens, runs at:
         as they are, or, where the step runner pads prompts to a few lengths (on CUDA: a new shape's first
         run costs 40-120 ms more: onnxruntime builds a cuDNN attention plan for each (rows, length) and keeps
-        it per thread, tools/gpu_notes.md sessions 13-14), at that length and a power of two of rows, so
-        that the few shapes warm_up runs serve every step."""
+        it per thread, tools/gpu_notes.md sessions 13-14), at that length, with `count` rows where the step
+        is compute-bound (COMPUTE_BOUND_TOKENS, EXACT_ROWS) and a power of two of rows elsewhere, so that
+        the shapes warm_up runs serve every step."""
         length = self.session.steps.prompt_bucket(longest, self.capacity + 1)
-        return (count, longest) if length is None else (self.bucket(count), length)
+        if length is None:
+            return count, longest
+        exact = count <= EXACT_ROWS and count * length >= COMPUTE_BOUND_TOKENS
+        return count if exact else self.bucket(count), length
 
     def prefill_shapes(self) -> list[tuple[int, int]]:
         """Every padded shape prefill_shape gives for a step within PREFILL_TOKENS (a longer prompt runs
         alone, at its own length)."""
         lengths = self.session.steps.prompt_buckets(self.capacity, self.capacity + 1)
-        return [(rows, length) for length in lengths for rows in self.batch_sizes()
-                if rows == 1 or rows * length <= PREFILL_TOKENS]
+        shapes = {self.prefill_shape(count, length) for length in lengths for count in range(1, len(self.rows) + 1)}
+        return sorted(((rows, length) for rows, length in shapes if rows == 1 or rows * length <= PREFILL_TOKENS),
+                      key=lambda shape: shape[::-1])
 
     def stop(self) -> None:
         """Cancel what runs and waits, and end the thread."""
@@ -276,6 +290,7 @@ class Batcher:
             self.cancel_all(FAILED)
 
     def serve(self) -> None:
+        prefilled = 0  # padded prompt tokens prefilled since the last decode step
         while True:
             taken: list[BatchRequest | None] = []
             if not any(self.rows):  # idle: hand out the last step's tokens, then wait for a request
@@ -287,8 +302,14 @@ class Batcher:
                 for request in joining:
                     request.sink(None, "cancelled")
                 break
-            self.admit(joining)
-            self.decode()
+            prefilled += self.admit(joining)
+            if joining and prefilled < PREFILL_TOKENS and not self.waiting.empty() and None in self.rows:
+                # those who came during that prefill join before the next decode step, as a burst's
+                # stragglers do: the running rows wait for at most PREFILL_TOKENS of prefills
+                self.deliver()
+            else:
+                self.decode()
+                prefilled = 0
             self.stats.busy_seconds += time.perf_counter() - started
         self.cancel_all()
 
@@ -319,9 +340,10 @@ class Batcher:
                 joining.append(request)
         return joining, stopping
 
-    def admit(self, joining: list[BatchRequest]) -> None:
+    def admit(self, joining: list[BatchRequest]) -> int:
         """Give the joining requests the lowest free rows, shortest prompts first (so a step's rows pad
-        little), then prefill them in as few steps as prefill_groups allows and choose their first tokens."""
+        little), then prefill them in as few steps as prefill_groups allows and choose their first tokens.
+        Returns the tokens its steps ran, padding included."""
         joining = sorted(joining, key=lambda request: len(request.prompt_ids))
         rows = [index for index, row in enumerate(self.rows) if row is None][: len(joining)]
         for index, request in zip(rows, joining):  # in their rows before any step: a failure finds them there
@@ -331,7 +353,7 @@ class Batcher:
             self.step_mask[index] = 0
             self.step_mask[index, : len(request.prompt_ids)] = 1  # accept adds the position its first token takes
             self.stats.prompt_tokens += len(request.prompt_ids)
-        lengths = [len(request.prompt_ids) for request in joining]
+        lengths, tokens = [len(request.prompt_ids) for request in joining], 0
         for start, stop in prefill_groups(rows, lengths, size=lambda count, longest: math.prod(self.prefill_shape(count, longest))):
             prompts = [request.prompt_ids for request in joining[start:stop]]
             count, length = self.prefill_shape(len(prompts), max(lengths[start:stop]))
@@ -344,7 +366,9 @@ class Batcher:
             scores = self.session.steps.uncaptured_step(inputs, self.cache.view(rows[start], count))
             self.stats.prefill_seconds += time.perf_counter() - began
             self.stats.prefill_steps += 1
+            tokens += count * length
             self.accept(rows[start:stop], scores, offsets=range(stop - start))
+        return tokens
 
     def decode(self) -> None:
         """One step for every busy row (the first `bucket` rows of the buffer): the one the last call queued

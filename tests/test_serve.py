@@ -19,6 +19,7 @@ uvicorn = pytest.importorskip("uvicorn", reason="the serve extra: pip install -e
 openai = pytest.importorskip("openai", reason="a test dependency: pip install -e '.[test]'")
 
 from runtime import Model  # noqa: E402
+from runtime import batcher as batcher_module  # noqa: E402
 from runtime.batcher import FAILED, PREFILL_TOKENS, Batcher, BatchRequest, prefill_groups  # noqa: E402
 from runtime.cuda_graph import CapturedSteps  # noqa: E402
 from runtime.engine import EngineProcess, EngineSpec  # noqa: E402
@@ -252,6 +253,67 @@ def test_where_the_runner_pads_prompts_prefills_run_only_shapes_the_warm_up_ran(
                    for prompt, tokens in zip(prompts, got)]
     # five rows padded to eight with the longest prompt's bucket, then three joining rows 5-7 (no free row past them)
     assert shapes == [(8, 32), (3, 24)] and (4, 24) in warmed
+
+
+def test_compute_bound_prefills_keep_their_row_count_and_the_warm_up_ran_that_shape(tiny_optimized, model, monkeypatch):
+    """Where a padded step reaches COMPUTE_BOUND_TOKENS (lowered here to the tiny model's scale) its rows
+    are not padded to a power of two, up to EXACT_ROWS: a padding row would cost what a prompt does.
+    Smaller steps still pad; the warm-up ran both kinds of shape, and each request gets its tokens alone."""
+    monkeypatch.setattr(batcher_module, "COMPUTE_BOUND_TOKENS", 96)
+    monkeypatch.setattr(batcher_module, "EXACT_ROWS", 6)
+    padded = Model.load(tiny_optimized("moe_shared"), steps=CapturedSteps)
+    batcher = Batcher(padded.session, padded.manifest, max_batch=8, capacity=64)
+    assert [batcher.prefill_shape(count, 30) for count in (2, 3, 5, 6, 7)] == [(2, 32), (3, 32), (5, 32), (6, 32), (8, 32)]
+    assert batcher.prefill_shape(5, 9) == (8, 16)  # 5 x 16 tokens: under the bound
+    warmed = batcher.warm_up()
+    assert {(3, 32), (5, 32), (6, 32), (8, 32), (8, 16)} <= set(warmed) and (5, 16) not in warmed
+    shapes, run = [], batcher.session.steps.uncaptured_step
+    batcher.session.steps.uncaptured_step = lambda inputs, cache: shapes.append(inputs.input_ids.shape) or run(inputs, cache)
+    greedy = padded.sampling(greedy=True, repetition_penalty=1.0)
+    prompts = [[(3 * i + j) % 400 for j in range(length)] for i, length in enumerate([3, 9, 17, 30, 5])]
+    got, _, done, sink = collect(len(prompts))
+    for i, prompt in enumerate(prompts):
+        batcher.submit(BatchRequest(prompt, greedy, 6, sink(i)))
+    batcher.start()
+    assert all(event.wait(60) for event in done)
+    batcher.stop()
+    assert shapes == [(5, 32)] and set(shapes) <= set(warmed)
+    assert got == [model.generate(prompt, max_new_tokens=6, greedy=True, repetition_penalty=1.0).output_ids
+                   for prompt in prompts]
+
+
+def test_requests_that_arrive_during_a_prefill_join_before_the_next_decode_step_within_the_budget(model, monkeypatch):
+    """A burst's first request is often prefilled alone, the others arriving meanwhile: they are prefilled
+    next, before any decode step, while the prefills since the last decode step stay under PREFILL_TOKENS
+    (lowered here); past it the running rows get their decode step first. Each request still gets its
+    tokens alone."""
+    monkeypatch.setattr(batcher_module, "PREFILL_TOKENS", 39)
+    prompts = [[(5 * i + j) % 400 for j in range(length)] for i, length in enumerate([12, 7, 20, 9])]
+    greedy = model.sampling(greedy=True, repetition_penalty=1.0)
+    batcher = Batcher(model.session, model.manifest, max_batch=4, capacity=64)
+    got, _, done, sink = collect(len(prompts))
+    order, prefill, launch = [], model.session.steps.uncaptured_step, model.session.steps.launch
+
+    def submit(i: int) -> None:
+        batcher.submit(BatchRequest(prompts[i], greedy, 5, sink(i)))
+
+    def prefill_while_the_next_arrives(inputs, cache):
+        order.append(f"prefill {inputs.input_ids.shape[1]}")
+        prefills = sum(step.startswith("prefill") for step in order)
+        if prefills < len(prompts):
+            submit(prefills)
+        return prefill(inputs, cache)
+
+    monkeypatch.setattr(model.session.steps, "uncaptured_step", prefill_while_the_next_arrives)
+    monkeypatch.setattr(model.session.steps, "launch", lambda *step: order.append("decode") or launch(*step))
+    submit(0)
+    batcher.start()
+    assert all(event.wait(60) for event in done)
+    batcher.stop()
+    # 12 + 7 + 20 = 39 tokens prefilled: the budget is spent, so the fourth waits for a decode step
+    assert order[:6] == ["prefill 12", "prefill 7", "prefill 20", "decode", "prefill 9", "decode"]
+    assert got == [model.generate(prompt, max_new_tokens=5, greedy=True, repetition_penalty=1.0).output_ids
+                   for prompt in prompts]
 
 
 def test_decode_steps_upload_only_the_mask_columns_in_use_and_clear_what_a_longer_row_left(tiny_optimized, model):
