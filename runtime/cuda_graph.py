@@ -263,9 +263,15 @@ class CapturedStep:
         columns = self.width if columns is None else columns
         uploaded = max(columns, self.mask_columns)
         if input_ids is not None:
-            stream.write(self.inputs, np.ravel(input_ids).astype(np.int64, copy=False))
+            self.write_ids(input_ids, stream)
         stream.write_rows(self.inputs, 8 * self.ids_words, attention_mask[:, :uploaded], 8 * self.width)
         self.mask_columns = columns
+
+    def write_ids(self, input_ids: np.ndarray, stream) -> None:
+        """The input ids, through `stream`: the first words of `inputs` (a step whose ids come from another
+        step's candidates has none there)."""
+        assert self.ids_words == input_ids.size
+        stream.write(self.inputs, np.ravel(input_ids).astype(np.int64, copy=False))
 
     def read_candidates(self) -> list[np.ndarray]:
         """[top_logits, top_ids], each [batch, K], copied to the host (after the step has run)."""
@@ -288,7 +294,7 @@ class QueuedStep:
         """Run the step again with `input_ids` and the mask it has (fed a token the host did not choose:
         its KV slots and outputs are rewritten), once its first run is done."""
         self.steps.stream.wait(self.event)
-        self.steps.stream.write(self.captured.inputs, np.ravel(input_ids).astype(np.int64, copy=False))
+        self.captured.write_ids(input_ids, self.steps.stream)
         self.event = self.captured.enqueue(self.steps.session, self.steps.stream)
 
     def __call__(self) -> StepScores:
